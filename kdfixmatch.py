@@ -1,0 +1,725 @@
+"""KD-FixMatch in one readable script: FixMatch (outer SNN) -> confident + DEC-filtered pseudo labels
+-> a fresh FixMatch (inner SNN) that trusts them.
+
+Paper:      KD-FixMatch: Knowledge Distillation Siamese Neural Networks, Wang et al., ICIP 2023,
+            arXiv 2309.05826 (no public code; where its text is not available we say "our reading").
+Built on:   FixMatch (Sohn et al. 2020), DEC (Xie et al. 2016), symmetric CE (Wang et al. 2019).
+
+Run:        python kdfixmatch.py                          # digits, CPU, about 2 minutes
+            python kdfixmatch.py --dataset cifar10 --labels 4000 --arch wrn28_2 --steps 1048576
+            python kdfixmatch.py --dataset folder --data-dir cifar10   # any ImageFolder train/ test/
+Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.44 (CIFAR10),
+            +5.81 (SVHN), +1.99 (CIFAR100), +3.88 (FOOD101) accuracy points. What we measured is in
+            README.md, with commands and machines; results.json records every number a run makes.
+"""
+import argparse, copy, json, math, os, random, shutil, sys, time
+from collections import OrderedDict
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2 as TV2
+import torchvision.transforms.v2.functional as TF
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+from tqdm import tqdm
+
+import kernels
+
+
+def die(msg):
+    """Bad input: one line, exit status 2, no traceback."""
+    print(f"kdfixmatch.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# =============================================================================================
+# Hyper-parameters: every default in one block, with the paper's symbol
+DATASETS = ("digits", "cifar10", "cifar100", "svhn", "food101", "folder")
+# per-dataset defaults: (labels, arch, steps K per SNN, batch B, eval-every)
+DATASET_DEFAULTS = {
+    "digits":   (50, "small_cnn", 800, 32, 100),
+    "cifar10":  (4000, "wrn28_2", 2 ** 20, 64, 1024),
+    "cifar100": (4000, "wrn28_2", 2 ** 20, 64, 1024),
+    "svhn":     (4000, "wrn28_2", 2 ** 20, 64, 1024),
+    "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 1024),
+    "folder":   (4000, "wrn28_2", 2 ** 20, 64, 1024),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--method", default="kdfixmatch", choices=["supervised", "fixmatch", "kdfixmatch"],
+      help="supervised = labeled data only (the floor); fixmatch = the outer SNN alone (baseline); "
+           "kdfixmatch = outer -> select_confident -> dec_cluster -> inner")
+    # data
+    a("--dataset", default="digits", choices=DATASETS, help="digits is scikit-learn's (offline)")
+    a("--data-dir", default="data", help="torchvision root, or the ImageFolder root with train/ test/")
+    a("--labels", type=int, help="labeled examples, class-balanced [digits 50, else 4000]")
+    a("--image-size", type=int, help="resize images once at load [native; food101 128]")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="augmentation workers")
+    # model
+    a("--arch", choices=["small_cnn", "wrn28_2", "efficientnet_b0"],
+      help="[digits small_cnn; food101 efficientnet_b0 (the paper's); else wrn28_2 (FixMatch's)]")
+    a("--pretrained", action="store_true", help="ImageNet weights for efficientnet_b0 (the paper)")
+    a("--weights", help="a local efficientnet_b0 ImageNet state_dict file (offline --pretrained)")
+    # FixMatch (Sohn et al. 2020) = the outer SNN, and the inner SNN's recipe
+    a("--steps", type=int, help="K, optimizer steps per SNN [paper 2^20; digits 800]")
+    a("--batch-size", type=int, help="B, labeled images per step [64; digits 32]")
+    a("--mu", type=int, default=7, help="mu, unlabeled images per labeled image")
+    a("--tau", type=float, default=0.95, help="tau, pseudo-label confidence threshold (outer SNN)")
+    a("--lambda-u", type=float, default=1.0, help="lambda_u, weight of the unlabeled loss")
+    a("--lr", type=float, default=0.03, help="eta, SGD learning rate; decays as cos(7 pi k / 16 K)")
+    a("--momentum", type=float, default=0.9, help="beta, Nesterov momentum")
+    a("--wd", type=float, default=5e-4, help="weight decay on conv/linear weights (1e-3 CIFAR-100)")
+    a("--ema", type=float, default=0.999, help="EMA decay of the weights used to evaluate and label")
+    # KD-FixMatch
+    a("--tau-select", type=float, default=0.80, help="tau_select, outer confidence to be a candidate")
+    a("--tau-inner", type=float, default=0.95, help="tau_inner, inner confidence threshold")
+    a("--loss", default="ce", choices=["ce", "sce"], help="inner SNN's unlabeled loss")
+    a("--sce-alpha", type=float, default=0.1, help="SCE alpha (weight of CE)")
+    a("--sce-beta", type=float, default=1.0, help="SCE beta (weight of reverse CE)")
+    a("--sce-A", type=float, default=-4.0, help="SCE A = log 0 in the reverse CE")
+    a("--no-dec", action="store_true", help="ablation: trusted subset = confident samples only")
+    a("--dec-tol", type=float, default=0.001, help="DEC stops when < this share of points moves")
+    a("--dec-max-iters", type=int, default=2000, help="DEC iteration cap (SGD steps)")
+    a("--dec-lr", type=float, default=0.01, help="DEC centroid SGD learning rate (momentum 0.9)")
+    a("--dec-batch", type=int, default=256, help="DEC batch size")
+    a("--kmeans-init", type=int, default=20, help="k-means restarts initialising DEC")
+    a("--outer-from", help="reuse the outer SNN of a finished fixmatch/kdfixmatch run in this dir")
+    # run
+    a("--seed", type=int, default=0, help="draws the labeled split, init and augmentation")
+    a("--eval-every", type=int, help="evaluate the EMA model (and checkpoint) every N steps")
+    a("--out", default="runs/latest", help="output dir: metrics.jsonl, results.json, checkpoints")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
+    a("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    args = p.parse_args(argv)
+    for key, default in zip(("labels", "arch", "steps", "batch_size", "eval_every"),
+                            DATASET_DEFAULTS[args.dataset]):
+        if getattr(args, key) is None:
+            setattr(args, key, default)
+    if args.image_size is None and args.dataset == "food101":
+        args.image_size = 128                         # our choice: 75k images held in memory
+    for flag in ("labels", "steps", "batch_size", "mu", "eval_every", "dec_max_iters", "dec_batch"):
+        if getattr(args, flag) < 1:
+            die(f"--{flag.replace('_', '-')} must be a positive integer")
+    args.eval_every = min(args.eval_every, args.steps)
+    for flag in ("tau", "tau_select", "tau_inner", "ema"):
+        if not 0 <= getattr(args, flag) <= 1:
+            die(f"--{flag.replace('_', '-')} must lie in [0, 1]")
+    if args.dataset == "folder" and not os.path.isdir(os.path.join(args.data_dir, "train")):
+        die(f"--dataset folder needs --data-dir DIR with DIR/train/<class>/ and DIR/test/<class>/ "
+            f"(no {os.path.join(args.data_dir, 'train')})")
+    if args.outer_from and args.method != "kdfixmatch":
+        die("--outer-from only applies to --method kdfixmatch")
+    return args
+
+
+# =============================================================================================
+# Data: every set decoded once into a uint8 tensor (N, C, H, W) in memory
+def load_dataset(args):
+    """-> dict(train_x, train_y, test_x, test_y, classes, flip). Labels of the unlabeled set are kept
+    only to measure pseudo-label precision; training never sees them."""
+    name, root = args.dataset, args.data_dir
+    if name == "digits":                              # 1,797 real 8x8 digits; fixed seeded test split
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        x = torch.tensor(d.images * (255 / 16)).round().to(torch.uint8)[:, None]
+        y = torch.tensor(d.target)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
+        test, train = perm[:297], perm[297:]
+        return dict(train_x=x[train], train_y=y[train], test_x=x[test], test_y=y[test],
+                    classes=10, flip=False)
+    if name == "folder":
+        splits = [torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "test")]
+        if splits[0].classes != splits[1].classes:
+            die(f"--data-dir {root}: train/ and test/ must hold the same class folders")
+    else:
+        splits = [_torchvision_split(name, root, train) for train in (True, False)]
+    (trx, tr_y), (tex, te_y) = [_to_uint8(ds, args) for ds in splits]
+    classes = len(splits[0].classes) if hasattr(splits[0], "classes") else int(tr_y.max()) + 1
+    return dict(train_x=trx, train_y=tr_y, test_x=tex, test_y=te_y, classes=classes,
+                flip=name != "svhn")                  # FixMatch: no flip on digit datasets
+
+
+def _torchvision_split(name, root, train):
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+           "svhn": torchvision.datasets.SVHN, "food101": torchvision.datasets.Food101}[name]
+    kw = dict(train=train) if name.startswith("cifar") else dict(split="train" if train else "test")
+    try:
+        return cls(root, download=False, **kw)
+    except RuntimeError:                              # not on disk: download if online
+        pass
+    try:
+        import socket
+        socket.setdefaulttimeout(30)
+        return cls(root, download=True, **kw)
+    except Exception as e:
+        die(f"--dataset {name}: not found in {os.path.abspath(root)} and the download failed "
+            f"({type(e).__name__}); fetch it on a connected machine with torchvision.datasets."
+            f"{cls.__name__}('{root}', download=True) and copy {root}/ here, or pass --data-dir")
+
+
+def _to_uint8(ds, args):
+    """Decode once: array-backed sets (CIFAR, SVHN) directly, file-backed ones (Food-101, folders)
+    with parallel DataLoader workers. --image-size resizes (shorter side, then centre crop)."""
+    size = args.image_size
+    if isinstance(getattr(ds, "data", None), np.ndarray):
+        x = torch.from_numpy(ds.data)
+        x = x if x.shape[1] in (1, 3) else x.permute(0, 3, 1, 2)     # SVHN is NCHW, CIFAR NHWC
+        y = torch.tensor(ds.targets if hasattr(ds, "targets") else ds.labels)
+        if size:
+            x = torch.cat([TF.resize(c, [size, size], antialias=True) for c in x.split(4096)])
+        return x.contiguous(), y
+    tf = [TV2.Resize(size), TV2.CenterCrop(size)] if size else []
+    ds.transform = TV2.Compose(tf + [TV2.PILToTensor()])        # the loaders give RGB PIL images
+    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=args.workers,
+                                         collate_fn=list)
+    pairs = [p for b in tqdm(loader, desc="decode", leave=False) for p in b]
+    if len({tuple(im.shape) for im, _ in pairs}) > 1:
+        die(f"--data-dir {args.data_dir}: images differ in size; pass --image-size N to resize them")
+    return torch.stack([im for im, _ in pairs]), torch.tensor([t for _, t in pairs])
+
+
+def labeled_split(train_y, n_labels, classes, seed):
+    """Class-balanced labeled indices drawn by seed (the unlabeled set is all training images)."""
+    per_class, rest = divmod(n_labels, classes)
+    smallest = int(torch.bincount(train_y, minlength=classes).min())
+    if rest:
+        die(f"--labels {n_labels} is not divisible by the {classes} classes; "
+            f"use a multiple of {classes}")
+    if per_class > smallest:
+        die(f"--labels {n_labels} asks for {per_class} per class but the smallest class has "
+            f"{smallest}; use at most {smallest * classes}")
+    g = torch.Generator().manual_seed(seed)
+    idx = [torch.nonzero(train_y == c).squeeze(1) for c in range(classes)]
+    return torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in idx]).sort()[0]
+
+
+# =============================================================================================
+# Augmentation (FixMatch): weak = flip + translate; strong = weak + RandAugment + Cutout
+def _enhance(m):
+    return 0.1 + 1.8 * m                              # official code's enhance factor span 0.1..1.9
+
+
+def _shear(m, s):
+    return math.degrees(math.atan(0.3 * m * s))       # shear factor up to 0.3, as an angle
+
+
+RA_OPS = {  # FixMatch's 14-op RandAugment pool; m in (0, 1) is the magnitude, s a random sign
+    "identity":     lambda x, m, s: x,
+    "autocontrast": lambda x, m, s: TF.autocontrast(x),
+    "equalize":     lambda x, m, s: TF.equalize(x),
+    "brightness":   lambda x, m, s: TF.adjust_brightness(x, _enhance(m)),
+    "color":        lambda x, m, s: TF.adjust_saturation(x, _enhance(m)),
+    "contrast":     lambda x, m, s: TF.adjust_contrast(x, _enhance(m)),
+    "sharpness":    lambda x, m, s: TF.adjust_sharpness(x, _enhance(m)),
+    "posterize":    lambda x, m, s: TF.posterize(x, 8 - int(4 * m)),          # 8..5 bits
+    "solarize":     lambda x, m, s: TF.solarize(x, 256 * (1 - m)),             # threshold 230..26
+    "rotate":       lambda x, m, s: TF.rotate(x, 30 * m * s, fill=128),       # up to 30 degrees
+    "shear_x":      lambda x, m, s: TF.affine(x, 0.0, [0, 0], 1.0, [_shear(m, s), 0.0], fill=128),
+    "shear_y":      lambda x, m, s: TF.affine(x, 0.0, [0, 0], 1.0, [0.0, _shear(m, s)], fill=128),
+    "translate_x":  lambda x, m, s: TF.affine(x, 0.0, [round(0.3 * m * s * x.shape[-1]), 0], 1.0,
+                                              [0.0, 0.0], fill=128),           # up to 30% of side
+    "translate_y":  lambda x, m, s: TF.affine(x, 0.0, [0, round(0.3 * m * s * x.shape[-2])], 1.0,
+                                              [0.0, 0.0], fill=128),
+}
+RA_NAMES = list(RA_OPS)
+
+
+def augment(img, flip=True, strong=False):
+    """One uint8 (C, H, W) image -> its weak view, or its strong view if strong=True."""
+    H, W = img.shape[-2:]
+    if flip and torch.rand(()) < 0.5:
+        img = TF.horizontal_flip(img)
+    ph, pw = round(0.125 * H), round(0.125 * W)       # translate up to 12.5%, reflect padding
+    img = TF.pad(img, [pw, ph], padding_mode="reflect")
+    img = TF.crop(img, int(torch.randint(2 * ph + 1, ())), int(torch.randint(2 * pw + 1, ())), H, W)
+    if not strong:
+        return img
+    for op in torch.randint(len(RA_NAMES), (2,)).tolist():       # 2 ops, drawn with replacement
+        if torch.rand(()) < 0.5:                                  # each applied with p = 0.5
+            m = int(torch.randint(1, 10, ())) / 10                # magnitude 1..9 of 10
+            s = 1 if torch.rand(()) < 0.5 else -1
+            img = RA_OPS[RA_NAMES[op]](img, m, s)
+    ch, cw = H // 2, W // 2                            # Cutout: half the side, always, gray
+    cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))
+    y0, x0 = max(0, cy - ch // 2), max(0, cx - cw // 2)
+    y1, x1 = min(H, cy - ch // 2 + ch), min(W, cx - cw // 2 + cw)
+    return TF.erase(img, y0, x0, y1 - y0, x1 - x0, torch.tensor(127, dtype=torch.uint8))
+
+
+def _collate(idx, images, labels, flip, strong):
+    """DataLoader collate: indices -> augmented uint8 batch (runs in the workers)."""
+    idx = torch.tensor(idx)
+    weak = torch.stack([augment(images[i], flip) for i in idx])
+    if not strong:
+        return weak, labels[idx], idx
+    return weak, torch.stack([augment(images[i], flip, strong=True) for i in idx]), labels[idx], idx
+
+
+def batches(images, labels, indices, batch, steps, seed, flip, strong, workers):
+    """An iterator of `steps` batches drawn from `indices` in reshuffled epochs (seeded by `seed`,
+    so a resumed run continues with fresh but reproducible draws)."""
+    g = torch.Generator().manual_seed(seed)
+    sampler = torch.utils.data.RandomSampler(indices.tolist(), num_samples=steps * batch, generator=g)
+    loader = torch.utils.data.DataLoader(
+        indices.tolist(), batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
+        collate_fn=partial(_collate, images=images, labels=labels, flip=flip, strong=strong),
+        generator=g, persistent_workers=False, prefetch_factor=4 if workers else None,
+        pin_memory=torch.cuda.is_available())
+    return iter(loader)
+
+
+# =============================================================================================
+# Models: nn.Sequential(body -> features, head -> logits); DEC reads body(x)
+def build_model(arch, in_ch, classes, pretrained=False, weights=None):
+    if arch == "small_cnn":                           # for CPU runs: 4 conv layers, 128 features
+        def conv(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+        body = nn.Sequential(*conv(in_ch, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64),
+                             *conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return nn.Sequential(OrderedDict(body=body, head=nn.Linear(128, classes)))
+    if arch == "wrn28_2":
+        return wrn28(in_ch, classes, width=2)
+    m = torchvision.models.efficientnet_b0()
+    if pretrained or weights:
+        m.load_state_dict(_imagenet_weights(weights))
+    if in_ch != 3:
+        die("--arch efficientnet_b0 needs 3-channel images")
+    body = nn.Sequential(m.features, m.avgpool, nn.Flatten(), nn.Dropout(0.2))
+    return nn.Sequential(OrderedDict(body=body, head=nn.Linear(1280, classes)))
+
+
+def _imagenet_weights(path):
+    if path:
+        if not os.path.isfile(path):
+            die(f"--weights {path}: no such file")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    w = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
+    try:
+        return w.get_state_dict(progress=False)
+    except Exception as e:
+        hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+        die(f"--pretrained: cannot download the ImageNet weights ({type(e).__name__}); place "
+            f"{w.url.rsplit('/', 1)[-1]} in {hub}/ or pass --weights FILE")
+
+
+class WideBlock(nn.Module):
+    """Pre-activation residual block of WRN-28 as FixMatch uses it (BN momentum 0.001, LeakyReLU)."""
+    def __init__(self, cin, cout, stride, activate_before_residual=False):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(cin, momentum=0.001), nn.BatchNorm2d(cout, momentum=0.001)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.short = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
+        self.abr = activate_before_residual
+
+    def forward(self, x0):                            # as the official TF code's residual()
+        x = F.leaky_relu(self.bn1(x0), 0.1)
+        if self.abr:
+            x0 = x
+        y = self.conv2(F.leaky_relu(self.bn2(self.conv1(x)), 0.1))
+        return y + (x0 if self.short is None else self.short(x0))
+
+
+def wrn28(in_ch, classes, width=2):
+    c, n = [16, 16 * width, 32 * width, 64 * width], 4      # 28 = 6 * 4 + 4 layers
+    layers = [nn.Conv2d(in_ch, c[0], 3, 1, 1, bias=False)]
+    for g, stride in zip(range(3), (1, 2, 2)):
+        layers += [WideBlock(c[g] if i == 0 else c[g + 1], c[g + 1], stride if i == 0 else 1,
+                             activate_before_residual=(g == 0 and i == 0)) for i in range(n)]
+    layers += [nn.BatchNorm2d(c[3], momentum=0.001), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1),
+               nn.Flatten()]
+    model = nn.Sequential(OrderedDict(body=nn.Sequential(*layers), head=nn.Linear(c[3], classes)))
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight), nn.init.zeros_(m.bias)
+    return model
+
+
+# =============================================================================================
+# FixMatch step (Sohn et al. 2020, eq. 2-4)
+def fixmatch_step(model, x_l, y_l, x_w=None, x_s=None, tau=0.95, lambda_u=1.0, trusted=None,
+                  loss="ce", alpha=0.1, beta=1.0, A=-4.0):
+    """Loss of one update: CE(labeled) + lambda_u * mean over all mu*B rows of mask * l(strong).
+    trusted (inner SNN): outer pseudo labels of the batch, -1 where untrusted (Heuristic 1).
+    Without x_w/x_s it is the supervised floor. Returns (loss, stats)."""
+    B = len(x_l)
+    x = x_l if x_w is None else torch.cat([x_l, x_w, x_s])   # one pass: shared BN statistics
+    logits = model(x).float()
+    loss_s = F.cross_entropy(logits[:B], y_l)
+    if x_w is None:
+        return loss_s, dict(loss_s=loss_s.detach())
+    logits_w, logits_s = logits[B:].chunk(2)
+    loss_u, mask, pseudo = kernels.masked_pseudo_label_loss(
+        logits_w.detach(), logits_s, tau, trusted, loss, alpha, beta, A)   # no gradient via weak
+    return loss_s + lambda_u * loss_u, dict(loss_s=loss_s.detach(), loss_u=loss_u.detach(),
+                                            mask=mask, pseudo=pseudo)
+
+
+# =============================================================================================
+# KD-FixMatch: high-confidence sampling, then deep embedding clustering (our reading: NOTES.md)
+def select_confident(probs, tau_select=0.80):
+    """Indices and pseudo labels of the samples whose max softmax probability >= tau_select."""
+    conf, labels = probs.max(1)
+    idx = torch.nonzero(conf >= tau_select).squeeze(1)
+    return idx, labels[idx]
+
+
+def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=0.001, n_init=20,
+                seed=0):
+    """DEC (Xie et al. 2016) on fixed features z (N, D): k-means init, then SGD on the centroids of
+    KL(P || Q), P re-estimated once per pass, until < tol of the hard assignments move. Clusters map
+    to classes by Hungarian matching on the cluster x pseudo-label table. Returns (keep, info):
+    keep[i] is True where sample i's cluster agrees with its pseudo label (the trusted subset)."""
+    z = z.float()
+    n, k = len(z), classes
+    if n < k:                                         # too few candidates to cluster into K
+        return torch.zeros(n, dtype=torch.bool), dict(iters=0, moved=0.0)
+    km = KMeans(k, n_init=n_init, random_state=seed).fit(z.cpu().numpy())
+    mu = torch.tensor(km.cluster_centers_, dtype=torch.float32, device=z.device, requires_grad=True)
+    opt = torch.optim.SGD([mu], lr=lr, momentum=0.9)
+    g = torch.Generator(device=z.device).manual_seed(seed)
+    per_pass, assign, moved, it = max(1, math.ceil(n / batch)), None, 1.0, 0
+    for it in range(max_iters):
+        if it % per_pass == 0:
+            with torch.no_grad():
+                q = kernels.dec_soft_assign(z, mu)
+                p = q ** 2 / q.sum(0)                 # target: p_ij = (q_ij^2 / f_j), normalised
+                p = p / p.sum(1, keepdim=True)
+                new = q.argmax(1)
+            if assign is not None:
+                moved = (new != assign).float().mean().item()
+                if moved < tol:
+                    break
+            assign = new
+        i = torch.randint(n, (min(batch, n),), generator=g, device=z.device)
+        qb = kernels.dec_soft_assign(z[i], mu)
+        kl = (p[i] * (p[i].clamp_min(1e-12).log() - qb.clamp_min(1e-12).log())).sum(1).mean()
+        opt.zero_grad()
+        kl.backward()
+        opt.step()
+    with torch.no_grad():
+        clusters = kernels.dec_soft_assign(z, mu).argmax(1).cpu()
+    pseudo = pseudo.cpu()
+    table = torch.zeros(k, k, dtype=torch.long).index_put_((clusters, pseudo),
+                                                           torch.ones(n, dtype=torch.long), True)
+    rows, cols = linear_sum_assignment(table.numpy(), maximize=True)
+    to_class = torch.tensor(cols)[torch.tensor(rows).argsort()]
+    keep = to_class[clusters] == pseudo
+    return keep, dict(iters=it, moved=moved, cluster_to_class=to_class.tolist())
+
+
+def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0, reduction="mean"):
+    """Symmetric cross-entropy (Wang et al. 2019): alpha * CE(q, p) + beta * RCE, where RCE =
+    -sum_k p_k log q_k with q the one-hot label and log 0 := A, i.e. RCE = -A * (1 - p_y)."""
+    ce = F.cross_entropy(logits, target, reduction="none")
+    p_y = logits.softmax(-1).gather(-1, target[:, None]).squeeze(-1)
+    row = alpha * ce + beta * (-A) * (1 - p_y)
+    return {"none": row, "mean": row.mean(), "sum": row.sum()}[reduction]
+
+
+# =============================================================================================
+# Training one siamese network (outer, inner, or the supervised floor)
+def train_snn(args, data, stage, split, trusted=None):
+    """One FixMatch run of K steps. stage: "outer" | "inner" | "supervised". With `trusted` (an int
+    tensor over the training set, -1 = untrusted) it is the inner SNN. Returns (ema_model, summary).
+    Resumes from out/ckpt_<stage>.pt; a finished stage is read back from out/<stage>.pt."""
+    final = os.path.join(args.out, f"{stage}.pt")
+    if os.path.exists(final):
+        return _load_final(args, data, final)
+    dev, K = args.dev, args.steps
+    seed = args.seed * 1000 + ["outer", "inner", "supervised"].index(stage)
+    torch.manual_seed(seed)
+    model = build_model(args.arch, data["train_x"].shape[1], data["classes"], args.pretrained,
+                        args.weights).to(dev, memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    decay = [p for p in model.parameters() if p.ndim > 1]        # conv/linear weights only
+    rest = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([dict(params=decay, weight_decay=args.wd), dict(params=rest, weight_decay=0)],
+                          lr=args.lr, momentum=args.momentum, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * K)))
+    st = dict(step=0, evals=[], train_s=0.0, images=0, pl_hit=0, pl_n=0)
+    ckpt = os.path.join(args.out, f"ckpt_{stage}.pt")
+    if os.path.exists(ckpt):
+        st = _restore(ckpt, model, ema, opt, sched)
+    fwd = torch.compile(model) if args.compile else model
+    unl = stage != "supervised"
+    lab_workers = min(1, args.workers - 1) if unl else args.workers   # the rest make strong views
+    lab = batches(data["train_x"], data["train_y"], split, args.batch_size, K - st["step"],
+                  seed + 7 * st["step"], data["flip"], False, lab_workers)
+    if unl:
+        ulb = batches(data["train_x"], data["train_y"], torch.arange(len(data["train_y"])),
+                      args.mu * args.batch_size, K - st["step"], seed + 7 * st["step"] + 1,
+                      data["flip"], True, args.workers - lab_workers)
+    to_in = lambda x: ((x.to(dev, non_blocking=True).float() / 255 - args.mean) / args.std
+                       ).contiguous(memory_format=torch.channels_last)
+    bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
+               mininterval=0.5)
+    for step in bar:
+        t0 = time.time()
+        x_l, y_l, _ = next(lab)
+        kw = dict(tau=args.tau)
+        if unl:
+            x_w, x_s, y_u, idx = next(ulb)
+            kw = dict(x_w=to_in(x_w), x_s=to_in(x_s), tau=args.tau, lambda_u=args.lambda_u)
+            if trusted is not None:
+                kw.update(trusted=trusted[idx].to(dev), tau=args.tau_inner, loss=args.loss,
+                          alpha=args.sce_alpha, beta=args.sce_beta, A=args.sce_A)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=args.bf16):
+            loss, s = fixmatch_step(fwd, to_in(x_l), y_l.to(dev), **kw)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():                         # EMA of the parameters; buffers copied.
+            d = min(args.ema, (1 + step) / (10 + step))  # warm-up (TF's num_updates): short runs
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+            for b_ema, b in zip(ema.buffers(), model.buffers()):
+                b_ema.copy_(b)
+        post = dict(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
+        if unl:                                       # precision of the pseudo labels used
+            used = s["mask"].bool().cpu()
+            st["pl_hit"] += int((s["pseudo"].cpu()[used] == y_u[used]).sum())
+            st["pl_n"] += int(used.sum())
+            post.update(mask=f"{s['mask'].mean().item():.2f}",
+                        pl_acc=f"{st['pl_hit'] / max(1, st['pl_n']):.3f}")
+        st["train_s"] += time.time() - t0
+        st["images"] += len(x_l) + (2 * len(x_w) if unl else 0)
+        st["step"] = step + 1
+        if st["step"] % args.eval_every == 0 or st["step"] == K:
+            acc = evaluate(ema, data["test_x"], data["test_y"], args)
+            st["evals"].append(acc)
+            log_metrics(args, dict(stage=stage, step=st["step"], test_acc=acc, loss=loss.item(),
+                                   mask=s["mask"].mean().item() if unl else None,
+                                   pl_precision=st["pl_hit"] / max(1, st["pl_n"]) if unl else None,
+                                   lr=sched.get_last_lr()[0]))
+            _save(ckpt, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                             sched=sched.state_dict(), st=st, rng=_rng_state()))
+        post["test"] = f"{st['evals'][-1]:.3f}" if st["evals"] else "-"
+        bar.set_postfix(post)
+    bar.close()
+    summary = dict(test_acc=st["evals"][-1], test_acc_median20=float(np.median(st["evals"][-20:])),
+                   train_s=st["train_s"], images_per_s=st["images"] / max(st["train_s"], 1e-9),
+                   pseudo_label_precision=st["pl_hit"] / st["pl_n"] if st["pl_n"] else None)
+    _save(final, dict(ema=ema.state_dict(), summary=summary, args=vars_of(args)))
+    os.remove(ckpt)
+    return ema, summary
+
+
+def evaluate(model, x, y, args, features=False):
+    """Accuracy of `model` on uint8 images x; with features=True returns (logits, features)."""
+    model.eval()
+    outs, feats = [], []
+    with torch.no_grad(), torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
+        for i in range(0, len(x), 1024):
+            xb = ((x[i:i + 1024].to(args.dev).float() / 255 - args.mean) / args.std
+                  ).contiguous(memory_format=torch.channels_last)
+            f = model.body(xb)
+            outs.append(model.head(f).float().cpu())
+            feats.append(f.float().cpu())
+    logits = torch.cat(outs)
+    if features:
+        return logits, torch.cat(feats)
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+# =============================================================================================
+# Bookkeeping: atomic writes, checkpoints, metrics
+def _save(path, obj):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)                             # atomic: a kill never leaves half a file
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def log_metrics(args, row):
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def vars_of(args):
+    return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16")}
+
+
+def _rng_state():
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def _restore(path, model, ema, opt, sched):
+    c = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(c["model"]), ema.load_state_dict(c["ema"])
+    opt.load_state_dict(c["opt"]), sched.load_state_dict(c["sched"])
+    torch.set_rng_state(c["rng"]["torch"]), np.random.set_state(c["rng"]["numpy"])
+    random.setstate(c["rng"]["python"])
+    if c["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(c["rng"]["cuda"])
+    return c["st"]
+
+
+def _load_final(args, data, path):
+    c = torch.load(path, map_location="cpu", weights_only=False)
+    ema = build_model(args.arch, data["train_x"].shape[1], data["classes"])
+    ema.load_state_dict(c["ema"])
+    return ema.to(args.dev, memory_format=torch.channels_last).eval(), c["summary"]
+
+
+def prepare_out(args, data):
+    """Create --out, refuse to overwrite a run without --resume, persist/reload the labeled split."""
+    files = [f for f in ("split.json", "results.json") if os.path.exists(os.path.join(args.out, f))]
+    if files and not args.resume:
+        die(f"--out {args.out} already holds a run ({files[0]}); pass --resume to continue it "
+            f"or choose another --out")
+    if args.resume and not files:
+        die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
+    os.makedirs(args.out, exist_ok=True)
+    src = os.path.join(args.outer_from, "split.json") if args.outer_from else None
+    if src and not os.path.exists(os.path.join(args.outer_from, "outer.pt")):
+        die(f"--outer-from {args.outer_from}: no finished outer SNN (outer.pt) there")
+    path = os.path.join(args.out, "split.json")
+    for f in (path, src):                             # never redraw a persisted split
+        if f and os.path.exists(f):
+            s = json.load(open(f))
+            for key in ("dataset", "labels", "seed", "arch"):
+                if s[key] != getattr(args, key):
+                    die(f"--{key} {getattr(args, key)} differs from {s[key]} recorded in {f}")
+            split = torch.tensor(s["labeled"])
+            break
+    else:
+        split = labeled_split(data["train_y"], args.labels, data["classes"], args.seed)
+    if not os.path.exists(path):
+        write_json(path, dict(dataset=args.dataset, labels=args.labels, seed=args.seed,
+                              arch=args.arch, labeled=split.tolist()))
+    if args.resume:                                   # drop metrics logged after the checkpoint
+        _trim_metrics(args)
+    write_json(os.path.join(args.out, "config.json"), vars_of(args))
+    for f in (__file__, kernels.__file__):            # the code beside its results
+        shutil.copy(f, os.path.join(args.out, os.path.basename(f)))
+    return split
+
+
+def _trim_metrics(args):
+    path = os.path.join(args.out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    done = {}
+    for stage in ("outer", "inner", "supervised"):
+        if os.path.exists(os.path.join(args.out, f"{stage}.pt")):
+            done[stage] = float("inf")
+        elif os.path.exists(os.path.join(args.out, f"ckpt_{stage}.pt")):
+            done[stage] = torch.load(os.path.join(args.out, f"ckpt_{stage}.pt"),
+                                     weights_only=False)["st"]["step"]
+    rows = [r for r in map(json.loads, open(path)) if r["step"] <= done.get(r["stage"], 0)]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+# =============================================================================================
+# The pipeline
+def trusted_subset(args, data, outer):
+    """Outer EMA labels the unlabeled set -> select_confident -> dec_cluster. Cached in trusted.pt."""
+    path = os.path.join(args.out, "trusted.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=False)
+    logits, feats = evaluate(outer, data["train_x"], data["train_y"], args, features=True)
+    y = data["train_y"]
+    pseudo = logits.argmax(1)
+    idx, labels = select_confident(logits.softmax(1), args.tau_select)
+    if args.no_dec:
+        keep, info = torch.ones(len(idx), dtype=torch.bool), dict(iters=0)
+    else:
+        keep, info = dec_cluster(feats[idx].to(args.dev), labels, data["classes"],
+                                 args.dec_max_iters, args.dec_lr, args.dec_batch, args.dec_tol,
+                                 args.kmeans_init, args.seed)
+    trusted = torch.full_like(y, -1)
+    trusted[idx[keep]] = labels[keep]
+    prec = lambda sel, lab: (lab == y[sel]).float().mean().item() if len(sel) else None
+    out = dict(trusted=trusted, stats=dict(
+        unlabeled=len(y), outer_pseudo_label_precision=prec(torch.arange(len(y)), pseudo),
+        confident_size=len(idx), confident_precision=prec(idx, labels),
+        trusted_size=int(keep.sum()), trusted_precision=prec(idx[keep], labels[keep]),
+        dec_iters=info["iters"]))
+    _save(path, out)
+    return out
+
+
+def main(argv=None):
+    args = get_args(argv)
+    args.dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                            else "cpu" if args.device == "auto" else args.device)
+    if args.dev.type == "cuda" and not torch.cuda.is_available():
+        die(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and args.dev.type == "cuda")
+    torch.set_flush_denormal(True)                    # CPU: confident nets make denormals, 1.5x slower
+    t0 = time.time()
+    data = load_dataset(args)
+    split = prepare_out(args, data)
+    x = data["train_x"].float() / 255                # per-channel normalisation from train images
+    args.mean = x.mean((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)
+    args.std = x.std((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)
+    res = dict(method=args.method, dataset=args.dataset, labels=args.labels, seed=args.seed,
+               arch=args.arch, steps=args.steps, device=str(args.dev),
+               versions=dict(torch=torch.__version__, torchvision=torchvision.__version__))
+    if args.method == "supervised":
+        _, res["supervised"] = train_snn(args, data, "supervised", split)
+        final = res["supervised"]
+    else:
+        if args.outer_from:                           # reuse a finished FixMatch run's outer SNN
+            outer, res["outer"] = _load_final(args, data, os.path.join(args.outer_from, "outer.pt"))
+        else:
+            outer, res["outer"] = train_snn(args, data, "outer", split)
+        final = res["outer"]
+        if args.method == "kdfixmatch":
+            kd = trusted_subset(args, data, outer)
+            res["trusted"] = kd["stats"]
+            _, res["inner"] = train_snn(args, data, "inner", split, trusted=kd["trusted"])
+            final = res["inner"]
+    res.update(test_acc=final["test_acc"], test_acc_median20=final["test_acc_median20"],
+               wall_s=time.time() - t0, config=vars_of(args))
+    write_json(os.path.join(args.out, "results.json"), res)
+    report(res)
+    return res
+
+
+def report(res):
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
+    print(f"\n{res['method']} on {res['dataset']} ({res['labels']} labels, {res['arch']}, "
+          f"{res['steps']} steps/SNN, seed {res['seed']}):")
+    for stage, name in (("supervised", "supervised floor"), ("outer", "FixMatch (outer SNN)"),
+                        ("inner", "KD-FixMatch (inner SNN)")):
+        if stage in res:
+            r = res[stage]
+            print(f"  {name:24s} test acc {pct(r['test_acc'])} (median of last 20 evals "
+                  f"{pct(r['test_acc_median20'])}), {r['images_per_s']:.0f} img/s")
+    if "trusted" in res:
+        t = res["trusted"]
+        print(f"  outer pseudo labels on all {t['unlabeled']} unlabeled: precision "
+              f"{pct(t['outer_pseudo_label_precision'])}\n"
+              f"  confident (>= tau_select): {t['confident_size']}, precision "
+              f"{pct(t['confident_precision'])}\n"
+              f"  trusted subset (after DEC): {t['trusted_size']}, precision "
+              f"{pct(t['trusted_precision'])}")
+    print(f"  wall time {res['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

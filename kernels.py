@@ -5,8 +5,20 @@
 
 Each public function dispatches to a Triton kernel for CUDA tensors when triton imports, and to the
 PyTorch reference below otherwise (CPU, or KDFM_NO_TRITON=1). The references define the semantics.
+
+The Triton paths:
+    masked_pseudo_label_loss  one launch per call: weak softmax/argmax, Heuristic 1, mask, labels,
+                              per-row CE/SCE and d loss/d strong_logits, stored so that backward
+                              only scales it by grad_output (Liger-style fused cross-entropy)
+    dec_soft_assign           forward fuses the distance GEMM (tl.dot, fp32), the Student-t kernel
+                              and the row normalisation; backward writes dL/d d2 with one kernel
+                              and leaves the two (N x K) x (K x D) GEMMs to torch
+
+python kernels.py --bench times both against eager and torch.compile (needs a CUDA device).
 """
+import argparse
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -72,16 +84,424 @@ def dec_soft_assign(z, centroids, alpha=1.0):
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 try:
-    import triton  # noqa: F401
-    import triton.language as tl  # noqa: F401
+    import triton
+    import triton.language as tl
     _HAS_TRITON = True
 except Exception:  # no triton (or a broken install): the references serve
     _HAS_TRITON = False
 
+_TILE = 2048              # elements per (rows x columns) tile of the row-wise kernels
+_LOSS_MAX_BLOCK_C = 2048  # wider rows loop over column blocks (online max / sum-exp)
+# DEC tiles: the fp32 (FMA) dot is register-hungry; these compile without spills for sm_90
+_DEC_BLOCK_N, _DEC_BLOCK_D, _DEC_MAX_BLOCK_K = 64, 16, 128
 
-def _masked_pseudo_label_loss_triton(*args):
-    return masked_pseudo_label_loss_torch(*args)  # fused kernel: see the kernels issue
+if _HAS_TRITON:
+
+    @triton.jit
+    def _load_logits(ptr, rows, cols, stride_r, stride_c, C):
+        # padded columns read -inf: they drop out of every max and sum-exp
+        offs = rows[:, None] * stride_r + cols[None, :] * stride_c
+        return tl.load(ptr + offs, mask=cols[None, :] < C, other=float("-inf")).to(tl.float32)
+
+    @triton.jit
+    def _online_max_sumexp(m, s, x):
+        # running row max m and sum exp(x - m), updated with a (rows x cols) tile x
+        m_new = tl.maximum(m, tl.max(x, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no inf - inf
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), 1)
+        return m_new, s
+
+    @triton.jit
+    def _online_argmax(m, arg, x, cols):
+        # first index of the row max (torch.max's tie rule): a later block wins only if larger
+        bm = tl.max(x, 1)
+        barg = tl.min(tl.where(x == bm[:, None], cols[None, :], 2147483647), 1)
+        return tl.where(bm > m, barg, arg)
+
+    @triton.jit
+    def _pl_grad_tile(s, cols, target, s_max, log_sum, coef):
+        # coef * (softmax(s) - onehot(target)); coef is 0 on masked rows, where() keeps NaN out.
+        # (s - max) - log_sum, not s - lse: exact for huge logits, where lse would round
+        p = tl.exp((s - s_max[:, None]) - log_sum[:, None])
+        g = p - tl.where(cols[None, :] == target[:, None], 1.0, 0.0)
+        return tl.where(coef[:, None] != 0.0, coef[:, None] * g, 0.0)
+
+    @triton.jit
+    def _pl_loss_kernel(weak_ptr, strong_ptr, trusted_ptr, grad_ptr, row_loss_ptr, mask_ptr,
+                        target_ptr, B, C, sw_r, sw_c, ss_r, ss_c, st_r, sg_r,
+                        tau, alpha, beta_A, grad_scale,
+                        HAS_TRUSTED: tl.constexpr, SCE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                        SINGLE_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < B
+        rows = tl.minimum(rows, B - 1).to(tl.int64)  # tail rows re-read row B-1, never stored
+        cols = tl.arange(0, BLOCK_C)
+        neg_inf = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        zero = tl.zeros([BLOCK_R], tl.float32)
+        w_arg = tl.zeros([BLOCK_R], tl.int32)
+
+        # -- pass 1: weak max / argmax / sum-exp and strong max / sum-exp
+        if SINGLE_BLOCK:  # the row fits one tile: each logit is read once, s stays for the grad
+            w = _load_logits(weak_ptr, rows, cols, sw_r, sw_c, C)
+            s = _load_logits(strong_ptr, rows, cols, ss_r, ss_c, C)
+            w_arg = _online_argmax(neg_inf, w_arg, w, cols)
+            w_max, w_sum = _online_max_sumexp(neg_inf, zero, w)
+            s_max, s_sum = _online_max_sumexp(neg_inf, zero, s)
+        else:
+            w_max, w_sum, s_max, s_sum = neg_inf, zero, neg_inf, zero
+            for c0 in range(0, C, BLOCK_C):
+                w = _load_logits(weak_ptr, rows, c0 + cols, sw_r, sw_c, C)
+                s = _load_logits(strong_ptr, rows, c0 + cols, ss_r, ss_c, C)
+                w_arg = _online_argmax(w_max, w_arg, w, c0 + cols)
+                w_max, w_sum = _online_max_sumexp(w_max, w_sum, w)
+                s_max, s_sum = _online_max_sumexp(s_max, s_sum, s)
+
+        # -- Heuristic 1: confident inner label, else the trusted outer label, else masked
+        # max softmax prob = 1 / sum exp(w - max); an all -inf weak row is NaN in the reference
+        conf = tl.where(w_max == float("-inf"), float("nan"), 1.0 / w_sum)
+        keep = conf >= tau
+        target = w_arg.to(tl.int64)
+        if HAS_TRUSTED:
+            trusted = tl.load(trusted_ptr + rows * st_r).to(tl.int64)
+            outer = (keep == 0) & (trusted >= 0)
+            target = tl.where(outer, trusted, target)
+            keep = keep | outer
+
+        # -- per-row loss against the target: CE = log sum exp(s) - s_y,
+        # SCE = alpha*CE - beta*A*(1 - p_y)
+        s_max = tl.where(s_max == float("-inf"), 0.0, s_max)  # all -inf row: NaN loss, or 0 masked
+        log_sum = tl.log(s_sum)
+        if SINGLE_BLOCK:
+            s_y = tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), 1)
+        else:
+            s_y = tl.load(strong_ptr + rows * ss_r + target * ss_c).to(tl.float32)
+        ce = log_sum - (s_y - s_max)
+        if SCE:
+            p_y = tl.exp(-ce)
+            row_loss = alpha * ce - beta_A * (1.0 - p_y)
+            coef = alpha - beta_A * p_y  # d row_loss / d s = coef * (softmax - onehot)
+        else:
+            row_loss = ce
+            coef = tl.full([BLOCK_R], 1.0, tl.float32)
+        row_loss = tl.where(keep, row_loss, 0.0)  # where, not *: a masked inf stays out
+        coef = tl.where(keep, coef * grad_scale, 0.0)
+        tl.store(row_loss_ptr + rows, row_loss, mask=row_ok)
+        tl.store(mask_ptr + rows, keep.to(tl.float32), mask=row_ok)
+        tl.store(target_ptr + rows, target, mask=row_ok)
+
+        # -- pass 2: d loss / d strong, written in the input dtype
+        if WRITE_GRAD:
+            g_rows = grad_ptr + rows[:, None] * sg_r
+            if SINGLE_BLOCK:
+                g = _pl_grad_tile(s, cols, target, s_max, log_sum, coef)
+                tl.store(g_rows + cols[None, :], g.to(grad_ptr.dtype.element_ty),
+                         mask=row_ok[:, None] & (cols[None, :] < C))
+            else:
+                for c0 in range(0, C, BLOCK_C):
+                    s = _load_logits(strong_ptr, rows, c0 + cols, ss_r, ss_c, C)
+                    g = _pl_grad_tile(s, c0 + cols, target, s_max, log_sum, coef)
+                    tl.store(g_rows + (c0 + cols)[None, :], g.to(grad_ptr.dtype.element_ty),
+                             mask=row_ok[:, None] & ((c0 + cols)[None, :] < C))
+
+    @triton.jit
+    def _dec_kernel_tile(z_ptr, mu_ptr, rows, ks, N, K, D, sz_n, sz_d, sm_k, sm_d, inv_alpha, neg_p,
+                         ALPHA_ONE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+        # unnormalised Student-t kernel (1 + d2/alpha)^(-p) of a (rows x centroids) tile, with
+        # d2 = |z|^2 + |mu|^2 - 2 z.mu accumulated in fp32 over D blocks (ieee: no tf32)
+        zmu = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        zz = tl.zeros([BLOCK_N], tl.float32)
+        mm = tl.zeros([BLOCK_K], tl.float32)
+        ds = tl.arange(0, BLOCK_D)
+        for d0 in range(0, D, BLOCK_D):
+            d_ok = (d0 + ds)[None, :] < D
+            zt = tl.load(z_ptr + rows[:, None] * sz_n + (d0 + ds)[None, :] * sz_d,
+                         mask=(rows < N)[:, None] & d_ok, other=0.0).to(tl.float32)
+            mt = tl.load(mu_ptr + ks[:, None] * sm_k + (d0 + ds)[None, :] * sm_d,
+                         mask=(ks < K)[:, None] & d_ok, other=0.0).to(tl.float32)
+            zmu = tl.dot(zt, tl.trans(mt), acc=zmu, input_precision="ieee")
+            zz += tl.sum(zt * zt, 1)
+            mm += tl.sum(mt * mt, 1)
+        d2 = tl.maximum(zz[:, None] + mm[None, :] - 2.0 * zmu, 0.0)  # a difference: clamp at 0
+        base = 1.0 + d2 * inv_alpha
+        if ALPHA_ONE:
+            u = 1.0 / base
+        else:
+            u = tl.exp(neg_p * tl.log(base))
+        return tl.where((ks < K)[None, :], u, 0.0)
+
+    @triton.jit
+    def _dec_fwd_kernel(z_ptr, mu_ptr, q_ptr, rowsum_ptr, N, K, D, sz_n, sz_d, sm_k, sm_d,
+                        inv_alpha, neg_p, ALPHA_ONE: tl.constexpr, SINGLE_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < N
+        kk = tl.arange(0, BLOCK_K)
+        rowsum = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            u = _dec_kernel_tile(z_ptr, mu_ptr, rows, k0 + kk, N, K, D, sz_n, sz_d, sm_k, sm_d,
+                                 inv_alpha, neg_p, ALPHA_ONE, BLOCK_N, BLOCK_K, BLOCK_D)
+            rowsum += tl.sum(u, 1)
+            if SINGLE_K:  # all K in one tile: normalise in registers, write q once
+                u = u / rowsum[:, None]
+            tl.store(q_ptr + rows[:, None] * K + (k0 + kk)[None, :],
+                     u.to(q_ptr.dtype.element_ty), mask=row_ok[:, None] & ((k0 + kk) < K)[None, :])
+        if not SINGLE_K:  # K spans several tiles: rescale the unnormalised rows just written
+            tl.debug_barrier()  # make this program's stores visible to all its threads
+            for k0 in range(0, K, BLOCK_K):
+                offs = rows[:, None] * K + (k0 + kk)[None, :]
+                ok = row_ok[:, None] & ((k0 + kk) < K)[None, :]
+                u = tl.load(q_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+                tl.store(q_ptr + offs, (u / rowsum[:, None]).to(q_ptr.dtype.element_ty), mask=ok)
+        tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
+
+    @triton.jit
+    def _dec_bwd_kernel(q_ptr, g_ptr, rowsum_ptr, G_ptr, G_rowsum_ptr, N, K, sg_n, sg_k,
+                        inv_p, coef, ALPHA_ONE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+        # G = dL/d d2 = coef * t * q * (g - sum_k g q), coef = -(alpha+1)/(2 alpha), with
+        # t = 1/(1 + d2/alpha) recovered from q: t^p = q * rowsum (rowsum saved by the forward)
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < N
+        kk = tl.arange(0, BLOCK_K)
+        r = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ok = row_ok[:, None] & ((k0 + kk) < K)[None, :]
+            q = tl.load(q_ptr + rows[:, None] * K + (k0 + kk)[None, :], mask=ok, other=0.0)
+            g = tl.load(g_ptr + rows[:, None] * sg_n + (k0 + kk)[None, :] * sg_k, mask=ok,
+                        other=0.0)
+            r += tl.sum(q.to(tl.float32) * g.to(tl.float32), 1)
+        S = tl.load(rowsum_ptr + rows, mask=row_ok, other=1.0)
+        G_rowsum = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ok = row_ok[:, None] & ((k0 + kk) < K)[None, :]
+            q = tl.load(q_ptr + rows[:, None] * K + (k0 + kk)[None, :], mask=ok,
+                        other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + rows[:, None] * sg_n + (k0 + kk)[None, :] * sg_k, mask=ok,
+                        other=0.0).to(tl.float32)
+            t = q * S[:, None]
+            if not ALPHA_ONE:  # floor: log(0) of padded/underflowed q; G is ~0 there anyway
+                t = tl.exp(tl.log(tl.maximum(t, 1e-30)) * inv_p)
+            G = coef * t * q * (g - r[:, None])
+            G_rowsum += tl.sum(G, 1)
+            tl.store(G_ptr + rows[:, None] * K + (k0 + kk)[None, :], G, mask=ok)
+        tl.store(G_rowsum_ptr + rows, G_rowsum, mask=row_ok)
 
 
-def _dec_soft_assign_triton(z, centroids, alpha):
-    return dec_soft_assign_torch(z, centroids, alpha)
+# ---------------------------------------------------------------------------------------------
+# Masked pseudo-label loss: autograd wrapper (the gradient is written by the forward kernel)
+class _MaskedPseudoLabelLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weak_logits, strong_logits, tau, trusted, sce, alpha, beta, A, max_block_c):
+        B, C = strong_logits.shape
+        if weak_logits.shape != (B, C) or C < 1 or B < 1:
+            raise ValueError(f"weak {tuple(weak_logits.shape)} and strong {(B, C)} must match")
+        dev = strong_logits.device
+        block_c = min(triton.next_power_of_2(C), max_block_c)
+        block_r = max(1, min(_TILE // block_c, 64, triton.next_power_of_2(B)))  # rows/program
+        write_grad = ctx.needs_input_grad[1]
+        grad = torch.empty((B, C), dtype=strong_logits.dtype, device=dev) if write_grad else None
+        row_loss = torch.empty(B, dtype=torch.float32, device=dev)
+        mask = torch.empty(B, dtype=torch.float32, device=dev)
+        target = torch.empty(B, dtype=torch.int64, device=dev)
+        _pl_loss_kernel[(triton.cdiv(B, block_r),)](
+            weak_logits, strong_logits, trusted if trusted is not None else target,
+            grad if write_grad else row_loss, row_loss, mask, target, B, C,
+            weak_logits.stride(0), weak_logits.stride(1),
+            strong_logits.stride(0), strong_logits.stride(1),
+            trusted.stride(0) if trusted is not None else 0, C,
+            float(tau), float(alpha), float(beta) * float(A), 1.0 / B,
+            HAS_TRUSTED=trusted is not None, SCE=sce, WRITE_GRAD=write_grad,
+            SINGLE_BLOCK=block_c >= C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+        ctx.mark_non_differentiable(mask, target)
+        ctx.save_for_backward(grad)
+        return row_loss.sum() / B, mask, target
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_mask, _grad_target):
+        (grad,) = ctx.saved_tensors
+        return None, grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
+
+
+def _masked_pseudo_label_loss_triton(weak_logits, strong_logits, tau, trusted=None, loss="ce",
+                                     alpha=0.1, beta=1.0, A=-4.0, max_block_c=_LOSS_MAX_BLOCK_C):
+    """Fused Triton path of masked_pseudo_label_loss (one launch). The supervised CE is the special
+    case trusted=labels, tau > 1 (no row confident, every row takes its label): mean CE."""
+    return _MaskedPseudoLabelLoss.apply(weak_logits.detach(), strong_logits, tau, trusted,
+                                        loss == "sce", alpha, beta, A, max_block_c)
+
+
+# ---------------------------------------------------------------------------------------------
+# DEC soft assignment: autograd wrapper
+# Backward closed form, with p = (alpha+1)/2, t_ij = 1/(1 + d2_ij/alpha), q_ij = t_ij^p / S_i:
+#   G_ij = dL/d d2_ij = -(p/alpha) t_ij q_ij (g_ij - sum_k g_ik q_ik)
+#   dL/dz_i = 2 sum_j G_ij (z_i - mu_j) = 2 (rowsum(G)_i z_i - (G mu)_i)
+#   dL/dmu_j = -2 sum_i G_ij (z_i - mu_j) = -2 ((G^T z)_j - colsum(G)_j mu_j)
+# The kernel writes G (N x K); the two GEMMs go to torch, so N x K x D is never formed.
+class _DecSoftAssign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, centroids, alpha, max_block_k):
+        (N, D), (K, D2) = z.shape, centroids.shape
+        if D != D2:
+            raise ValueError(f"z {tuple(z.shape)}, centroids {tuple(centroids.shape)}: D differs")
+        alpha = float(alpha)
+        block_k = max(16, min(triton.next_power_of_2(K), max_block_k))  # tl.dot needs >= 16
+        q = torch.empty((N, K), dtype=torch.promote_types(z.dtype, centroids.dtype),
+                        device=z.device)
+        rowsum = torch.empty(N, dtype=torch.float32, device=z.device)
+        _dec_fwd_kernel[(triton.cdiv(N, _DEC_BLOCK_N),)](
+            z, centroids, q, rowsum, N, K, D, z.stride(0), z.stride(1),
+            centroids.stride(0), centroids.stride(1), 1.0 / alpha, -(alpha + 1) / 2,
+            ALPHA_ONE=alpha == 1.0, SINGLE_K=block_k >= K, BLOCK_N=_DEC_BLOCK_N,
+            BLOCK_K=block_k, BLOCK_D=_DEC_BLOCK_D, num_warps=8 if block_k >= 64 else 4)
+        ctx.alpha = alpha
+        ctx.save_for_backward(z, centroids, q, rowsum)
+        return q
+
+    @staticmethod
+    def backward(ctx, g):
+        z, centroids, q, rowsum = ctx.saved_tensors
+        (N, K), alpha = q.shape, ctx.alpha
+        p = (alpha + 1) / 2
+        block_k = min(triton.next_power_of_2(K), 1024)
+        block_n = max(1, min(_TILE // block_k, 64))
+        G = torch.empty((N, K), dtype=torch.float32, device=q.device)
+        G_rowsum = torch.empty(N, dtype=torch.float32, device=q.device)
+        _dec_bwd_kernel[(triton.cdiv(N, block_n),)](
+            q, g, rowsum, G, G_rowsum, N, K, g.stride(0), g.stride(1), 1.0 / p, -p / alpha,
+            ALPHA_ONE=alpha == 1.0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+        z32, mu32 = z.float(), centroids.float()
+        grad_z = grad_mu = None
+        if ctx.needs_input_grad[0]:
+            grad_z = (2 * (G_rowsum[:, None] * z32 - G @ mu32)).to(z.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_mu = (-2 * (G.T @ z32 - G.sum(0)[:, None] * mu32)).to(centroids.dtype)
+        return grad_z, grad_mu, None, None
+
+
+def _dec_soft_assign_triton(z, centroids, alpha=1.0, max_block_k=_DEC_MAX_BLOCK_K):
+    return _DecSoftAssign.apply(z, centroids, alpha, max_block_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: python kernels.py --bench (needs a CUDA device)
+def _max_rel_err(outs, refs):
+    # worst max|a - b| / max|b| over the outputs (forward value and gradients)
+    return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+               for a, b in zip(outs, refs))
+
+
+def _bench_dec_case(dev, dtype, N, K, D, timer, compiled):
+    z = torch.randn(N, D, device=dev, dtype=dtype).requires_grad_()
+    mu = torch.randn(K, D, device=dev, dtype=dtype).requires_grad_()
+    g = torch.randn(N, K, device=dev, dtype=dtype)
+    outs = []
+    for f in (dec_soft_assign_torch, _dec_soft_assign_triton):
+        z.grad = mu.grad = None
+        q = f(z, mu)
+        q.backward(g)
+        outs.append((q.detach(), z.grad, mu.grad))
+    err = _max_rel_err(outs[1], outs[0])
+    del outs, q
+    ms = [timer(lambda f=f: f(z, mu).backward(g), [z, mu])
+          for f in (dec_soft_assign_torch, compiled, _dec_soft_assign_triton)]
+    return ms, err
+
+
+def _bench_rows(dev, loss_cases, dec_cases, timer):
+    """Yield one table row per case: (name, eager ms, compile ms, triton ms, bytes, flops, err).
+    timer(fn, grads) -> median ms of fn() (forward + backward), grads reset to None each run."""
+    compiled_loss = torch.compile(masked_pseudo_label_loss_torch)
+    compiled_dec = torch.compile(dec_soft_assign_torch)
+    for dtype, B, C in loss_cases:
+        weak = (3 * torch.randn(B, C, device=dev)).to(dtype)
+        strong = torch.randn(B, C, device=dev).to(dtype).requires_grad_()
+        trusted = torch.randint(-1, C, (B,), device=dev)
+
+        def step(f):
+            loss = f(weak, strong, 0.95, trusted, "ce")[0]
+            loss.backward()
+            return loss
+
+        outs = []
+        for f in (masked_pseudo_label_loss_torch, _masked_pseudo_label_loss_triton):
+            strong.grad = None
+            outs.append((step(f).detach(), strong.grad))
+        err = _max_rel_err(outs[1], outs[0])
+        ms = [timer(lambda f=f: step(f), [strong])
+              for f in (masked_pseudo_label_loss_torch, compiled_loss,
+                        _masked_pseudo_label_loss_triton)]
+        # must move: read weak + strong, write d strong; per row read trusted, write loss/mask/label
+        nbytes = 3 * B * C * strong.element_size() + B * (8 + 4 + 4 + 8)
+        yield (f"loss ce {str(dtype)[6:]} B={B} C={C}", *ms, nbytes, 0, err)
+        del weak, strong, trusted, outs
+    for dtype, N, K, D in dec_cases:
+        name = f"dec {str(dtype)[6:]} N={N} K={K} D={D}"
+        try:
+            ms, err = _bench_dec_case(dev, dtype, N, K, D, timer, compiled_dec)
+        except torch.cuda.OutOfMemoryError:
+            ms = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if ms is None:
+            yield (f"{name}: skipped (out of memory)",)
+            continue
+        # must move: read z, write q (fwd); read g, q, z, write d z (bwd); the centroids are small
+        es = torch.empty((), dtype=dtype).element_size()
+        nbytes = es * (2 * N * D + 3 * N * K + 2 * K * D)
+        yield (name, *ms, nbytes, 6 * N * K * D, err)
+
+
+def _print_table(rows, copy_gbs):
+    print(f"{'case':<32}{'eager':>9}{'compile':>9}{'triton':>9}{'vs eager':>9}{'GB/s':>8}"
+          f"{'% copy':>8}{'TFLOP/s':>9}{'err':>9}")
+    for row in rows:
+        if len(row) == 1:
+            print(row[0], flush=True)
+            continue
+        name, eager, comp, trit, nbytes, flops, err = row
+        gbs = nbytes / trit / 1e6
+        tflops = f"{flops / trit / 1e9:9.1f}" if flops else f"{'':>9}"
+        print(f"{name:<32}{eager:9.3f}{comp:9.3f}{trit:9.3f}{eager / trit:8.1f}x{gbs:8.0f}"
+              f"{100 * gbs / copy_gbs:7.0f}%{tflops}{err:9.1e}", flush=True)
+
+
+def _bench():
+    if not torch.cuda.is_available():
+        print("kernels.py --bench needs a CUDA device; none is available here.")
+        sys.exit(2)
+    if not _HAS_TRITON:
+        print("kernels.py --bench needs triton; it does not import here.")
+        sys.exit(2)
+    from triton.testing import do_bench
+
+    def timer(fn, grads):
+        return do_bench(fn, grad_to_none=grads, return_mode="median")
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)  # 1 GiB: far beyond L2
+    dst = torch.empty_like(src)
+    copy_gbs = 2 * src.numel() / timer(lambda: dst.copy_(src), None) / 1e6
+    del src, dst
+    print(f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write), the 100% of '% copy'")
+    print("times: median ms of forward + backward; GB/s: bytes the op must move / triton time;"
+          " err: max |triton - eager| / max |eager| over value and grads")
+    loss_cases = [(dt, B, C) for dt in (torch.float32, torch.bfloat16) for B in (448, 7168)
+                  for C in (10, 100, 101, 1000)]
+    dec_cases = [(torch.float32, N, K, D) for N in (50_000, 1_000_000) for K in (10, 100)
+                 for D in (128, 1280)]
+    _print_table(_bench_rows(dev, loss_cases, dec_cases, timer), copy_gbs)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", action="store_true",
+                        help="time the Triton kernels against eager and torch.compile (CUDA)")
+    if parser.parse_args().bench:
+        _bench()
+    else:
+        parser.print_help()

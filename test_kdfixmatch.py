@@ -1,1 +1,321 @@
 """Tests for kdfixmatch.py and kernels.py. Run: python -m pytest -q test_kdfixmatch.py"""
+import os
+
+import torch
+
+# Without a GPU, kernels.py's Triton kernels run on CPU tensors in the Triton interpreter. triton
+# reads TRITON_INTERPRET when kernels.py is imported (at @triton.jit), so this stays above every
+# import of kernels or kdfixmatch in this file.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# ---- kernels.py: Triton kernels against the PyTorch references (TRITON_INTERPRET=1 on CPU)
+# The Triton implementations are called directly; without a GPU they run on CPU tensors in the
+# interpreter (TRITON_INTERPRET is set at the top of this file), with a GPU on CUDA tensors.
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+
+_needs_triton = pytest.mark.skipif(not kernels._HAS_TRITON, reason="triton does not import")
+_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# loss/grad tolerances per logits dtype: both paths compute in fp32 from the same rounded inputs;
+# low-precision dtypes differ by the rounding of the gradient written in that dtype
+_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float16: dict(atol=1e-4, rtol=2e-3),
+        torch.bfloat16: dict(atol=1e-3, rtol=1e-2)}
+
+
+def _pl_both(weak, strong, tau, trusted=None, loss="ce", alpha=0.1, beta=1.0, A=-4.0, **kw):
+    """(loss, mask, labels, d loss / d strong) from the Triton kernel and from the reference."""
+    out = []
+    for f, fkw in ((kernels._masked_pseudo_label_loss_triton, kw),
+                   (kernels.masked_pseudo_label_loss_torch, {})):
+        s = strong.detach().clone().requires_grad_()
+        l, m, y = f(weak, s, tau, trusted, loss, alpha, beta, A, **fkw)
+        (g,) = torch.autograd.grad(l, s)
+        out.append((l.detach(), m, y, g))
+    return out
+
+
+def _assert_pl_match(kern, ref, dtype=torch.float32):
+    l, m, y, g = kern
+    lr, mr, yr, gr = ref
+    assert m.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(m, mr) and torch.equal(y, yr)
+    assert torch.isfinite(l) and not torch.isnan(g).any()
+    torch.testing.assert_close(l, lr, **_TOL[torch.float32])
+    assert g.dtype == gr.dtype
+    torch.testing.assert_close(g.float(), gr.float(), atol=_TOL[dtype]["atol"] / len(g),
+                               rtol=_TOL[dtype]["rtol"])
+
+
+def _logits(B, C, dtype=torch.float32, scale=3.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(B, C, generator=gen)).to(dtype).to(_DEV)
+
+
+def _trusted(B, C, seed=0):
+    # outer labels with -1 (not trusted) on about half of the rows
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, C, (B,), generator=gen)
+    return torch.where(torch.rand(B, generator=gen) < 0.5, -1, labels).to(_DEV)
+
+
+def _split_tau(weak):
+    # threshold halfway between the two middle row confidences: about half the rows confident,
+    # and no confidence within rounding of tau
+    conf = weak.float().softmax(-1).max(-1).values.sort().values
+    k = (len(conf) - 1) // 2
+    return conf[0].item() / 2 if len(conf) == 1 else (conf[k] + conf[k + 1]).item() / 2
+
+
+def test_pl_loss_reference_gradcheck():
+    # the reference computes in float32 by design (.float()), so float64 inputs get fp32-sized
+    # finite differences and tolerances
+    weak, strong = _logits(6, 5, torch.float64), _logits(6, 5, torch.float64, seed=1)
+    trusted = torch.tensor([-1, 2, -1, 0, 4, -1], device=_DEV)
+    strong.requires_grad_()
+    for loss in ("ce", "sce"):
+        f = lambda s: kernels.masked_pseudo_label_loss_torch(  # noqa: E731
+            weak, s, 0.9, trusted, loss, 0.3, 0.7, -2.0)[0]
+        mask = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.9, trusted)[1]
+        assert mask.tolist() == [1, 1, 0, 1, 1, 1]  # 2 confident, 3 trusted, 1 masked
+        assert torch.autograd.gradcheck(f, (strong,), eps=1e-2, atol=1e-4, rtol=1e-3)
+
+
+@_needs_triton
+@pytest.mark.parametrize("B,C,max_block_c", [
+    (1, 2, 2048), (13, 2, 2048), (16, 10, 2048), (37, 101, 2048), (5, 1000, 2048),
+    (9, 101, 32),     # C over several column blocks: online max / sum-exp, two passes
+    (3, 2500, 2048),  # C wider than the real block limit
+])
+@pytest.mark.parametrize("loss", ["ce", "sce"])
+@pytest.mark.parametrize("with_trusted", [False, True])
+def test_pl_loss_kernel_matches_reference(B, C, max_block_c, loss, with_trusted):
+    weak, strong = _logits(B, C, seed=B + C), _logits(B, C, seed=B * C)
+    trusted = _trusted(B, C, seed=C) if with_trusted else None
+    kern, ref = _pl_both(weak, strong, _split_tau(weak), trusted, loss, 0.3, 0.7, -2.0,
+                         max_block_c=max_block_c)
+    assert ref[1].sum() > 0
+    if B > 1 and not with_trusted:  # about half the rows masked
+        assert ref[1].sum() < B
+    _assert_pl_match(kern, ref)
+
+
+@_needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,C,max_block_c", [(33, 10, 2048), (7, 101, 2048), (5, 101, 32)])
+def test_pl_loss_kernel_low_precision(dtype, B, C, max_block_c):
+    weak, strong = _logits(B, C, dtype, seed=1), _logits(B, C, dtype, seed=2)
+    kern, ref = _pl_both(weak, strong, _split_tau(weak), _trusted(B, C), "sce",
+                         max_block_c=max_block_c)
+    _assert_pl_match(kern, ref, dtype)
+
+
+@_needs_triton
+@pytest.mark.parametrize("max_block_c", [2048, 16])
+def test_pl_loss_kernel_argmax_ties_first_index(max_block_c):
+    C = 40
+    weak = torch.zeros(4, C, device=_DEV)
+    weak[0, [3, 7]] = 5.0    # tie inside one block
+    weak[1, [5, 33]] = 5.0   # tie across column blocks when max_block_c=16
+    weak[2, [39, 0]] = 5.0   # the first index wins even when it is column 0
+    # row 3: all equal: conf = 1/C, label 0
+    strong = _logits(4, C, seed=3)
+    kern, ref = _pl_both(weak, strong, 0.0, max_block_c=max_block_c)
+    assert ref[2].tolist() == [3, 5, 0, 0]
+    _assert_pl_match(kern, ref)
+
+
+@_needs_triton
+@pytest.mark.parametrize("max_block_c", [2048, 16])
+def test_pl_loss_kernel_all_and_no_rows_masked(max_block_c):
+    weak, strong = _logits(20, 50), _logits(20, 50, seed=1)
+    for trusted in (None, torch.full((20,), -1, device=_DEV)):  # nothing confident: all masked
+        kern, ref = _pl_both(weak, strong, 1.01, trusted, "sce", max_block_c=max_block_c)
+        _assert_pl_match(kern, ref)
+        assert kern[0].item() == 0.0 and kern[1].sum() == 0 and not kern[3].any()
+    kern, ref = _pl_both(weak, strong, 0.0, None, max_block_c=max_block_c)  # all confident
+    _assert_pl_match(kern, ref)
+    assert kern[1].sum() == 20
+    trusted = torch.arange(20, device=_DEV) % 50  # all rows kept via trusted labels
+    kern, ref = _pl_both(weak, strong, 1.01, trusted, max_block_c=max_block_c)
+    _assert_pl_match(kern, ref)
+    assert kern[1].sum() == 20 and torch.equal(kern[2], trusted)
+
+
+@_needs_triton
+def test_pl_loss_kernel_is_supervised_ce_with_labels_and_tau_above_one():
+    logits, labels = _logits(24, 10), torch.randint(0, 10, (24,)).to(_DEV)
+    kern, _ = _pl_both(logits, logits, 2.0, labels)
+    s = logits.clone().requires_grad_()
+    ce = F.cross_entropy(s, labels)
+    (g,) = torch.autograd.grad(ce, s)
+    torch.testing.assert_close(kern[0], ce.detach())
+    torch.testing.assert_close(kern[3], g)
+
+
+@_needs_triton
+@pytest.mark.parametrize("max_block_c", [2048, 16])
+# the interpreter's numpy warns on the inf - inf / log(0) of masked rows, which where() discards
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_pl_loss_kernel_inf_and_huge_logits(max_block_c):
+    B, C, ninf = 6, 40, float("-inf")
+    weak, strong = _logits(B, C), _logits(B, C, seed=1)
+    weak[0, 0], strong[0, 1:] = 1e4, -1e4  # confident on 0; huge strong logits
+    weak[1, :], weak[1, 2] = -1e4, 1e4     # confident on 2 ...
+    strong[1, :20], strong[1, 2] = ninf, 0.0  # ... -inf strong logits beside the target
+    weak[2, :17], weak[2, 30] = ninf, 20.0    # -inf weak logits over a whole column block
+    weak[3:6] = 0.0                           # rows 3-5: unconfident
+    strong[3, :] = ninf                       # masked (trusted -1): its CE would be NaN
+    strong[4, 0] = ninf                       # masked, target 0 (argmax of a flat row): CE inf
+    strong[5, :], strong[5, 7] = 1e4, -1e4    # kept by trusted label 7: CE about 2e4
+    trusted = torch.tensor([-1, -1, -1, -1, -1, 7], device=_DEV)
+    for loss in ("ce", "sce"):
+        kern, ref = _pl_both(weak, strong, 0.99, trusted, loss, max_block_c=max_block_c)
+        assert kern[1].tolist() == [1, 1, 1, 0, 0, 1]
+        assert not kern[3][3:5].any()
+        # the reference's log_softmax backward is NaN on the all -inf row 3 although it is masked
+        # (0 * NaN); the kernel gives the 0 a masked row must get
+        assert ref[3][3].isnan().all()
+        ref[3][3] = 0.0
+        _assert_pl_match(kern, ref)
+
+
+@_needs_triton
+@pytest.mark.parametrize("max_block_c", [2048, 16])
+def test_pl_loss_kernel_non_contiguous_inputs(max_block_c):
+    B, C = 12, 37
+    weak = _logits(B, 2 * C)[:, ::2]             # column stride 2
+    strong = _logits(C, B, seed=1).t()           # transposed: row stride 1
+    trusted = _trusted(2 * B, C)[::2]            # strided labels
+    assert not weak.is_contiguous() and not strong.is_contiguous()
+    kern, ref = _pl_both(weak, strong, _split_tau(weak), trusted, "sce",
+                         max_block_c=max_block_c)
+    _assert_pl_match(kern, ref)
+
+
+@_needs_triton
+def test_pl_loss_kernel_grad_output_scaling_and_no_grad():
+    weak, strong = _logits(10, 10), _logits(10, 10, seed=1).requires_grad_()
+    l, _, _ = kernels._masked_pseudo_label_loss_triton(weak, strong, 0.6)
+    (g3,) = torch.autograd.grad(3.0 * l, strong)
+    (_, _, _, g), _ = _pl_both(weak, strong, 0.6)
+    torch.testing.assert_close(g3, 3 * g)
+    with torch.no_grad():  # no gradient buffer written; same values
+        l2, m2, y2 = kernels._masked_pseudo_label_loss_triton(weak, strong, 0.6)
+    lr, mr, yr = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.6)
+    torch.testing.assert_close(l2, lr.detach())
+    assert torch.equal(m2, mr) and torch.equal(y2, yr)
+
+
+def _dec_run(f, z, mu, alpha=1.0, **kw):
+    """(q, d<q,g>/dz, d<q,g>/dmu) of f for a fixed random upstream gradient g."""
+    g = torch.randn(z.shape[0], mu.shape[0], generator=torch.Generator().manual_seed(7))
+    zz, mm = z.detach().clone().requires_grad_(), mu.detach().clone().requires_grad_()
+    q = f(zz, mm, alpha, **kw)
+    return (q.detach(), *torch.autograd.grad(q, (zz, mm), g.to(q)))
+
+
+def _dec_both(z, mu, alpha=1.0, **kw):
+    return (_dec_run(kernels._dec_soft_assign_triton, z, mu, alpha, **kw),
+            _dec_run(kernels.dec_soft_assign_torch, z, mu, alpha))
+
+
+def test_dec_reference_gradcheck():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    mu = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    for alpha in (1.0, 2.5):
+        assert torch.autograd.gradcheck(lambda a, b: kernels.dec_soft_assign_torch(a, b, alpha),
+                                        (z, mu))
+
+
+@_needs_triton
+@pytest.mark.parametrize("N,K,D,max_block_k", [
+    (1, 2, 3, 128), (64, 10, 16, 128), (100, 37, 70, 128),
+    (90, 37, 70, 16),  # K over several tiles: unnormalised write, then rescale
+    (50, 200, 33, 128), (20, 1000, 40, 128),  # K wider than the real tile limit
+])
+@pytest.mark.parametrize("alpha", [1.0, 2.5])
+def test_dec_kernel_matches_reference(N, K, D, max_block_k, alpha):
+    gen = torch.Generator().manual_seed(N + K + D)
+    z = torch.randn(N, D, generator=gen).to(_DEV)
+    mu = torch.randn(K, D, generator=gen).to(_DEV)
+    (q, gz, gm), (qr, gzr, gmr) = _dec_both(z, mu, alpha, max_block_k=max_block_k)
+    torch.testing.assert_close(q.sum(1), torch.ones(N, device=_DEV))
+    torch.testing.assert_close(q, qr, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gz, gzr, atol=1e-6 * gzr.abs().max().item(), rtol=1e-5)
+    torch.testing.assert_close(gm, gmr, atol=1e-6 * gmr.abs().max().item(), rtol=1e-5)
+
+
+@_needs_triton
+def test_dec_kernel_non_contiguous_large_offsets_and_points_on_centroids():
+    gen = torch.Generator().manual_seed(1)
+    # far from the origin, d2 = |z|^2 + |mu|^2 - 2 z.mu is a difference of large numbers
+    z = (50 + torch.randn(40, 60, generator=gen)).to(_DEV)[:, ::2]  # column stride 2
+    mu = (50 + torch.randn(5, 30, generator=gen)).to(_DEV)
+    z[:5] = mu  # points on the centroids: d2 ~ 0, clamped where rounding makes it negative
+    assert not z.is_contiguous()
+    kern, ref = _dec_both(z, mu)
+    truth = _dec_run(kernels.dec_soft_assign_torch, z.double(), mu.double())
+    assert not any(torch.isnan(t).any() for t in kern)
+    # fp32 cancellation costs both paths accuracy here: the kernel must be as accurate as the
+    # fp32 reference, measured against the float64 reference
+    for k, r, t in zip(kern, ref, truth):
+        assert (k.double() - t).abs().max() <= 2 * (r.double() - t).abs().max() + 1e-7
+
+
+@_needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dec_kernel_low_precision(dtype):
+    gen = torch.Generator().manual_seed(2)
+    z, mu = torch.randn(70, 20, generator=gen), torch.randn(12, 20, generator=gen)
+    z, mu = z.to(dtype).to(_DEV), mu.to(dtype).to(_DEV)
+    (q, gz, gm), (qr, gzr, gmr) = _dec_both(z.float(), mu.float())  # fp32 on rounded inputs
+    (qk, gzk, gmk), _ = _dec_both(z, mu)
+    assert qk.dtype == gzk.dtype == gmk.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(qk.float(), qr, atol=4 * eps, rtol=4 * eps)
+    torch.testing.assert_close(gzk.float(), gzr, atol=4 * eps * gzr.abs().max().item(),
+                               rtol=4 * eps)
+    torch.testing.assert_close(gmk.float(), gmr, atol=4 * eps * gmr.abs().max().item(),
+                               rtol=4 * eps)
+
+
+@_needs_triton
+def test_dec_kernel_grad_for_z_only():
+    z = torch.randn(30, 8, device=_DEV, requires_grad=True)
+    mu = torch.randn(4, 8, device=_DEV)
+    q = kernels._dec_soft_assign_triton(z, mu)
+    (gz,) = torch.autograd.grad(q[:, 0].sum(), z)
+    (gzr,) = torch.autograd.grad(kernels.dec_soft_assign_torch(z, mu)[:, 0].sum(), z)
+    torch.testing.assert_close(gz, gzr, atol=1e-7, rtol=1e-5)
+
+
+def test_dispatch_cpu_and_kill_switch(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("Triton path taken")
+    monkeypatch.setattr(kernels, "_masked_pseudo_label_loss_triton", boom)
+    monkeypatch.setattr(kernels, "_dec_soft_assign_triton", boom)
+    weak, strong, trusted = _logits(8, 5).cpu(), _logits(8, 5, seed=1).cpu(), _trusted(8, 5).cpu()
+    got = kernels.masked_pseudo_label_loss(weak, strong, 0.6, trusted, "sce")
+    want = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.6, trusted, "sce")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    z, mu = torch.randn(9, 4), torch.randn(3, 4)
+    assert torch.equal(kernels.dec_soft_assign(z, mu, 2.0),
+                       kernels.dec_soft_assign_torch(z, mu, 2.0))
+    with pytest.raises(ValueError):
+        kernels.masked_pseudo_label_loss(weak, strong, 0.6, loss="mse")
+    # CUDA tensors take the Triton path unless KDFM_NO_TRITON=1
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv("KDFM_NO_TRITON", raising=False)
+    assert kernels._use_triton(cuda_like) == kernels._HAS_TRITON
+    assert not kernels._use_triton(types.SimpleNamespace(is_cuda=False))
+    monkeypatch.setenv("KDFM_NO_TRITON", "1")
+    assert not kernels._use_triton(cuda_like)
+# ---- end of kernels.py tests

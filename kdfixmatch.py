@@ -38,10 +38,9 @@ def die(msg):
 
 # =============================================================================================
 # Hyper-parameters: every default in one block, with the paper's symbol
-DATASETS = ("digits", "cifar10", "cifar100", "svhn", "food101", "folder")
 # per-dataset defaults: (labels, arch, steps K per SNN, batch B, eval-every)
 DATASET_DEFAULTS = {
-    "digits":   (50, "small_cnn", 800, 32, 100),
+    "digits":   (50, "small_cnn", 500, 32, 100),
     "cifar10":  (4000, "wrn28_2", 2 ** 20, 64, 1024),
     "cifar100": (4000, "wrn28_2", 2 ** 20, 64, 1024),
     "svhn":     (4000, "wrn28_2", 2 ** 20, 64, 1024),
@@ -54,11 +53,11 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--method", default="kdfixmatch", choices=["supervised", "fixmatch", "kdfixmatch"],
+    a("--method", default="kdfixmatch", choices=["supervised", "fixmatch", "kdfixmatch", "suave"],
       help="supervised = labeled data only (the floor); fixmatch = the outer SNN alone (baseline); "
-           "kdfixmatch = outer -> select_confident -> dec_cluster -> inner")
+           "kdfixmatch = outer -> select_confident -> dec_cluster -> inner; suave = Suave")
     # data
-    a("--dataset", default="digits", choices=DATASETS, help="digits is scikit-learn's (offline)")
+    a("--dataset", default="digits", choices=list(DATASET_DEFAULTS), help="digits is scikit-learn's (offline)")
     a("--data-dir", default="data", help="torchvision root, or the ImageFolder root with train/ test/")
     a("--labels", type=int, help="labeled examples, class-balanced [digits 50, else 4000]")
     a("--image-size", type=int, help="resize images once at load [native; food101 128]")
@@ -69,7 +68,7 @@ def get_args(argv=None):
     a("--pretrained", action="store_true", help="ImageNet weights for efficientnet_b0 (the paper)")
     a("--weights", help="a local efficientnet_b0 ImageNet state_dict file (offline --pretrained)")
     # FixMatch (Sohn et al. 2020) = the outer SNN, and the inner SNN's recipe
-    a("--steps", type=int, help="K, optimizer steps per SNN [paper 2^20; digits 800]")
+    a("--steps", type=int, help="K, optimizer steps per SNN [paper 2^20; digits 500]")
     a("--batch-size", type=int, help="B, labeled images per step [64; digits 32]")
     a("--mu", type=int, default=7, help="mu, unlabeled images per labeled image")
     a("--tau", type=float, default=0.95, help="tau, pseudo-label confidence threshold (outer SNN)")
@@ -91,6 +90,13 @@ def get_args(argv=None):
     a("--dec-lr", type=float, default=0.01, help="DEC centroid SGD learning rate (momentum 0.9)")
     a("--dec-batch", type=int, default=256, help="DEC batch size")
     a("--kmeans-init", type=int, default=20, help="k-means restarts initialising DEC")
+    # Suave (Fini et al. 2023; defaults from its code)
+    a("--suave-temperature", type=float, default=0.1, help="temperature of the cosine scores")
+    a("--sinkhorn-eps", type=float, default=0.05, help="Sinkhorn-Knopp epsilon")
+    a("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
+    a("--label-smoothing", type=float, default=0.01, help="on the labeled term")
+    a("--suave-hidden", type=int, default=2048, help="projector hidden units")
+    a("--suave-dim", type=int, default=128, help="projector output (prototype) dimension")
     a("--outer-from", help="reuse the outer SNN of a finished fixmatch/kdfixmatch run in this dir")
     # run
     a("--seed", type=int, default=0, help="draws the labeled split, init and augmentation")
@@ -265,17 +271,16 @@ def _collate(idx, images, labels, flip, strong):
     return weak, torch.stack([augment(images[i], flip, strong=True) for i in idx]), labels[idx], idx
 
 
-def batches(images, labels, indices, batch, steps, seed, flip, strong, workers):
-    """An iterator of `steps` batches drawn from `indices` in reshuffled epochs (seeded by `seed`,
-    so a resumed run continues with fresh but reproducible draws)."""
+def batches(data, indices, batch, steps, seed, strong, workers):
+    """An iterator of `steps` augmented batches drawn from `indices` in reshuffled epochs, seeded by
+    `seed` (a resumed run continues with fresh but reproducible draws)."""
     g = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.RandomSampler(indices.tolist(), num_samples=steps * batch, generator=g)
-    loader = torch.utils.data.DataLoader(
+    return iter(torch.utils.data.DataLoader(
         indices.tolist(), batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
-        collate_fn=partial(_collate, images=images, labels=labels, flip=flip, strong=strong),
-        generator=g, persistent_workers=False, prefetch_factor=4 if workers else None,
-        pin_memory=torch.cuda.is_available())
-    return iter(loader)
+        collate_fn=partial(_collate, images=data["train_x"], labels=data["train_y"],
+                           flip=data["flip"], strong=strong),
+        generator=g, prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available()))
 
 
 # =============================================================================================
@@ -430,54 +435,108 @@ def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0, reduction="mean"):
 
 
 # =============================================================================================
+# Suave (Fini et al. 2023): cluster prototypes = class prototypes, one cross-entropy for all
+class Prototypes(nn.Linear):
+    """Bias-free layer of L2-normalised prototypes over L2-normalised features: cosine scores."""
+    def forward(self, x):
+        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+
+
+def suave_head(in_dim, classes, hidden=2048, dim=128):
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, dim), Prototypes(dim, classes, bias=False))
+
+
+@torch.no_grad()
+def sinkhorn(scores, eps=0.05, iters=3):
+    """SwAV's Sinkhorn-Knopp: (B, K) cosine scores -> soft assignments whose rows sum to 1 and
+    whose columns (prototypes) share the batch equally."""
+    q = torch.exp((scores - scores.max()) / eps).T    # K x B; the shift cancels in the normalising
+    q /= q.sum()
+    K, B = q.shape
+    for _ in range(iters):
+        q /= K * q.sum(1, keepdim=True)               # each prototype gets mass 1/K
+        q /= B * q.sum(0, keepdim=True)               # each sample gets mass 1/B
+    return (q * B).T
+
+
+def suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, eps=0.05, iters=3, smoothing=0.01):
+    """Labeled: CE(label, smoothed). Unlabeled: each view predicts the Sinkhorn assignment of the
+    other (swapped prediction, no gradient through targets). Terms weighted by batch share."""
+    B, U = len(x_l), len(x_1)
+    scores = model(torch.cat([x_l, x_1, x_2])).float()           # cosine scores in [-1, 1]
+    s_l, s_1, s_2 = scores[:B], *scores[B:].chunk(2)
+    t_1, t_2 = sinkhorn(s_1.detach(), eps, iters), sinkhorn(s_2.detach(), eps, iters)
+    swap = lambda t, s: -(t * (s / temperature).log_softmax(1)).sum(1).mean()
+    loss_u = (swap(t_1, s_2) + swap(t_2, s_1)) / 2
+    loss_l = F.cross_entropy(s_l / temperature, y_l, label_smoothing=smoothing)
+    loss = (B * loss_l + U * loss_u) / (B + U)
+    return loss, dict(loss_u=loss_u.detach(), mask=torch.ones(U, device=scores.device),
+                      pseudo=t_1.argmax(1))
+
+
+# =============================================================================================
 # Training one siamese network (outer, inner, or the supervised floor)
-def train_snn(args, data, stage, split, trusted=None):
-    """One FixMatch run of K steps. stage: "outer" | "inner" | "supervised". With `trusted` (an int
-    tensor over the training set, -1 = untrusted) it is the inner SNN. Returns (ema_model, summary).
-    Resumes from out/ckpt_<stage>.pt; a finished stage is read back from out/<stage>.pt."""
-    final = os.path.join(args.out, f"{stage}.pt")
-    if os.path.exists(final):
-        return _load_final(args, data, final)
-    dev, K = args.dev, args.steps
-    seed = args.seed * 1000 + ["outer", "inner", "supervised"].index(stage)
-    torch.manual_seed(seed)
-    model = build_model(args.arch, data["train_x"].shape[1], data["classes"], args.pretrained,
-                        args.weights).to(dev, memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay = [p for p in model.parameters() if p.ndim > 1]        # conv/linear weights only
+def make_model(args, data, suave=False, imagenet=True):
+    model = build_model(args.arch, data["train_x"].shape[1], data["classes"],
+                        imagenet and args.pretrained, args.weights if imagenet else None)
+    if suave:                                         # projector + cosine prototypes (Suave)
+        model.head = suave_head(model.head.in_features, data["classes"], args.suave_hidden,
+                                args.suave_dim)
+    return model.to(args.dev, memory_format=torch.channels_last)
+
+
+def make_optimizer(model, args):
+    """SGD with Nesterov momentum; weight decay on conv/linear weights only; lr * cos(7 pi k/16K)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([dict(params=decay, weight_decay=args.wd), dict(params=rest, weight_decay=0)],
                           lr=args.lr, momentum=args.momentum, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * K)))
+    K = args.steps
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * K)))
+
+
+def to_input(x, args):
+    """uint8 images -> normalised float on the device, channels_last."""
+    x = (x.to(args.dev, non_blocking=True).float() / 255 - args.mean) / args.std
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+STAGES = ("outer", "inner", "supervised", "suave")
+
+
+def train_snn(args, data, stage, split, trusted=None):
+    """One siamese-network run of K steps; stage is one of STAGES. With `trusted` (int over the
+    training set, -1 = untrusted) it is KD-FixMatch's inner SNN. Returns (ema_model, summary).
+    Resumes from out/ckpt_<stage>.pt; a finished stage is read back from out/<stage>.pt."""
+    final, ckpt = (os.path.join(args.out, f) for f in (f"{stage}.pt", f"ckpt_{stage}.pt"))
+    if os.path.exists(final):
+        return _load_final(args, data, final, stage)
+    K, seed = args.steps, args.seed * 1000 + STAGES.index(stage)
+    torch.manual_seed(seed)
+    model = make_model(args, data, stage == "suave")
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt, sched = make_optimizer(model, args)
     st = dict(step=0, evals=[], train_s=0.0, images=0, pl_hit=0, pl_n=0)
-    ckpt = os.path.join(args.out, f"ckpt_{stage}.pt")
     if os.path.exists(ckpt):
         st = _restore(ckpt, model, ema, opt, sched)
+    trim_metrics(args, stage, st["step"])
     fwd = torch.compile(model) if args.compile else model
     unl = stage != "supervised"
-    lab_workers = min(1, args.workers - 1) if unl else args.workers   # the rest make strong views
-    lab = batches(data["train_x"], data["train_y"], split, args.batch_size, K - st["step"],
-                  seed + 7 * st["step"], data["flip"], False, lab_workers)
-    if unl:
-        ulb = batches(data["train_x"], data["train_y"], torch.arange(len(data["train_y"])),
-                      args.mu * args.batch_size, K - st["step"], seed + 7 * st["step"] + 1,
-                      data["flip"], True, args.workers - lab_workers)
-    to_in = lambda x: ((x.to(dev, non_blocking=True).float() / 255 - args.mean) / args.std
-                       ).contiguous(memory_format=torch.channels_last)
+    lab_workers = min(1, max(0, args.workers - 1)) if unl else args.workers  # rest: strong views
+    lab = batches(data, split, args.batch_size, K - st["step"], seed + 7 * st["step"], False,
+                  lab_workers)
+    ulb = unl and batches(data, torch.arange(len(data["train_y"])), args.mu * args.batch_size,
+                          K - st["step"], seed + 7 * st["step"] + 1, True, args.workers - lab_workers)
     bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
                mininterval=0.5)
     for step in bar:
         t0 = time.time()
         x_l, y_l, _ = next(lab)
-        kw = dict(tau=args.tau)
-        if unl:
-            x_w, x_s, y_u, idx = next(ulb)
-            kw = dict(x_w=to_in(x_w), x_s=to_in(x_s), tau=args.tau, lambda_u=args.lambda_u)
-            if trusted is not None:
-                kw.update(trusted=trusted[idx].to(dev), tau=args.tau_inner, loss=args.loss,
-                          alpha=args.sce_alpha, beta=args.sce_beta, A=args.sce_A)
-        with torch.autocast(dev.type, torch.bfloat16, enabled=args.bf16):
-            loss, s = fixmatch_step(fwd, to_in(x_l), y_l.to(dev), **kw)
+        x_w, x_s, y_u, idx = next(ulb) if unl else (None,) * 4
+        with torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
+            loss, s = update_loss(args, fwd, stage, x_l, y_l, x_w, x_s,
+                                  None if trusted is None else trusted[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -487,34 +546,44 @@ def train_snn(args, data, stage, split, trusted=None):
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
             for b_ema, b in zip(ema.buffers(), model.buffers()):
                 b_ema.copy_(b)
-        post = dict(loss=f"{loss.item():.3f}", lr=f"{sched.get_last_lr()[0]:.4f}")
+        row = dict(loss=loss.item(), lr=sched.get_last_lr()[0])
         if unl:                                       # precision of the pseudo labels used
             used = s["mask"].bool().cpu()
             st["pl_hit"] += int((s["pseudo"].cpu()[used] == y_u[used]).sum())
             st["pl_n"] += int(used.sum())
-            post.update(mask=f"{s['mask'].mean().item():.2f}",
-                        pl_acc=f"{st['pl_hit'] / max(1, st['pl_n']):.3f}")
+            row.update(mask=s["mask"].mean().item(), pl_precision=st["pl_hit"] / max(1, st["pl_n"]))
         st["train_s"] += time.time() - t0
         st["images"] += len(x_l) + (2 * len(x_w) if unl else 0)
         st["step"] = step + 1
         if st["step"] % args.eval_every == 0 or st["step"] == K:
-            acc = evaluate(ema, data["test_x"], data["test_y"], args)
-            st["evals"].append(acc)
-            log_metrics(args, dict(stage=stage, step=st["step"], test_acc=acc, loss=loss.item(),
-                                   mask=s["mask"].mean().item() if unl else None,
-                                   pl_precision=st["pl_hit"] / max(1, st["pl_n"]) if unl else None,
-                                   lr=sched.get_last_lr()[0]))
-            _save(ckpt, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+            st["evals"].append(evaluate(ema, data["test_x"], data["test_y"], args))
+            log_metrics(args, dict(stage=stage, step=st["step"], test_acc=st["evals"][-1], **row))
+            save(ckpt, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                              sched=sched.state_dict(), st=st, rng=_rng_state()))
-        post["test"] = f"{st['evals'][-1]:.3f}" if st["evals"] else "-"
-        bar.set_postfix(post)
+        bar.set_postfix({k: f"{v:.4f}" if k == "lr" else f"{v:.3f}" for k, v in row.items()},
+                        test=f"{st['evals'][-1]:.3f}" if st["evals"] else "-")
     bar.close()
     summary = dict(test_acc=st["evals"][-1], test_acc_median20=float(np.median(st["evals"][-20:])),
                    train_s=st["train_s"], images_per_s=st["images"] / max(st["train_s"], 1e-9),
                    pseudo_label_precision=st["pl_hit"] / st["pl_n"] if st["pl_n"] else None)
-    _save(final, dict(ema=ema.state_dict(), summary=summary, args=vars_of(args)))
+    save(final, dict(ema=ema.state_dict(), summary=summary, args=vars_of(args)))
     os.remove(ckpt)
     return ema, summary
+
+
+def update_loss(args, model, stage, x_l, y_l, x_w, x_s, trusted):
+    """The loss of one update for this stage, with the stage's hyper-parameters."""
+    x_l, y_l = to_input(x_l, args), y_l.to(args.dev)
+    if stage == "supervised":
+        return fixmatch_step(model, x_l, y_l)
+    x_w, x_s = to_input(x_w, args), to_input(x_s, args)
+    if stage == "suave":
+        return suave_step(model, x_l, y_l, x_w, x_s, args.suave_temperature, args.sinkhorn_eps,
+                          args.sinkhorn_iters, args.label_smoothing)
+    if trusted is None:                               # FixMatch = the outer SNN
+        return fixmatch_step(model, x_l, y_l, x_w, x_s, args.tau, args.lambda_u)
+    return fixmatch_step(model, x_l, y_l, x_w, x_s, args.tau_inner, args.lambda_u,
+                         trusted.to(args.dev), args.loss, args.sce_alpha, args.sce_beta, args.sce_A)
 
 
 def evaluate(model, x, y, args, features=False):
@@ -523,9 +592,7 @@ def evaluate(model, x, y, args, features=False):
     outs, feats = [], []
     with torch.no_grad(), torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
         for i in range(0, len(x), 1024):
-            xb = ((x[i:i + 1024].to(args.dev).float() / 255 - args.mean) / args.std
-                  ).contiguous(memory_format=torch.channels_last)
-            f = model.body(xb)
+            f = model.body(to_input(x[i:i + 1024], args))
             outs.append(model.head(f).float().cpu())
             feats.append(f.float().cpu())
     logits = torch.cat(outs)
@@ -536,22 +603,29 @@ def evaluate(model, x, y, args, features=False):
 
 # =============================================================================================
 # Bookkeeping: atomic writes, checkpoints, metrics
-def _save(path, obj):
+def save(path, obj):
+    """Atomic write (temp file, then rename): a kill never leaves half a file. .pt via torch.save,
+    anything else as text (str) or JSON."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)                             # atomic: a kill never leaves half a file
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+    if path.endswith(".pt"):
+        torch.save(obj, tmp)
+    else:
+        with open(tmp, "w") as f:
+            f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2))
     os.replace(tmp, path)
 
 
 def log_metrics(args, row):
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def trim_metrics(args, stage, step):
+    """A stage (re)starting at `step` drops the rows it logged after its last checkpoint."""
+    path = os.path.join(args.out, "metrics.jsonl")
+    if os.path.exists(path):
+        rows = [r for r in map(json.loads, open(path)) if r["stage"] != stage or r["step"] <= step]
+        save(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def vars_of(args):
@@ -574,11 +648,11 @@ def _restore(path, model, ema, opt, sched):
     return c["st"]
 
 
-def _load_final(args, data, path):
+def _load_final(args, data, path, stage):
     c = torch.load(path, map_location="cpu", weights_only=False)
-    ema = build_model(args.arch, data["train_x"].shape[1], data["classes"])
+    ema = make_model(args, data, stage == "suave", imagenet=False)
     ema.load_state_dict(c["ema"])
-    return ema.to(args.dev, memory_format=torch.channels_last).eval(), c["summary"]
+    return ema.eval(), c["summary"]
 
 
 def prepare_out(args, data):
@@ -605,32 +679,18 @@ def prepare_out(args, data):
     else:
         split = labeled_split(data["train_y"], args.labels, data["classes"], args.seed)
     if not os.path.exists(path):
-        write_json(path, dict(dataset=args.dataset, labels=args.labels, seed=args.seed,
+        save(path, dict(dataset=args.dataset, labels=args.labels, seed=args.seed,
                               arch=args.arch, labeled=split.tolist()))
-    if args.resume:                                   # drop metrics logged after the checkpoint
-        _trim_metrics(args)
-    write_json(os.path.join(args.out, "config.json"), vars_of(args))
+    old = os.path.join(args.out, "config.json")
+    if args.resume and os.path.exists(old):           # a resumed run keeps its schedule
+        for key, v in json.load(open(old)).items():
+            if key in ("method", "steps", "batch_size", "mu", "loss") and v != getattr(args, key):
+                die(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} differs from {v} "
+                    f"in {old}; resume with the original flags")
+    save(os.path.join(args.out, "config.json"), vars_of(args))
     for f in (__file__, kernels.__file__):            # the code beside its results
         shutil.copy(f, os.path.join(args.out, os.path.basename(f)))
     return split
-
-
-def _trim_metrics(args):
-    path = os.path.join(args.out, "metrics.jsonl")
-    if not os.path.exists(path):
-        return
-    done = {}
-    for stage in ("outer", "inner", "supervised"):
-        if os.path.exists(os.path.join(args.out, f"{stage}.pt")):
-            done[stage] = float("inf")
-        elif os.path.exists(os.path.join(args.out, f"ckpt_{stage}.pt")):
-            done[stage] = torch.load(os.path.join(args.out, f"ckpt_{stage}.pt"),
-                                     weights_only=False)["st"]["step"]
-    rows = [r for r in map(json.loads, open(path)) if r["step"] <= done.get(r["stage"], 0)]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
 
 
 # =============================================================================================
@@ -658,7 +718,7 @@ def trusted_subset(args, data, outer):
         confident_size=len(idx), confident_precision=prec(idx, labels),
         trusted_size=int(keep.sum()), trusted_precision=prec(idx[keep], labels[keep]),
         dec_iters=info["iters"]))
-    _save(path, out)
+    save(path, out)
     return out
 
 
@@ -679,12 +739,13 @@ def main(argv=None):
     res = dict(method=args.method, dataset=args.dataset, labels=args.labels, seed=args.seed,
                arch=args.arch, steps=args.steps, device=str(args.dev),
                versions=dict(torch=torch.__version__, torchvision=torchvision.__version__))
-    if args.method == "supervised":
-        _, res["supervised"] = train_snn(args, data, "supervised", split)
-        final = res["supervised"]
+    if args.method in ("supervised", "suave"):
+        _, res[args.method] = train_snn(args, data, args.method, split)
+        final = res[args.method]
     else:
         if args.outer_from:                           # reuse a finished FixMatch run's outer SNN
-            outer, res["outer"] = _load_final(args, data, os.path.join(args.outer_from, "outer.pt"))
+            outer, res["outer"] = _load_final(args, data, os.path.join(args.outer_from, "outer.pt"),
+                                              "outer")
         else:
             outer, res["outer"] = train_snn(args, data, "outer", split)
         final = res["outer"]
@@ -695,7 +756,7 @@ def main(argv=None):
             final = res["inner"]
     res.update(test_acc=final["test_acc"], test_acc_median20=final["test_acc_median20"],
                wall_s=time.time() - t0, config=vars_of(args))
-    write_json(os.path.join(args.out, "results.json"), res)
+    save(os.path.join(args.out, "results.json"), res)
     report(res)
     return res
 
@@ -703,22 +764,18 @@ def main(argv=None):
 def report(res):
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
     print(f"\n{res['method']} on {res['dataset']} ({res['labels']} labels, {res['arch']}, "
-          f"{res['steps']} steps/SNN, seed {res['seed']}):")
+          f"{res['steps']} steps/SNN, seed {res['seed']}), wall time {res['wall_s']:.0f} s:")
     for stage, name in (("supervised", "supervised floor"), ("outer", "FixMatch (outer SNN)"),
-                        ("inner", "KD-FixMatch (inner SNN)")):
+                        ("inner", "KD-FixMatch (inner SNN)"), ("suave", "Suave")):
         if stage in res:
-            r = res[stage]
-            print(f"  {name:24s} test acc {pct(r['test_acc'])} (median of last 20 evals "
-                  f"{pct(r['test_acc_median20'])}), {r['images_per_s']:.0f} img/s")
-    if "trusted" in res:
-        t = res["trusted"]
-        print(f"  outer pseudo labels on all {t['unlabeled']} unlabeled: precision "
-              f"{pct(t['outer_pseudo_label_precision'])}\n"
-              f"  confident (>= tau_select): {t['confident_size']}, precision "
-              f"{pct(t['confident_precision'])}\n"
-              f"  trusted subset (after DEC): {t['trusted_size']}, precision "
-              f"{pct(t['trusted_precision'])}")
-    print(f"  wall time {res['wall_s']:.0f} s")
+            print(f"  {name:24s} test acc {pct(res[stage]['test_acc'])} (median of last 20 evals "
+                  f"{pct(res[stage]['test_acc_median20'])}), {res[stage]['images_per_s']:.0f} img/s")
+    t = res.get("trusted")
+    if t:
+        print(f"  outer pseudo labels, all {t['unlabeled']} unlabeled: precision "
+              f"{pct(t['outer_pseudo_label_precision'])}\n  confident (>= tau_select): "
+              f"{t['confident_size']}, precision {pct(t['confident_precision'])}\n  trusted subset "
+              f"(after DEC): {t['trusted_size']}, precision {pct(t['trusted_precision'])}")
 
 
 if __name__ == "__main__":

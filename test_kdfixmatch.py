@@ -9,6 +9,381 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# ---- kdfixmatch.py: each step against its definition, bad input, resume, learning on real data
+import json  # noqa: E402
+import math  # noqa: E402
+import pickle  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+
+import kdfixmatch as kd  # noqa: E402
+import kernels  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CIFAR_JPEG = HERE.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+
+
+def run_cli(*argv, timeout=600):
+    return subprocess.run([sys.executable, str(HERE / "kdfixmatch.py"), *argv], capture_output=True,
+                          text=True, timeout=timeout, cwd=HERE)
+
+
+def test_sce_loss_matches_hand_computed_values():
+    logits = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]])   # p = (.25,.75), (.75,.25)
+    target = torch.tensor([1, 1])
+    ce = torch.tensor([-math.log(0.75), -math.log(0.25)])
+    rce = 4.0 * torch.tensor([0.25, 0.75])                       # -A * (1 - p_y), A = -4
+    want = 0.1 * ce + 1.0 * rce
+    torch.testing.assert_close(kd.sce_loss(logits, target, reduction="none"), want)
+    torch.testing.assert_close(kd.sce_loss(logits, target), want.mean())
+    torch.testing.assert_close(kd.sce_loss(logits, target, reduction="sum"), want.sum())
+    # alpha=1, beta=0 is plain CE; A = ln 1e-4 is the authors' released-code variant
+    torch.testing.assert_close(kd.sce_loss(logits, target, 1.0, 0.0), F.cross_entropy(logits, target))
+    A = math.log(1e-4)
+    torch.testing.assert_close(kd.sce_loss(logits, target, 6.0, 0.1, A, "none"),
+                               6.0 * ce + 0.1 * -A * torch.tensor([0.25, 0.75]))
+
+
+def test_kernel_reference_sce_agrees_with_sce_loss():
+    g = torch.Generator().manual_seed(0)
+    weak, strong = torch.randn(16, 7, generator=g) * 4, torch.randn(16, 7, generator=g)
+    loss, mask, target = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.5, None, "sce",
+                                                               0.3, 2.0, -6.0)
+    rows = kd.sce_loss(strong, target, 0.3, 2.0, -6.0, "none")
+    torch.testing.assert_close(loss, (rows * mask).sum() / 16)
+
+
+def test_select_confident_threshold_edges():
+    probs = torch.tensor([[0.80, 0.20], [0.7999, 0.2001], [0.1, 0.9], [0.5, 0.5]], dtype=torch.float64)
+    idx, labels = kd.select_confident(probs, 0.80)
+    assert idx.tolist() == [0, 2] and labels.tolist() == [0, 1]     # >= tau_select, not >
+    idx, _ = kd.select_confident(probs, 0.0)
+    assert idx.tolist() == [0, 1, 2, 3]
+    idx, labels = kd.select_confident(probs, 1.0)
+    assert len(idx) == 0 and len(labels) == 0
+
+
+def test_fixmatch_step_mask_mean_over_all_rows_and_no_gradient_through_weak():
+    model = lambda x: x                                  # the "images" are the logits themselves
+    x_l = torch.tensor([[2.0, 0.0, 0.0]], requires_grad=True)
+    y_l = torch.tensor([0])
+    x_w = torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 9.0], [0.3, 0.0, 0.0]],
+                       requires_grad=True)            # rows 0 and 2 are confident (> 0.95)
+    x_s = torch.randn(4, 3, requires_grad=True)
+    loss, s = kd.fixmatch_step(model, x_l, y_l, x_w, x_s, tau=0.95, lambda_u=2.0)
+    assert s["mask"].tolist() == [1.0, 0.0, 1.0, 0.0]
+    ce_s = F.cross_entropy(x_s.detach(), torch.tensor([0, 1, 2, 0]), reduction="none")
+    want_u = (ce_s[0] + ce_s[2]) / 4                     # averaged over all mu*B rows, not the kept 2
+    want = F.cross_entropy(x_l.detach(), y_l) + 2.0 * want_u
+    torch.testing.assert_close(loss.detach(), want)
+    loss.backward()
+    assert torch.count_nonzero(x_w.grad) == 0            # pseudo labels carry no gradient
+    g = (x_s.detach().softmax(1) - F.one_hot(torch.tensor([0, 1, 2, 0]), 3)) * 2.0 / 4
+    torch.testing.assert_close(x_s.grad, g * torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
+
+
+def test_fixmatch_step_is_one_forward_pass_over_all_views():
+    calls = []
+    model = lambda x: calls.append(len(x)) or x
+    kd.fixmatch_step(model, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long),
+                     torch.zeros(6, 3), torch.zeros(6, 3))
+    assert calls == [14]                                 # shared BatchNorm statistics
+
+
+def test_heuristic_1_three_cases():
+    weak = torch.tensor([[0.0, 0.0, 20.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 30.0, 0.0]])
+    strong = torch.randn(4, 3)
+    trusted = torch.tensor([1, 1, -1, -1])
+    loss, mask, target = kernels.masked_pseudo_label_loss(weak, strong, 0.95, trusted)
+    # 1. inner confident (rows 0, 3): its own label wins, trusted or not
+    # 2. not confident but trusted (row 1): the outer label; 3. neither (row 2): masked
+    assert mask.tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert [target[i].item() for i in (0, 1, 3)] == [2, 1, 1]
+    ce = F.cross_entropy(strong, target, reduction="none")
+    torch.testing.assert_close(loss, (ce[0] + ce[1] + ce[3]) / 4)
+    _, s = kd.fixmatch_step(lambda x: x, torch.zeros(1, 3), torch.zeros(1).long(), weak, strong,
+                            tau=0.95, trusted=trusted)          # and so does the training step
+    assert s["mask"].tolist() == mask.tolist() and torch.equal(s["pseudo"], target)
+
+
+def test_sinkhorn_rows_sum_to_one_and_balances_a_skewed_batch():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(256, 10, generator=g) * 0.2
+    scores[:, 0] += 0.5                                  # every sample prefers prototype 0
+    q = kd.sinkhorn(scores, eps=0.05, iters=3)
+    torch.testing.assert_close(q.sum(1), torch.ones(256))
+    skew = (scores / 0.05).softmax(1).sum(0)             # plain softmax: prototype 0 takes it all
+    assert skew[0] > 200
+    assert (q.sum(0) - 25.6).abs().max() < 0.05 * 25.6  # equal share per prototype (3 iterations)
+    q50 = kd.sinkhorn(scores, eps=0.05, iters=50)
+    torch.testing.assert_close(q50.sum(0), torch.full((10,), 25.6), rtol=1e-4, atol=1e-3)
+
+
+def test_suave_step_swapped_prediction_has_no_gradient_through_targets():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), kd.Prototypes(8, 3, bias=False))
+    x_l, y_l = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    x_1, x_2 = torch.randn(12, 6), torch.randn(12, 6)
+    loss, s = kd.suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, smoothing=0.01)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    # the same loss with the targets computed beforehand as constants
+    model.zero_grad()
+    scores = model(torch.cat([x_l, x_1, x_2]))
+    s_l, s_1, s_2 = scores[:4], scores[4:16], scores[16:]
+    t_1, t_2 = kd.sinkhorn(s_1.detach()), kd.sinkhorn(s_2.detach())
+    ce = lambda t, sc: -(t * (sc / 0.1).log_softmax(1)).sum(1).mean()
+    loss_u = (ce(t_1, s_2) + ce(t_2, s_1)) / 2
+    loss_l = F.cross_entropy(s_l / 0.1, y_l, label_smoothing=0.01)
+    want = (4 * loss_l + 12 * loss_u) / 16               # weighted by share of the batch
+    torch.testing.assert_close(loss, want)
+    want.backward()
+    for a, b in zip(got, model.parameters()):
+        torch.testing.assert_close(a, b.grad)
+    assert torch.equal(s["pseudo"], t_1.argmax(1))
+    with torch.no_grad():                                # scores are cosines: prototypes unit norm
+        assert float(model(torch.randn(5, 6)).abs().max()) <= 1 + 1e-6
+
+
+def _blobs(n_per=120, k=4, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 6
+    y = torch.arange(k).repeat_interleave(n_per)
+    return centres[y] + torch.randn(len(y), d, generator=g), y
+
+
+def test_dec_cluster_recovers_planted_clusters_and_drops_disagreeing_labels():
+    z, y = _blobs()
+    pseudo = y.clone()
+    flipped = torch.zeros(len(y), dtype=torch.bool)
+    flipped[torch.arange(0, len(y), 12)] = True          # 1 in 12 planted with a wrong label
+    pseudo[flipped] = (y[flipped] + 1) % 4
+    keep, info = kd.dec_cluster(z, pseudo, 4, n_init=5)
+    assert torch.equal(keep, ~flipped)
+    assert sorted(info["cluster_to_class"]) == [0, 1, 2, 3]
+    assert info["moved"] < 0.001 or info["iters"] == 2000
+
+
+def test_dec_cluster_ignores_cluster_numbering():
+    z, y = _blobs(seed=1)
+    perm = torch.tensor([2, 0, 3, 1])                    # pseudo labels are a relabelling of
+    keep, _ = kd.dec_cluster(z, perm[y], 4, n_init=5)    # the clusters: Hungarian undoes it
+    assert bool(keep.all())
+
+
+def test_dec_cluster_with_fewer_candidates_than_classes_keeps_none():
+    keep, _ = kd.dec_cluster(torch.randn(3, 5), torch.tensor([0, 1, 2]), 10)
+    assert keep.tolist() == [False, False, False]
+
+
+def test_augment_shapes_dtype_randomness_and_cutout():
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    views = [kd.augment(img, strong=s) for s in (False, True) for _ in range(4)]
+    for v in views:
+        assert v.shape == img.shape and v.dtype == torch.uint8
+    assert not all(torch.equal(views[4], v) for v in views[5:])       # random draws differ
+    for v in views[4:]:                                  # Cutout is last: a gray box >= a quarter
+        assert int((v == 127).all(0).sum()) >= 8 * 8     # of its 16x16 size even at a corner
+    torch.manual_seed(1)
+    a = kd.augment(img, strong=True)
+    torch.manual_seed(1)
+    assert torch.equal(a, kd.augment(img, strong=True))               # seeded = reproducible
+
+
+def test_weak_view_is_a_translated_copy_without_flip():
+    torch.manual_seed(0)
+    img = torch.arange(64, dtype=torch.uint8).view(1, 8, 8)
+    for _ in range(20):
+        w = kd.augment(img, flip=False)                  # 12.5% of 8 px = 1 px shift at most
+        assert any(torch.equal(w[0, 1:-1, 1:-1], img[0, 1 + dy:7 + dy, 1 + dx:7 + dx])
+                   for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 8, 8)])
+def test_every_randaugment_op_keeps_shape_and_dtype(shape):
+    img = torch.randint(0, 256, shape, dtype=torch.uint8)
+    for name, op in kd.RA_OPS.items():
+        for m, s in ((0.1, 1), (0.9, -1)):
+            out = op(img, m, s)
+            assert out.shape == img.shape and out.dtype == torch.uint8, name
+    assert len(kd.RA_OPS) == 14
+
+
+def test_labeled_split_is_balanced_and_seeded():
+    y = torch.arange(10).repeat(30)
+    a, b, c = (kd.labeled_split(y, 40, 10, s) for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.bincount(y[a], minlength=10).tolist() == [4] * 10
+    assert len(set(a.tolist())) == 40
+
+
+@pytest.mark.parametrize("n, msg", [(45, "not divisible"), (400, "smallest class has 30")])
+def test_labeled_split_bad_counts(n, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        kd.labeled_split(torch.arange(10).repeat(30), n, 10, 0)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+BAD_INPUT = [
+    (["--labels", "55"], "--labels 55 is not divisible"),
+    (["--labels", "5000"], "smallest class has"),
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--tau", "1.5"], "--tau must lie in [0, 1]"),
+    (["--dataset", "folder", "--data-dir", "/nonexistent"], "--dataset folder needs --data-dir"),
+    (["--outer-from", "x", "--method", "fixmatch"], "--outer-from only applies"),
+    (["--resume", "--out", "/nonexistent/kdfm"], "--resume: nothing to resume"),
+] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("argv, needle", BAD_INPUT)
+def test_bad_input_is_one_line_exit_2(argv, needle):
+    r = run_cli(*argv, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_dataset_offline_names_the_path(tmp_path, monkeypatch, capsys):
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
+    monkeypatch.setattr(torchvision.datasets.svhn, "download_url", offline, raising=False)
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    for name in ("svhn", "cifar100"):
+        args = kd.get_args(["--dataset", name, "--data-dir", str(tmp_path)])
+        with pytest.raises(SystemExit) as e:
+            kd.load_dataset(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and str(tmp_path) in err and "download=True" in err, err
+
+
+def test_torchvision_loaders_on_small_fixtures(tmp_path, monkeypatch):
+    """CIFAR-100 and SVHN in their real on-disk formats (integrity hashes patched: the fixtures
+    are not the real files), Food-101 in its folder layout."""
+    import scipy.io
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(torchvision.datasets.SVHN, "_check_integrity", lambda self: True)
+    c = tmp_path / "cifar-100-python"
+    c.mkdir()
+    for split, n in (("train", 30), ("test", 10)):
+        pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                     "fine_labels": list(range(n))}, open(c / split, "wb"))
+    pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, open(c / "meta", "wb"))
+    for split, n in (("train", 20), ("test", 6)):
+        scipy.io.savemat(tmp_path / f"{split}_32x32.mat",
+                         {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                          "y": (np.arange(n) % 10 + 1)[:, None]})      # SVHN labels are 1..10
+    f = tmp_path / "food-101"
+    for split, cls in (("train", ["apple_pie", "waffles"]), ("test", ["apple_pie", "waffles"])):
+        for k in cls:
+            (f / "images" / k).mkdir(parents=True, exist_ok=True)
+    meta = {"apple_pie": ["apple_pie/1", "apple_pie/2"], "waffles": ["waffles/3", "waffles/4"]}
+    (f / "meta").mkdir()
+    json.dump(meta, open(f / "meta" / "train.json", "w"))
+    json.dump({"apple_pie": ["apple_pie/5"], "waffles": ["waffles/6"]}, open(f / "meta" / "test.json", "w"))
+    for k, ids in (("apple_pie", [1, 2, 5]), ("waffles", [3, 4, 6])):
+        for i in ids:
+            Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(
+                f / "images" / k / f"{i}.jpg")
+    for name, n_train, classes, size in (("cifar100", 30, 100, 32), ("svhn", 20, 10, 32),
+                                         ("food101", 4, 2, 24)):
+        argv = ["--dataset", name, "--data-dir", str(tmp_path), "--workers", "0"]
+        d = kd.load_dataset(kd.get_args(argv + (["--image-size", "24"] if name == "food101" else [])))
+        assert d["train_x"].shape == (n_train, 3, size, size) and d["train_x"].dtype == torch.uint8
+        assert d["classes"] == classes and d["flip"] == (name != "svhn")
+        assert int(d["train_y"].min()) >= 0 and int(d["train_y"].max()) < classes
+    assert d["train_y"].tolist() == [0, 0, 1, 1]
+
+
+def _results(out):
+    return json.load(open(Path(out) / "results.json"))
+
+
+def test_killed_run_resumes_every_stage_and_never_redraws_labels(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--labels", "20", "--steps", "40", "--eval-every", "20", "--batch-size", "16",
+            "--mu", "2", "--workers", "0", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, str(HERE / "kdfixmatch.py"), *argv], cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "ckpt_inner.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)                        # killed inside the inner SNN
+    p.wait()
+    assert (out / "outer.pt").exists() and (out / "trusted.pt").exists()
+    assert not (out / "results.json").exists()
+    split = json.load(open(out / "split.json"))["labeled"]
+    r = run_cli(*argv)
+    assert "already holds a run" in r.stderr and r.returncode == 2       # no silent overwrite
+    r = run_cli(*argv, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(out / "split.json"))["labeled"] == split
+    rows = [(m["stage"], m["step"]) for m in map(json.loads, open(out / "metrics.jsonl"))]
+    assert rows == [("outer", 20), ("outer", 40), ("inner", 20), ("inner", 40)]  # no step redone
+    res = _results(out)
+    assert set(res) >= {"outer", "inner", "trusted", "test_acc", "test_acc_median20", "wall_s"}
+    assert res["inner"]["test_acc"] == res["test_acc"]
+    r = run_cli(*argv, "--resume", "--steps", "80")
+    assert r.returncode == 2 and "--steps 80 differs" in r.stderr
+
+
+def test_digits_end_to_end_fixmatch_kdfixmatch_and_suave_beat_the_supervised_floor(tmp_path):
+    common = ["--labels", "20", "--steps", "500", "--eval-every", "100"]
+    runs = {m: run_cli("--method", m, *common, "--out", str(tmp_path / m))
+            for m in ("supervised", "kdfixmatch", "suave")}
+    for m, r in runs.items():
+        assert r.returncode == 0, (m, r.stderr[-2000:])
+    floor, res = _results(tmp_path / "supervised")["test_acc"], _results(tmp_path / "kdfixmatch")
+    fixmatch, kdfm, t = res["outer"]["test_acc"], res["inner"]["test_acc"], res["trusted"]
+    suave = _results(tmp_path / "suave")["test_acc"]
+    print(f"digits, 20 labels: supervised {floor:.3f} fixmatch {fixmatch:.3f} "
+          f"kdfixmatch {kdfm:.3f} suave {suave:.3f}")
+    assert min(fixmatch, kdfm, suave) >= floor + 0.08            # a clear margin (~78% floor)
+    assert 0 < t["trusted_size"] <= t["confident_size"] <= t["unlabeled"] == 1500
+    assert t["trusted_precision"] >= t["outer_pseudo_label_precision"]     # the filter filters
+    out = runs["kdfixmatch"].stdout
+    assert "KD-FixMatch (inner SNN)" in out and "trusted subset" in out and "FixMatch (outer" in out
+
+
+def test_cifar10_jpeg_copy_through_folder(tmp_path):
+    if not CIFAR_JPEG.exists():
+        pytest.skip(f"{CIFAR_JPEG} is not here (it is in CI)")
+    keep = {"train": 30, "test": 10}                     # a slice: ImageFolder layout, real JPEGs
+    with tarfile.open(CIFAR_JPEG) as tar:
+        members = []
+        counts = {}
+        for m in tar:
+            parts = Path(m.name).parts
+            if m.isfile() and len(parts) == 4 and parts[1] in keep:
+                key = parts[1:3]
+                if counts.get(key, 0) < keep[parts[1]]:
+                    counts[key] = counts.get(key, 0) + 1
+                    members.append(m)
+        tar.extractall(tmp_path, members=members, filter="data")
+    root = tmp_path / "cifar10"
+    args = kd.get_args(["--dataset", "folder", "--data-dir", str(root), "--workers", "0"])
+    d = kd.load_dataset(args)
+    assert d["train_x"].shape == (300, 3, 32, 32) and d["classes"] == 10
+    assert torch.bincount(d["train_y"]).tolist() == [30] * 10 and d["flip"]
+    r = run_cli("--dataset", "folder", "--data-dir", str(root), "--labels", "100", "--arch",
+                "small_cnn", "--steps", "4", "--batch-size", "8", "--mu", "2", "--workers", "0",
+                "--method", "fixmatch", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _results(tmp_path / "run")["dataset"] == "folder"
+
 
 # ---- kernels.py: Triton kernels against the PyTorch references (TRITON_INTERPRET=1 on CPU)
 # The Triton implementations are called directly; without a GPU they run on CPU tensors in the

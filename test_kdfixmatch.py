@@ -694,3 +694,192 @@ def test_dispatch_cpu_and_kill_switch(monkeypatch):
     monkeypatch.setenv("KDFM_NO_TRITON", "1")
     assert not kernels._use_triton(cuda_like)
 # ---- end of kernels.py tests
+
+
+# ---- run_all.sh: the table step and the smoke run
+# run_all.sh runs kdfixmatch.py once per (dataset, labels, method, seed) cell and summarises the
+# cells' results.json into table.md / table.png. The table tests fabricate results.json files, so
+# every number in table.md is known; the smoke test trains 4 tiny digits cells on CPU (~1 minute).
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+_RUN_ALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_all.sh")
+_RUN_ALL_ENV = ("DATASETS", "LABELS", "SEEDS", "STEPS", "EVAL_EVERY", "ARCH", "PRETRAINED",
+                "DATA_DIR", "OUT_DIR", "GPUS")
+
+
+def _run_all(*args, timeout=600, **env):
+    e = {k: v for k, v in os.environ.items() if k not in _RUN_ALL_ENV}   # only what we pass
+    e.update(PYTHON=sys.executable, **{k: str(v) for k, v in env.items()})
+    return subprocess.run(["bash", _RUN_ALL, *args], env=e, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _fake_cell(out, dataset, labels, method, seed, acc=None, wall_s=3600.0, trusted=None):
+    """A cell directory as kdfixmatch.py leaves it: split.json, and results.json once finished."""
+    d = os.path.join(out, dataset, str(labels), method, f"seed{seed}")
+    os.makedirs(d)
+    json.dump(dict(dataset=dataset, labels=labels, seed=seed, arch="efficientnet_b0", labeled=[]),
+              open(os.path.join(d, "split.json"), "w"))
+    if acc is not None:
+        res = dict(method="kdfixmatch" if method.startswith("kd") else "fixmatch",
+                   dataset=dataset, labels=labels, seed=seed, arch="efficientnet_b0",
+                   steps=2 ** 21 if method == "fixmatch-2x" else 2 ** 20, test_acc=acc,
+                   test_acc_median20=acc, wall_s=wall_s)
+        if trusted:
+            res["trusted"] = dict(unlabeled=50000, trusted_size=trusted[0],
+                                  trusted_precision=trusted[1])
+        json.dump(res, open(os.path.join(d, "results.json"), "w"), indent=2)
+    return d
+
+
+def _fake_results(out):
+    """cifar10 4000: 3 seeds of FixMatch and KD (CE), 1 seed of KD (SCE), no FixMatch 2x.
+    cifar10 400: 1 seed of FixMatch, KD (CE) seed 0 started. svhn: unavailable offline."""
+    for s, (fm, ce) in enumerate([(0.90, 0.93), (0.91, 0.92), (0.92, 0.95)]):
+        _fake_cell(out, "cifar10", 4000, "fixmatch", s, fm)
+        _fake_cell(out, "cifar10", 4000, "kd-ce", s, ce, wall_s=7200.0,
+                   trusted=(40000 + 1000 * s, 0.97 + 0.01 * s))
+    _fake_cell(out, "cifar10", 4000, "kd-sce", 0, 0.94, wall_s=7200.0, trusted=(40000, 0.97))
+    _fake_cell(out, "cifar10", 400, "fixmatch", 0, 0.50)
+    _fake_cell(out, "cifar10", 400, "kd-ce", 0)                      # started, not finished
+    d = os.path.join(out, "svhn", "400", "fixmatch", "seed0")
+    os.makedirs(d)
+    with open(os.path.join(d, "unavailable"), "w") as f:
+        f.write("kdfixmatch.py: error: --dataset svhn: not found in /data and the download failed\n")
+
+
+def _table_rows(path):
+    """table.md -> {(dataset, labels): [the remaining columns]}"""
+    rows = {}
+    for line in open(path):
+        cols = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cols[0] not in ("dataset",):
+            rows[cols[0], cols[1]] = cols[2:]
+    return rows
+
+
+def test_run_all_table_from_fabricated_results(tmp_path):
+    out = str(tmp_path / "results")
+    _fake_results(out)
+    r = _run_all("--table", "--datasets", "cifar10 svhn", "--labels", "400 4000", "--seeds", "3",
+                 OUT_DIR=out)
+    assert r.returncode == 0, r.stderr
+    text = open(os.path.join(out, "table.md")).read()
+    rows = _table_rows(os.path.join(out, "table.md"))
+    assert set(rows) == {("cifar10", "400"), ("cifar10", "4000"), ("svhn", "all")}
+    fm, ce, sce, fm2, ce_fm, sce_fm, ce_fm2, paper, size, prec, wall = rows["cifar10", "4000"]
+    assert fm == "91.00 ± 1.00 (n=3)"                   # 90, 91, 92: sample std 1
+    assert ce == "93.33 ± 1.53 (n=3)"                   # 93, 92, 95
+    assert sce == "94.00 (n=1)"                         # a single seed: no std
+    assert fm2 == "–"                                   # missing cell
+    assert ce_fm == "+2.33 ± 1.15 (n=3)"                # per-seed differences 3, 1, 3
+    assert sce_fm == "+4.00 (n=1)" and ce_fm2 == "–"
+    assert paper == "+2.44"                             # the paper's CIFAR10 gain at 4000 labels
+    assert size == "41000 / 50000" and prec == "98.00 ± 1.00 (n=3)"
+    assert wall == "FM 60 min, CE 3.0 h, SCE 3.0 h, 2x –"   # KD includes its reused outer SNN
+    fm, ce, *_, paper, size, prec, wall = rows["cifar10", "400"]
+    assert (fm, ce, paper, size) == ("50.00 (n=1)", "running", "unknown", "–")
+    assert rows["svhn", "all"][0].startswith("unavailable offline: --dataset svhn: not found")
+    assert "K = 1048576 steps per SNN" in text and "arch efficientnet_b0" in text
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.exists(os.path.join(out, "table.png"))
+    except ImportError:
+        assert "matplotlib is not installed" in text
+
+
+def test_run_all_table_without_matplotlib(tmp_path):
+    out = str(tmp_path / "results")
+    _fake_results(out)
+    shim = tmp_path / "shim" / "matplotlib"             # `import matplotlib` fails as if absent
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('no matplotlib (test shim)')\n")
+    open(os.path.join(out, "table.png"), "w").close()    # a stale plot must not survive
+    r = _run_all("--table", "--datasets", "cifar10 svhn", "--labels", "400 4000", "--seeds", "3",
+                 OUT_DIR=out, PYTHONPATH=str(tmp_path / "shim"))
+    assert r.returncode == 0, r.stderr
+    text = open(os.path.join(out, "table.md")).read()
+    assert _table_rows(os.path.join(out, "table.md"))["cifar10", "4000"][0] == "91.00 ± 1.00 (n=3)"
+    assert "table.png not written: matplotlib is not installed" in text
+    assert "matplotlib is not installed" in r.stdout + r.stderr
+    assert not os.path.exists(os.path.join(out, "table.png"))
+
+
+def test_run_all_print_commands(tmp_path):
+    out = str(tmp_path / "results")
+    _fake_results(out)
+    r = _run_all("--print-commands", "--datasets", "cifar10", "--labels", "400 4000",
+                 "--seeds", "3", OUT_DIR=out)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    outs = [os.path.relpath(re.search(r" --out (\S+)", ln).group(1), out) for ln in lines]
+    cell = lambda l, m, s: f"cifar10/{l}/{m}/seed{s}"
+    phase1 = [cell(400, "fixmatch", 1), cell(400, "fixmatch-2x", 0), cell(400, "fixmatch", 2),
+              cell(400, "fixmatch-2x", 1), cell(400, "fixmatch-2x", 2)] + \
+             [cell(4000, "fixmatch-2x", s) for s in range(3)]
+    phase2 = [cell(400, "kd-ce", 0), cell(400, "kd-sce", 0), cell(4000, "kd-sce", 1),
+              cell(4000, "kd-sce", 2)]                  # their fixmatch (outer) cell has finished
+    assert sorted(outs[:8]) == sorted(phase1) and sorted(outs[8:]) == sorted(phase2)
+    assert len(lines) == 12                             # finished cells print nothing
+    assert "4 KD cells wait for their fixmatch cell" in r.stderr   # 400 labels, seeds 1 and 2
+    for ln, o in zip(lines, outs):
+        assert ln.count(sys.executable) == 1 and "kdfixmatch.py" in ln and "--pretrained" in ln
+        assert ("--steps 2097152" in ln) == ("fixmatch-2x" in o)
+        if "/kd-" in o:
+            assert f"--outer-from {os.path.join(out, o.replace(o.split('/')[2], 'fixmatch'))}" in ln
+            assert f"--loss {o.split('/')[2][3:]}" in ln
+        assert "split.json && echo --resume" in ln      # decided when it runs: requeue-safe
+
+
+def test_run_all_bad_options():
+    for args in (["--bogus"], ["--seeds", "x"], ["--steps"], ["--datasets", "cifar11"]):
+        r = _run_all(*args, "--table")
+        assert r.returncode == 2 and r.stdout == "", args
+        assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("run_all.sh: error:")
+    r = _run_all("--help")
+    assert r.returncode == 0
+    for opt in ("--datasets", "--labels", "--seeds", "--steps", "--eval-every", "--arch",
+                "--no-pretrained", "--data-dir", "--out-dir", "--gpus", "--smoke",
+                "--print-commands", "--table", "PYTHON", "Cost"):
+        assert opt in r.stdout, opt
+
+
+def test_run_all_smoke_end_to_end_and_skip(tmp_path):
+    """--smoke, cut to 1 label count x 1 seed x 40 steps: 4 cells trained, the table written; a
+    second invocation skips them all; a printed command re-creates a removed results.json."""
+    out = str(tmp_path / "smoke")
+    env = dict(OUT_DIR=out, LABELS=50, SEEDS=1, STEPS=40, EVAL_EVERY=20)
+    r = _run_all("--smoke", **env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    methods = ("fixmatch", "kd-ce", "kd-sce", "fixmatch-2x")
+    for m in methods:
+        res = json.load(open(os.path.join(out, "digits", "50", m, "seed0", "results.json")))
+        assert res["steps"] == (80 if m == "fixmatch-2x" else 40) and res["arch"] == "small_cnn"
+    assert len(re.findall(r"\.\.\. done \d+\.\d\d%", r.stdout)) == 4
+    rows = _table_rows(os.path.join(out, "table.md"))
+    assert list(rows) == [("digits", "50")]
+    cols = rows["digits", "50"]
+    for c in cols[:7]:                                  # 4 accuracies, 3 differences
+        assert re.fullmatch(r"[+-]?\d+\.\d\d \(n=1\)", c), cols
+    assert cols[7] == "n/a" and re.fullmatch(r"\d+ / 1500", cols[8])
+    assert os.path.getsize(os.path.join(out, "table.png")) > 0
+
+    t0 = time.time()
+    r = _run_all("--smoke", **env)                      # everything finished: nothing to train
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("skip (finished)") == 4 and "... start" not in r.stdout
+    assert "4 done, 0 to go" in r.stdout and time.time() - t0 < 30
+
+    assert _run_all("--smoke", "--print-commands", **env).stdout == ""
+    os.remove(os.path.join(out, "digits", "50", "kd-sce", "seed0", "results.json"))
+    r = _run_all("--smoke", "--print-commands", **env)
+    assert len(r.stdout.splitlines()) == 1 and "kd-sce/seed0" in r.stdout
+    assert subprocess.run(["bash", "-c", r.stdout], timeout=300).returncode == 0   # --resume
+    assert os.path.exists(os.path.join(out, "digits", "50", "kd-sce", "seed0", "results.json"))
+
+    r = _run_all("--smoke", **dict(env, STEPS=41))      # recorded with other --steps: refuse
+    assert r.returncode == 2 and "was run with --steps 40, not 41" in r.stderr

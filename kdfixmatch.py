@@ -13,6 +13,7 @@ Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.
             README.md, with commands and machines; results.json records every number a run makes.
 """
 import argparse, copy, json, math, os, random, shutil, sys, time
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU: idle OpenMP threads yield to workers
 from collections import OrderedDict
 from functools import partial
 
@@ -262,25 +263,29 @@ def augment(img, flip=True, strong=False):
     return TF.erase(img, y0, x0, y1 - y0, x1 - x0, torch.tensor(127, dtype=torch.uint8))
 
 
-def _collate(idx, images, labels, flip, strong):
-    """DataLoader collate: indices -> augmented uint8 batch (runs in the workers)."""
-    idx = torch.tensor(idx)
-    weak = torch.stack([augment(images[i], flip) for i in idx])
+def make_batch(step, data, indices, batch, seed, strong):
+    """Batch number `step` of a stream of reshuffled epochs over `indices`, augmented. A pure
+    function of (seed, step): a resumed run sees exactly the batches an uninterrupted one would."""
+    n, pos, idx = len(indices), step * batch, []
+    while len(idx) < batch:                           # a batch may straddle two epochs
+        epoch, off = divmod(pos + len(idx), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        idx += perm[off:off + batch - len(idx)].tolist()
+    idx = indices[idx]
+    torch.manual_seed(seed * 1_000_003 + step)       # the augmentation draws too
+    x, flip = data["train_x"], data["flip"]
+    weak = torch.stack([augment(x[i], flip) for i in idx])
     if not strong:
-        return weak, labels[idx], idx
-    return weak, torch.stack([augment(images[i], flip, strong=True) for i in idx]), labels[idx], idx
+        return weak, data["train_y"][idx], idx
+    return weak, torch.stack([augment(x[i], flip, strong=True) for i in idx]), data["train_y"][idx], idx
 
 
-def batches(data, indices, batch, steps, seed, strong, workers):
-    """An iterator of `steps` augmented batches drawn from `indices` in reshuffled epochs, seeded by
-    `seed` (a resumed run continues with fresh but reproducible draws)."""
-    g = torch.Generator().manual_seed(seed)
-    sampler = torch.utils.data.RandomSampler(indices.tolist(), num_samples=steps * batch, generator=g)
+def batches(data, indices, batch, first, last, seed, strong, workers):
+    """Batches first..last-1, made in parallel by DataLoader workers, in order."""
     return iter(torch.utils.data.DataLoader(
-        indices.tolist(), batch_size=batch, sampler=sampler, drop_last=True, num_workers=workers,
-        collate_fn=partial(_collate, images=data["train_x"], labels=data["train_y"],
-                           flip=data["flip"], strong=strong),
-        generator=g, prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available()))
+        range(first, last), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+        collate_fn=partial(make_batch, data=data, indices=indices, batch=batch, seed=seed, strong=strong),
+        pin_memory=torch.cuda.is_available()))
 
 
 # =============================================================================================
@@ -524,12 +529,11 @@ def train_snn(args, data, stage, split, trusted=None):
     fwd = torch.compile(model) if args.compile else model
     unl = stage != "supervised"
     lab_workers = min(1, max(0, args.workers - 1)) if unl else args.workers  # rest: strong views
-    lab = batches(data, split, args.batch_size, K - st["step"], seed + 7 * st["step"], False,
-                  lab_workers)
+    lab = batches(data, split, args.batch_size, st["step"], K, 2 * seed, False, lab_workers)
     ulb = unl and batches(data, torch.arange(len(data["train_y"])), args.mu * args.batch_size,
-                          K - st["step"], seed + 7 * st["step"] + 1, True, args.workers - lab_workers)
+                          st["step"], K, 2 * seed + 1, True, args.workers - lab_workers)
     bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
-               mininterval=0.5)
+               mininterval=0.5 if sys.stderr.isatty() else 30)   # a log file: a line per 30 s
     for step in bar:
         t0 = time.time()
         x_l, y_l, _ = next(lab)

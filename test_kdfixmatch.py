@@ -219,6 +219,14 @@ def test_every_randaugment_op_keeps_shape_and_dtype(shape):
     assert len(kd.RA_OPS) == 14
 
 
+def test_wrn28_2_is_fixmatchs_backbone():
+    m = kd.build_model("wrn28_2", 3, 10)
+    assert sum(p.numel() for p in m.parameters()) == 1_467_610   # as in FixMatch's PyTorch port
+    bns = [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    assert len(bns) == 25 and all(b.momentum == 0.001 for b in bns)
+    assert m.body(torch.randn(2, 3, 32, 32)).shape == (2, 128) and m.head.out_features == 10
+
+
 def test_labeled_split_is_balanced_and_seeded():
     y = torch.arange(10).repeat(30)
     a, b, c = (kd.labeled_split(y, 40, 10, s) for s in (0, 0, 1))
@@ -246,8 +254,8 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize("argv, needle", BAD_INPUT)
-def test_bad_input_is_one_line_exit_2(argv, needle):
-    r = run_cli(*argv, timeout=120)
+def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path):
+    r = run_cli(*argv, *([] if "--out" in argv else ["--out", str(tmp_path / "run")]), timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -333,6 +341,11 @@ def test_killed_run_resumes_every_stage_and_never_redraws_labels(tmp_path):
     assert json.load(open(out / "split.json"))["labeled"] == split
     rows = [(m["stage"], m["step"]) for m in map(json.loads, open(out / "metrics.jsonl"))]
     assert rows == [("outer", 20), ("outer", 40), ("inner", 20), ("inner", 40)]  # no step redone
+    # batches are a pure function of (seed, step): the resumed run IS the uninterrupted one
+    argv[-1] = str(tmp_path / "straight")
+    assert run_cli(*argv).returncode == 0
+    same = [(m["test_acc"], m["loss"]) for m in map(json.loads, open(tmp_path / "straight" / "metrics.jsonl"))]
+    assert same == [(m["test_acc"], m["loss"]) for m in map(json.loads, open(out / "metrics.jsonl"))]
     res = _results(out)
     assert set(res) >= {"outer", "inner", "trusted", "test_acc", "test_acc_median20", "wall_s"}
     assert res["inner"]["test_acc"] == res["test_acc"]
@@ -341,7 +354,7 @@ def test_killed_run_resumes_every_stage_and_never_redraws_labels(tmp_path):
 
 
 def test_digits_end_to_end_fixmatch_kdfixmatch_and_suave_beat_the_supervised_floor(tmp_path):
-    common = ["--labels", "20", "--steps", "500", "--eval-every", "100"]
+    common = ["--labels", "30", "--steps", "500", "--eval-every", "100"]
     runs = {m: run_cli("--method", m, *common, "--out", str(tmp_path / m))
             for m in ("supervised", "kdfixmatch", "suave")}
     for m, r in runs.items():
@@ -349,9 +362,9 @@ def test_digits_end_to_end_fixmatch_kdfixmatch_and_suave_beat_the_supervised_flo
     floor, res = _results(tmp_path / "supervised")["test_acc"], _results(tmp_path / "kdfixmatch")
     fixmatch, kdfm, t = res["outer"]["test_acc"], res["inner"]["test_acc"], res["trusted"]
     suave = _results(tmp_path / "suave")["test_acc"]
-    print(f"digits, 20 labels: supervised {floor:.3f} fixmatch {fixmatch:.3f} "
+    print(f"digits, 30 labels: supervised {floor:.3f} fixmatch {fixmatch:.3f} "
           f"kdfixmatch {kdfm:.3f} suave {suave:.3f}")
-    assert min(fixmatch, kdfm, suave) >= floor + 0.08            # a clear margin (~78% floor)
+    assert min(fixmatch, kdfm, suave) >= floor + 0.05            # a clear margin (floor ~87%)
     assert 0 < t["trusted_size"] <= t["confident_size"] <= t["unlabeled"] == 1500
     assert t["trusted_precision"] >= t["outer_pseudo_label_precision"]     # the filter filters
     out = runs["kdfixmatch"].stdout

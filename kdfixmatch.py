@@ -55,8 +55,8 @@ def get_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--method", default="kdfixmatch", choices=["supervised", "fixmatch", "kdfixmatch", "suave"],
-      help="supervised = labeled data only (the floor); fixmatch = the outer SNN alone (baseline); "
-           "kdfixmatch = outer -> select_confident -> dec_cluster -> inner; suave = Suave")
+      help="supervised: labeled data only (the floor); fixmatch: the outer SNN alone (the "
+           "baseline); kdfixmatch: outer -> select_confident -> dec_cluster -> inner; suave")
     # data
     a("--dataset", default="digits", choices=list(DATASET_DEFAULTS), help="digits is scikit-learn's (offline)")
     a("--data-dir", default="data", help="torchvision root, or the ImageFolder root with train/ test/")
@@ -277,15 +277,16 @@ def make_batch(step, data, indices, batch, seed, strong):
     weak = torch.stack([augment(x[i], flip) for i in idx])
     if not strong:
         return weak, data["train_y"][idx], idx
-    return weak, torch.stack([augment(x[i], flip, strong=True) for i in idx]), data["train_y"][idx], idx
+    strong_views = torch.stack([augment(x[i], flip, strong=True) for i in idx])
+    return weak, strong_views, data["train_y"][idx], idx
 
 
 def batches(data, indices, batch, first, last, seed, strong, workers):
     """Batches first..last-1, made in parallel by DataLoader workers, in order."""
+    make = partial(make_batch, data=data, indices=indices, batch=batch, seed=seed, strong=strong)
     return iter(torch.utils.data.DataLoader(
-        range(first, last), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-        collate_fn=partial(make_batch, data=data, indices=indices, batch=batch, seed=seed, strong=strong),
-        pin_memory=torch.cuda.is_available()))
+        range(first, last), batch_size=None, collate_fn=make, num_workers=workers,
+        prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available()))
 
 
 # =============================================================================================

@@ -9,6 +9,7 @@
 #   kd-sce       --method kdfixmatch --steps K --loss sce --outer-from <that fixmatch cell>
 #   fixmatch-2x  --method fixmatch   --steps 2K       as many SGD steps as KD's outer + inner: is
 #                                                     a gain the method's, or twice the training's?
+#   suave        --method suave      --steps K        only with --suave: the second source document
 # DIR = $OUT_DIR/<dataset>/<labels>/<method>/seed<s>/ (results.json, checkpoints, run.log).
 # A cell with results.json is skipped, a started one resumed from its checkpoint (--resume), a
 # dataset that cannot be found or downloaded becomes an "unavailable" row. Interrupt at any time
@@ -32,6 +33,7 @@
 #   --data-dir DIR    DATA_DIR    data
 #   --out-dir DIR     OUT_DIR     results                       | results-smoke
 #   --gpus 0,1,..     GPUS        none: cells one after another on kdfixmatch.py's default device
+#   --suave           SUAVE       0: add a Suave column (one more SNN training per seed)
 #   --smoke                       the tiny configuration above (options given still win)
 #   --print-commands              print the commands of unfinished cells, run nothing
 #   --table                       write table.md / table.png from what has finished, run nothing
@@ -62,6 +64,7 @@ while (($#)); do
         --eval-every)     need "$@"; EVAL_EVERY=$2; shift ;;
         --arch)           need "$@"; ARCH=$2; shift ;;
         --no-pretrained)  PRETRAINED=0 ;;
+        --suave)          SUAVE=1 ;;
         --data-dir)       need "$@"; DATA_DIR=$2; shift ;;
         --out-dir)        need "$@"; OUT_DIR=$2; shift ;;
         --gpus)           need "$@"; GPUS=$2; shift ;;
@@ -95,6 +98,8 @@ done
 PY=$(command -v "$PYTHON") || die "PYTHON=$PYTHON: not found (set PYTHON to the python with torch)"
 OUT_DIR=$(realpath -m "$OUT_DIR") DATA_DIR=$(realpath -m "$DATA_DIR")
 METHODS=(fixmatch kd-ce kd-sce fixmatch-2x)
+[[ ${SUAVE:-0} == [01] ]] || die "SUAVE must be 0 or 1, got '$SUAVE'"
+((${SUAVE:-0})) && METHODS+=(suave)
 
 # =============================================================================================
 # Cells: the grid in run order (a seed's fixmatch first: its two KD cells reuse it as outer SNN)
@@ -115,6 +120,7 @@ cell_cmd() {  # d l m s -> CMD: the kdfixmatch.py command line of the cell (with
     case $m in
         kd-ce|kd-sce) how=(--method kdfixmatch --loss "${m#kd-}" --outer-from "$(outer_dir "$@")") ;;
         fixmatch-2x)  steps=$((2 * STEPS)) ;;
+        suave)        how=(--method suave) ;;
     esac
     CMD=("$PY" "$REPO/kdfixmatch.py" "${how[@]}" --dataset "$d" --data-dir "$DATA_DIR"
          --labels "$l" --seed "$s" --arch "$ARCH" --steps "$steps")
@@ -130,12 +136,13 @@ json_num() {  # file key -> the top-level number (kdfixmatch.py writes JSON with
 # =============================================================================================
 # Summary: results/*/results.json -> table.md (+ table.png). Plain python, matplotlib optional.
 summarise() {
-    "$PY" - "$OUT_DIR" "$DATASETS" "$LABELS" "$SEEDS" "$STEPS" "$ARCH" <<'PY'
+    "$PY" - "$OUT_DIR" "$DATASETS" "$LABELS" "$SEEDS" "$STEPS" "$ARCH" "${METHODS[*]}" <<'PY'
 import glob, json, os, statistics, sys
 
-out, datasets, labels, seeds, steps, arch = sys.argv[1:]
-METHODS = [("fixmatch", "FixMatch"), ("kd-ce", "KD-FixMatch (CE)"),
-           ("kd-sce", "KD-FixMatch (SCE)"), ("fixmatch-2x", "FixMatch 2x steps")]
+out, datasets, labels, seeds, steps, arch, configured = sys.argv[1:]
+ALL = [("fixmatch", "FixMatch"), ("kd-ce", "KD-FixMatch (CE)"), ("kd-sce", "KD-FixMatch (SCE)"),
+       ("fixmatch-2x", "FixMatch 2x steps"), ("suave", "Suave")]
+SHORT = {"fixmatch": "FM", "kd-ce": "CE", "kd-sce": "SCE", "fixmatch-2x": "2x", "suave": "Suave"}
 PAPER = {"cifar10": 2.44, "svhn": 5.81, "cifar100": 1.99, "food101": 3.88}  # at 4000 labels
 NA = "–"
 
@@ -149,7 +156,7 @@ def read(path):
 cells = {}                               # (dataset, labels, method) -> {seed: state dict}
 for d_ in glob.glob(os.path.join(out, "*", "*", "*", "seed*")):
     d, l, m, s = os.path.relpath(d_, out).split(os.sep)
-    if not l.isdigit() or not s[4:].isdigit() or m not in dict(METHODS):
+    if not l.isdigit() or not s[4:].isdigit() or m not in dict(ALL):
         continue
     res = read(os.path.join(d_, "results.json"))
     cells.setdefault((d, int(l), m), {})[int(s[4:])] = dict(
@@ -157,6 +164,7 @@ for d_ in glob.glob(os.path.join(out, "*", "*", "*", "seed*")):
         started=os.path.exists(os.path.join(d_, "split.json")),
         failed=read(os.path.join(d_, "failed")), unavailable=read(os.path.join(d_, "unavailable")),
         dir=d_)
+METHODS = [(m, n) for m, n in ALL if m in configured.split() or any(k[2] == m for k in cells)]
 found_d = sorted({k[0] for k in cells} - set(datasets.split()))
 rows = sorted({(d, int(l)) for d in datasets.split() for l in labels.split()}
               | {k[:2] for k in cells}, key=lambda r: ((datasets.split() + found_d).index(r[0]), r[1]))
@@ -188,7 +196,7 @@ def duration(sec):
 
 def wall(d, l):                          # a KD cell's cost includes the outer SNN it reused
     fm, parts = finished(d, l, "fixmatch"), []
-    for m, short in zip(dict(METHODS), ("FM", "CE", "SCE", "2x")):
+    for m, short in ((m, SHORT[m]) for m in dict(METHODS)):
         done = finished(d, l, m)
         xs = [r["wall_s"] + (fm[s]["wall_s"] if m.startswith("kd") else 0)
               for s, r in done.items() if not m.startswith("kd") or s in fm]
@@ -212,7 +220,7 @@ recorded = [r for (d, l, m), c in cells.items() for r in finished(d, l, m).value
 archs = sorted({r["arch"] for r in recorded}) or [arch]
 ks = sorted({r["steps"] for r in recorded if r["method"] == "kdfixmatch"}) or [int(steps)]
 seeds_seen = sorted({r["seed"] for r in recorded})
-head = ["FixMatch", "KD-FixMatch (CE)", "KD-FixMatch (SCE)", "FixMatch 2x steps",
+head = [name for _, name in METHODS] + [
         "KD(CE) − FixMatch", "KD(SCE) − FixMatch", "KD(CE) − FixMatch 2x", "paper's gain",
         "trusted size", "trusted precision (%)", "wall time per cell"]
 lines = [

@@ -805,6 +805,24 @@ def test_run_all_table_from_fabricated_results(tmp_path):
         assert "matplotlib is not installed" in text
 
 
+def test_run_all_suave_column_only_when_asked_or_present(tmp_path):
+    out = str(tmp_path / "results")
+    _fake_results(out)
+    args = ("--table", "--datasets", "cifar10", "--labels", "4000", "--seeds", "3")
+    assert _run_all(*args, OUT_DIR=out).returncode == 0
+    assert "Suave" not in open(os.path.join(out, "table.md")).read()     # off by default
+    assert _run_all(*args, "--suave", OUT_DIR=out).returncode == 0
+    assert _table_rows(os.path.join(out, "table.md"))["cifar10", "4000"][4] == "–"
+    for s, acc in enumerate((0.96, 0.94)):
+        _fake_cell(out, "cifar10", 4000, "suave", s, acc)
+    assert _run_all(*args, OUT_DIR=out).returncode == 0                  # found on disk: shown
+    row = _table_rows(os.path.join(out, "table.md"))["cifar10", "4000"]
+    assert row[4] == "95.00 ± 1.41 (n=2)" and row[-1].endswith("Suave 60 min")
+    r = _run_all("--print-commands", "--suave", "--datasets", "cifar10", "--labels", "4000",
+                 "--seeds", "3", OUT_DIR=out)
+    assert sum("--method suave" in line for line in r.stdout.splitlines()) == 1   # seed 2 only
+
+
 def test_run_all_table_without_matplotlib(tmp_path):
     out = str(tmp_path / "results")
     _fake_results(out)

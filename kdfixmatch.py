@@ -189,11 +189,18 @@ def _to_uint8(ds, args):
     tf = [TV2.Resize(size), TV2.CenterCrop(size)] if size else []
     ds.transform = TV2.Compose(tf + [TV2.PILToTensor()])        # the loaders give RGB PIL images
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=args.workers,
-                                         collate_fn=list)
-    pairs = [p for b in tqdm(loader, desc="decode", leave=False) for p in b]
-    if len({tuple(im.shape) for im, _ in pairs}) > 1:
+                                         collate_fn=_stack)  # one shared tensor per batch, not
+    parts = list(tqdm(loader, desc="decode", leave=False))    # one per image: fds run out
+    if any(p is None for p in parts) or len({p[0].shape[1:] for p in parts}) > 1:
         die(f"--data-dir {args.data_dir}: images differ in size; pass --image-size N to resize them")
-    return torch.stack([im for im, _ in pairs]), torch.tensor([t for _, t in pairs])
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _stack(batch):
+    ims = [im for im, _ in batch]
+    if len({im.shape for im in ims}) > 1:
+        return None
+    return torch.stack(ims), torch.tensor([t for _, t in batch])
 
 
 def labeled_split(train_y, n_labels, classes, seed):

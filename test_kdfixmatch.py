@@ -227,6 +227,23 @@ def test_wrn28_2_is_fixmatchs_backbone():
     assert m.body(torch.randn(2, 3, 32, 32)).shape == (2, 128) and m.head.out_features == 10
 
 
+def test_efficientnet_weights_offline_error_and_local_file(tmp_path, monkeypatch, capsys):
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit) as e:
+        kd.build_model("efficientnet_b0", 3, 10, pretrained=True)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--weights FILE" in err and "efficientnet_b0_rwightman" in err
+    ref = torchvision.models.efficientnet_b0()                 # a stand-in "ImageNet" file
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    m = kd.build_model("efficientnet_b0", 3, 10, weights=str(tmp_path / "w.pth"))
+    torch.testing.assert_close(m.body[0][0][0].weight, ref.features[0][0].weight)
+    assert m.head.out_features == 10
+    with pytest.raises(SystemExit):
+        kd.build_model("efficientnet_b0", 3, 10, weights=str(tmp_path / "missing.pth"))
+
+
 def test_labeled_split_is_balanced_and_seeded():
     y = torch.arange(10).repeat(30)
     a, b, c = (kd.labeled_split(y, 40, 10, s) for s in (0, 0, 1))
@@ -374,7 +391,7 @@ def test_digits_end_to_end_fixmatch_kdfixmatch_and_suave_beat_the_supervised_flo
 def test_cifar10_jpeg_copy_through_folder(tmp_path):
     if not CIFAR_JPEG.exists():
         pytest.skip(f"{CIFAR_JPEG} is not here (it is in CI)")
-    keep = {"train": 30, "test": 10}                     # a slice: ImageFolder layout, real JPEGs
+    keep = {"train": 300, "test": 10}                    # a slice: ImageFolder layout, real JPEGs
     with tarfile.open(CIFAR_JPEG) as tar:
         members = []
         counts = {}
@@ -389,11 +406,15 @@ def test_cifar10_jpeg_copy_through_folder(tmp_path):
     root = tmp_path / "cifar10"
     args = kd.get_args(["--dataset", "folder", "--data-dir", str(root), "--workers", "0"])
     d = kd.load_dataset(args)
-    assert d["train_x"].shape == (300, 3, 32, 32) and d["classes"] == 10
-    assert torch.bincount(d["train_y"]).tolist() == [30] * 10 and d["flip"]
-    r = run_cli("--dataset", "folder", "--data-dir", str(root), "--labels", "100", "--arch",
-                "small_cnn", "--steps", "4", "--batch-size", "8", "--mu", "2", "--workers", "0",
-                "--method", "fixmatch", "--out", str(tmp_path / "run"))
+    assert d["train_x"].shape == (3000, 3, 32, 32) and d["classes"] == 10
+    assert torch.bincount(d["train_y"]).tolist() == [300] * 10 and d["flip"]
+    # decoding workers must not hold a file descriptor per image (the full copy once ran out)
+    argv = ["--dataset", "folder", "--data-dir", str(root), "--labels", "100", "--arch",
+            "small_cnn", "--steps", "4", "--batch-size", "8", "--mu", "2", "--workers", "2",
+            "--method", "fixmatch", "--out", str(tmp_path / "run")]
+    r = subprocess.run(["bash", "-c", 'ulimit -n 256 && exec "$@"', "-", sys.executable,
+                        str(HERE / "kdfixmatch.py"), *argv], capture_output=True, text=True,
+                       timeout=180, cwd=HERE)                # the old bug hung after the error
     assert r.returncode == 0, r.stderr[-2000:]
     assert _results(tmp_path / "run")["dataset"] == "folder"
 

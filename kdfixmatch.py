@@ -15,7 +15,7 @@ Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.
 import argparse, copy, json, math, os, random, shutil, sys, time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU: idle OpenMP threads yield to workers
 from collections import OrderedDict
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -277,8 +277,7 @@ def make_batch(step, data, indices, batch, seed, strong):
     n, pos, idx = len(indices), step * batch, []
     while len(idx) < batch:                           # a batch may straddle two epochs
         epoch, off = divmod(pos + len(idx), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        idx += perm[off:off + batch - len(idx)].tolist()
+        idx += _epoch_perm(n, seed, epoch)[off:off + batch - len(idx)].tolist()
     idx = indices[idx]
     torch.manual_seed(seed * 1_000_003 + step)       # the augmentation draws too
     x, flip = data["train_x"], data["flip"]
@@ -287,6 +286,11 @@ def make_batch(step, data, indices, batch, seed, strong):
         return weak, data["train_y"][idx], idx
     strong_views = torch.stack([augment(x[i], flip, strong=True) for i in idx])
     return weak, strong_views, data["train_y"][idx], idx
+
+
+@lru_cache(maxsize=2)                                 # drawn once per epoch, not once per batch
+def _epoch_perm(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
 def batches(data, indices, batch, first, last, seed, strong, workers):
@@ -607,7 +611,8 @@ def evaluate(model, x, y, args, features=False):
         for i in range(0, len(x), 1024):
             f = model.body(to_input(x[i:i + 1024], args))
             outs.append(model.head(f).float().cpu())
-            feats.append(f.float().cpu())
+            if features:                              # only DEC needs them
+                feats.append(f.float().cpu())
     logits = torch.cat(outs)
     if features:
         return logits, torch.cat(feats)

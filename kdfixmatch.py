@@ -15,7 +15,7 @@ Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.
 import argparse, copy, json, math, os, random, shutil, sys, time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU: idle OpenMP threads yield to workers
 from collections import OrderedDict
-from functools import lru_cache, partial
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ def get_args(argv=None):
     a("--data-dir", default="data", help="torchvision root, or the ImageFolder root with train/ test/")
     a("--labels", type=int, help="labeled examples, class-balanced [digits 50, else 4000]")
     a("--image-size", type=int, help="resize images once at load [native; food101 128]")
-    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="augmentation workers")
+    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-folder decoding workers")
     # model
     a("--arch", choices=["small_cnn", "wrn28_2", "efficientnet_b0"],
       help="[digits small_cnn; food101 efficientnet_b0 (the paper's); else wrn28_2 (FixMatch's)]")
@@ -79,6 +79,8 @@ def get_args(argv=None):
     a("--momentum", type=float, default=0.9, help="beta, Nesterov momentum")
     a("--wd", type=float, default=5e-4, help="weight decay on conv/linear weights (1e-3 CIFAR-100)")
     a("--ema", type=float, default=0.999, help="EMA decay of the weights used to evaluate and label")
+    a("--ema-warmup", action=argparse.BooleanOptionalAction,
+      help="our choice, not FixMatch's: decay min(ema, (1+k)/(10+k)) [on for digits' short runs]")
     # KD-FixMatch
     a("--tau-select", type=float, default=0.80, help="tau_select, outer confidence to be a candidate")
     a("--tau-inner", type=float, default=0.95, help="tau_inner, inner confidence threshold")
@@ -105,9 +107,13 @@ def get_args(argv=None):
     a("--eval-every", type=int, help="evaluate the EMA model (and checkpoint) every N steps")
     a("--out", default="runs/latest", help="output dir: metrics.jsonl, results.json, checkpoints")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N. On a GPU the "
+      "training set lives in GPU memory if it takes < 1/4 of the free memory, else in pinned host "
+      "memory (each batch's raw images are copied over); the run says which")
     a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
     a("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    a("--bench", action="store_true", help="print images/s of augment, of the training step on a "
+      "fixed batch (the ceiling) and of the real loop, then exit; trains and writes nothing")
     args = p.parse_args(argv)
     for key, default in zip(("labels", "arch", "steps", "batch_size", "eval_every"),
                             DATASET_DEFAULTS[args.dataset]):
@@ -119,6 +125,8 @@ def get_args(argv=None):
         if getattr(args, flag) < 1:
             die(f"--{flag.replace('_', '-')} must be a positive integer")
     args.eval_every = min(args.eval_every, args.steps)
+    if args.ema_warmup is None:
+        args.ema_warmup = args.dataset == "digits"
     for flag in ("tau", "tau_select", "tau_inner", "ema"):
         if not 0 <= getattr(args, flag) <= 1:
             die(f"--{flag.replace('_', '-')} must lie in [0, 1]")
@@ -219,86 +227,151 @@ def labeled_split(train_y, n_labels, classes, seed):
 
 
 # =============================================================================================
-# Augmentation (FixMatch): weak = flip + translate; strong = weak + RandAugment + Cutout
-def _enhance(m):
-    return 0.1 + 1.8 * m                              # official code's enhance factor span 0.1..1.9
+# Augmentation (FixMatch), batched on the training device. Each sample draws its own flip and
+# translation and, for the strong view, 2 RandAugment ops with magnitudes and a Cutout box. The
+# draws come from a CPU generator (a batch is the same on every device) and travel in one copy;
+# each op then runs once per op slot over the samples that drew it, with no host-device sync.
+RA_OPS = ("identity", "autocontrast", "equalize", "brightness", "color", "contrast", "sharpness",
+          "posterize", "solarize", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+GEOMETRIC = 9                                         # RA_OPS[9:]: one affine resampling per slot
 
 
-def _shear(m, s):
-    return math.degrees(math.atan(0.3 * m * s))       # shear factor up to 0.3, as an angle
+def augment(x, flip=True, strong=False, generator=None):
+    """uint8 batch (N, C, H, W) on any device -> its weak views (flip + translate up to 12.5 %,
+    reflect padding) or strong views (weak, then 2 RandAugment ops, then Cutout); same shape."""
+    return apply_plan(x, draw_plan(len(x), *x.shape[-2:], flip, strong, generator))
 
 
-RA_OPS = {  # FixMatch's 14-op RandAugment pool; m in (0, 1) is the magnitude, s a random sign
-    "identity":     lambda x, m, s: x,
-    "autocontrast": lambda x, m, s: TF.autocontrast(x),
-    "equalize":     lambda x, m, s: TF.equalize(x),
-    "brightness":   lambda x, m, s: TF.adjust_brightness(x, _enhance(m)),
-    "color":        lambda x, m, s: TF.adjust_saturation(x, _enhance(m)),
-    "contrast":     lambda x, m, s: TF.adjust_contrast(x, _enhance(m)),
-    "sharpness":    lambda x, m, s: TF.adjust_sharpness(x, _enhance(m)),
-    "posterize":    lambda x, m, s: TF.posterize(x, 8 - int(4 * m)),          # 8..5 bits
-    "solarize":     lambda x, m, s: TF.solarize(x, 256 * (1 - m)),             # threshold 230..26
-    "rotate":       lambda x, m, s: TF.rotate(x, 30 * m * s, fill=128),       # up to 30 degrees
-    "shear_x":      lambda x, m, s: TF.affine(x, 0.0, [0, 0], 1.0, [_shear(m, s), 0.0], fill=128),
-    "shear_y":      lambda x, m, s: TF.affine(x, 0.0, [0, 0], 1.0, [0.0, _shear(m, s)], fill=128),
-    "translate_x":  lambda x, m, s: TF.affine(x, 0.0, [round(0.3 * m * s * x.shape[-1]), 0], 1.0,
-                                              [0.0, 0.0], fill=128),           # up to 30% of side
-    "translate_y":  lambda x, m, s: TF.affine(x, 0.0, [0, round(0.3 * m * s * x.shape[-2])], 1.0,
-                                              [0.0, 0.0], fill=128),
-}
-RA_NAMES = list(RA_OPS)
+def draw_plan(N, H, W, flip=True, strong=False, generator=None):
+    """The per-sample random draws of `augment`, as CPU tensors."""
+    g = dict(generator=generator)
+    ph, pw = round(0.125 * H), round(0.125 * W)
+    plan = dict(flip=(torch.rand(N, **g) < 0.5) & flip,
+                dy=torch.randint(-ph, ph + 1, (N,), **g), dx=torch.randint(-pw, pw + 1, (N,), **g))
+    if strong:  # FixMatch's RandAugment: 2 ops drawn with replacement, each applied with p = 0.5
+        plan.update(op=torch.randint(len(RA_OPS), (N, 2), **g) * (torch.rand(N, 2, **g) < 0.5),
+                    level=torch.randint(1, 10, (N, 2), **g),          # magnitude 1..9 of 10
+                    sign=torch.randint(2, (N, 2), **g) * 2 - 1,       # geometric ops: direction
+                    cy=torch.randint(H, (N,), **g), cx=torch.randint(W, (N,), **g))   # Cutout
+    return plan
 
 
-def augment(img, flip=True, strong=False):
-    """One uint8 (C, H, W) image -> its weak view, or its strong view if strong=True."""
-    H, W = img.shape[-2:]
-    if flip and torch.rand(()) < 0.5:
-        img = TF.horizontal_flip(img)
-    ph, pw = round(0.125 * H), round(0.125 * W)       # translate up to 12.5%, reflect padding
-    img = TF.pad(img, [pw, ph], padding_mode="reflect")
-    img = TF.crop(img, int(torch.randint(2 * ph + 1, ())), int(torch.randint(2 * pw + 1, ())), H, W)
-    if not strong:
-        return img
-    for op in torch.randint(len(RA_NAMES), (2,)).tolist():       # 2 ops, drawn with replacement
-        if torch.rand(()) < 0.5:                                  # each applied with p = 0.5
-            m = int(torch.randint(1, 10, ())) / 10                # magnitude 1..9 of 10
-            s = 1 if torch.rand(()) < 0.5 else -1
-            img = RA_OPS[RA_NAMES[op]](img, m, s)
-    ch, cw = H // 2, W // 2                            # Cutout: half the side, always, gray
-    cy, cx = int(torch.randint(H, ())), int(torch.randint(W, ()))
-    y0, x0 = max(0, cy - ch // 2), max(0, cx - cw // 2)
-    y1, x1 = min(H, cy - ch // 2 + ch), min(W, cx - cw // 2 + cw)
-    return TF.erase(img, y0, x0, y1 - y0, x1 - x0, torch.tensor(127, dtype=torch.uint8))
+def slot_params(op, level, sign, H, W):
+    """Every op's per-sample parameters for one op slot, in float64 as torchvision computes them
+    from Python floats: enhance factor f and 1 - f, posterize bit mask, solarize threshold, and
+    the inverse affine matrix of TF.affine (centre of the image, no scale)."""
+    m = level.double() / 10
+    f = 0.1 + 1.8 * m                                 # official code's enhance span 0.1..1.9
+    bits = 8 - (4 * level + 5) // 10                  # posterize 8..4 bits: the paper's table
+    sm, zero = m * sign, torch.zeros_like(m)
+    pick = lambda name, v: torch.where(op == RA_OPS.index(name), v, zero)
+    rot = torch.deg2rad(pick("rotate", -30 * sm))     # TF.rotate(30 m) is TF.affine(-30 m)
+    sx = pick("shear_x", torch.atan(0.3 * sm))        # shear factor up to 0.3
+    sy = pick("shear_y", torch.atan(0.3 * sm))
+    tx = pick("translate_x", torch.round(0.3 * sm * W))    # up to 30 % of the side, whole pixels
+    ty = pick("translate_y", torch.round(0.3 * sm * H))
+    a = torch.cos(rot - sy) / torch.cos(sy)           # torchvision's _get_inverse_affine_matrix
+    b = -(a * torch.tan(sx) + torch.sin(rot))
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = torch.cos(rot) - c * torch.tan(sx)
+    theta = torch.stack([d, -b, -d * tx + b * ty, -c, a, c * tx - a * ty], 1)
+    return dict(f=f, g=1 - f, mask=(255 << (8 - bits)) & 255, thr=256 * (1 - m), theta=theta)
 
 
-def make_batch(step, data, indices, batch, seed, strong):
-    """Batch number `step` of a stream of reshuffled epochs over `indices`, augmented. A pure
-    function of (seed, step): a resumed run sees exactly the batches an uninterrupted one would."""
-    n, pos, idx = len(indices), step * batch, []
-    while len(idx) < batch:                           # a batch may straddle two epochs
-        epoch, off = divmod(pos + len(idx), n)
-        idx += _epoch_perm(n, seed, epoch)[off:off + batch - len(idx)].tolist()
-    idx = indices[idx]
-    torch.manual_seed(seed * 1_000_003 + step)       # the augmentation draws too
-    x, flip = data["train_x"], data["flip"]
-    weak = torch.stack([augment(x[i], flip) for i in idx])
-    if not strong:
-        return weak, data["train_y"][idx], idx
-    strong_views = torch.stack([augment(x[i], flip, strong=True) for i in idx])
-    return weak, strong_views, data["train_y"][idx], idx
+def apply_plan(x, plan):
+    """Apply drawn (or given) per-sample parameters to the uint8 batch x, on x's device."""
+    N, C, H, W = x.shape
+    cols, slots = dict(flip=plan["flip"], dy=plan["dy"], dx=plan["dx"]), []
+    for j in range(2 if "op" in plan else 0):
+        op = plan["op"][:, j]
+        slots.append([0] + torch.bincount(op, minlength=len(RA_OPS)).cumsum(0).tolist())
+        cols.update({f"{k}{j}": v for k, v in slot_params(op, plan["level"][:, j],
+                                                          plan["sign"][:, j], H, W).items()})
+        cols[f"order{j}"] = torch.argsort(op, stable=True)   # samples grouped by op
+    cols.update({k: plan[k] for k in ("cy", "cx") if k in plan})
+    flat = torch.cat([v.double().view(N, -1) for v in cols.values()], 1).float()   # exact ints
+    p = dict(zip(cols, to_device(flat, x.device).split([v.view(N, -1).shape[1]
+                                                         for v in cols.values()], 1)))
+    out = flip_translate(x, p["flip"][:, 0] > 0, p["dy"][:, 0].long(), p["dx"][:, 0].long())
+    for j, ends in enumerate(slots):
+        order = p[f"order{j}"][:, 0].long()
+        prm = {k: p[f"{k}{j}"] for k in ("f", "g", "mask", "thr", "theta")}
+        for k in range(1, GEOMETRIC):
+            if ends[k + 1] > ends[k]:
+                i = order[ends[k]:ends[k + 1]]
+                out[i] = point_op(RA_OPS[k], out[i], *(prm[n][i].view(-1, 1, 1, 1)
+                                                       for n in ("f", "g", "mask", "thr")))
+        if ends[-1] > ends[GEOMETRIC]:
+            i = order[ends[GEOMETRIC]:]
+            out[i] = affine(out[i], prm["theta"][i])
+    if "cy" in p:      # Cutout: half the side, gray, always; clipped at both edges (official)
+        y0, x0 = p["cy"].long() - H // 4, p["cx"].long() - W // 4
+        ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
+        iy = (ys >= y0.clamp(min=0)) & (ys < (y0 + H // 2).clamp(max=H))
+        ix = (xs >= x0.clamp(min=0)) & (xs < (x0 + W // 2).clamp(max=W))
+        out = out.masked_fill((iy[:, :, None] & ix[:, None, :])[:, None], 127)
+    return out
 
 
-@lru_cache(maxsize=2)                                 # drawn once per epoch, not once per batch
-def _epoch_perm(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+def flip_translate(x, flip, dy, dx):
+    """Weak view: horizontal flip, then a shift by (dy, dx) px with reflect padding, as one gather
+    (the same pixels as TF.horizontal_flip, TF.pad(padding_mode="reflect") and TF.crop)."""
+    N, C, H, W = x.shape
+    reflect = lambda i, n: torch.where(i >= n, 2 * (n - 1) - i, i.abs())
+    ys = reflect(torch.arange(H, device=x.device) + dy[:, None], H)
+    xs = reflect(torch.arange(W, device=x.device) + dx[:, None], W)
+    xs = torch.where(flip[:, None], W - 1 - xs, xs)
+    idx = (ys[:, :, None] * W + xs[:, None, :]).view(N, 1, H * W).expand(-1, C, -1)
+    return x.reshape(N, C, H * W).gather(2, idx).view(N, C, H, W)
 
 
-def batches(data, indices, batch, first, last, seed, strong, workers):
-    """Batches first..last-1, made in parallel by DataLoader workers, in order."""
-    make = partial(make_batch, data=data, indices=indices, batch=batch, seed=seed, strong=strong)
-    return iter(torch.utils.data.DataLoader(
-        range(first, last), batch_size=None, collate_fn=make, num_workers=workers,
-        prefetch_factor=4 if workers else None, pin_memory=torch.cuda.is_available()))
+def _fma(a, b, c):    # a + b * c rounded once, as torchvision's add_(b, alpha=c) computes it
+    return (a.double() + b.double() * c.double()).float()
+
+
+def point_op(name, x, f, g, mask, thr):
+    """One pixel-value RandAugment op on uint8 x (n, C, H, W) with per-sample parameters
+    (n, 1, 1, 1); each value equals torchvision's op applied image by image."""
+    xf = x.float()
+    if name == "autocontrast":     # TF.autocontrast, without its boolean-mask writes (a GPU sync)
+        lo, hi = xf.amin((-2, -1), keepdim=True), xf.amax((-2, -1), keepdim=True)
+        flat = hi == lo
+        out = (xf - torch.where(flat, 0.0, lo)) / torch.where(flat, 1.0, (hi - lo) * (1 / 255))
+    elif name == "equalize":
+        return TF.equalize(x)
+    elif name == "posterize":
+        return x & mask.to(torch.uint8)
+    elif name == "solarize":
+        return torch.where(x >= thr, 255 - x, x)
+    elif name == "sharpness":      # blend with the 3x3-smoothed image; the border is kept
+        a, b = 1 / 13, 5 / 13
+        k = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=x.device)
+        blur = F.conv2d(xf, k.expand(x.shape[1], 1, 3, 3), groups=x.shape[1]).round()
+        inner = xf[..., 1:-1, 1:-1]
+        xf[..., 1:-1, 1:-1] = _fma(inner, blur - inner, g)
+        out = xf
+    elif name == "color" and x.shape[1] == 1:
+        return x                   # as PIL: no colour to change
+    else:                          # blend with the degenerate image: black, gray, mean gray
+        gray = TF.rgb_to_grayscale(x).float() if x.shape[1] == 3 else xf
+        degenerate = dict(brightness=torch.zeros_like(gray), color=gray,
+                          contrast=gray.mean((-3, -2, -1), keepdim=True))[name]
+        out = _fma(xf * f, degenerate, g)
+    return out.clamp(0, 255).to(torch.uint8)
+
+
+def affine(x, theta):
+    """Per-sample affine resampling of uint8 x (n, C, H, W), nearest, gray fill (128): the grid
+    of TF.affine with inverse matrices theta (n, 6), built for the whole batch in one bmm."""
+    n, C, H, W = x.shape
+    base = torch.ones(1, H, W, 3, device=x.device)
+    base[..., 0] = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=x.device)
+    base[..., 1] = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=x.device)[:, None]
+    scale = torch.tensor([0.5 * W, 0.5 * H], device=x.device)
+    grid = base.view(1, H * W, 3).expand(n, -1, -1).bmm(theta.view(n, 2, 3).transpose(1, 2) / scale)
+    img = torch.cat([x.float(), torch.ones_like(x[:, :1], dtype=torch.float32)], 1)   # + mask
+    img = F.grid_sample(img, grid.view(n, H, W, 2), "nearest", "zeros", align_corners=False)
+    return torch.where(img[:, -1:] < 0.5, 128.0, img[:, :-1]).round().to(torch.uint8)
 
 
 # =============================================================================================
@@ -514,13 +587,65 @@ def make_optimizer(model, args):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * K)))
 
 
+def to_device(t, dev):
+    """A host -> GPU copy that does not wait for the GPU (from pinned memory)."""
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)
+
+
 def to_input(x, args):
     """uint8 images -> normalised float on the device, channels_last."""
-    x = (x.to(args.dev, non_blocking=True).float() / 255 - args.mean) / args.std
+    x = (to_device(x, args.dev).float() / 255 - args.mean) / args.std
     return x.contiguous(memory_format=torch.channels_last)
 
 
+@lru_cache(maxsize=4)                                 # drawn once per epoch, not once per batch
+def _epoch_perm(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def make_batch(data, split, step, seed, args, unlabeled=True):
+    """Batch `step`: B labeled and mu*B unlabeled images from streams of reshuffled epochs,
+    augmented on the device. A pure function of (seed, step): a resumed run sees exactly the
+    batches an uninterrupted one would, on any device."""
+    b, g = {}, torch.Generator().manual_seed(seed * 1_000_003 + step)
+    for kind, pool, size in (("l", split, args.batch_size),
+                             ("u", torch.arange(len(data["train_y"])), args.mu * args.batch_size)):
+        if kind == "u" and not unlabeled:
+            break
+        n, pos, idx, s = len(pool), step * size, [], 2 * seed + (kind == "u")
+        while len(idx) < size:                        # a batch may straddle two epochs
+            epoch, off = divmod(pos + len(idx), n)
+            idx += _epoch_perm(n, s, epoch)[off:off + size - len(idx)].tolist()
+        idx = to_device(pool[idx], args.dev)
+        x = data["x"][idx] if data["x"].is_cuda else to_device(data["x"][idx.cpu()], args.dev)
+        b["x_" + kind] = augment(x, data["flip"], False, g)     # weak view
+        b["y_" + kind], b["idx_" + kind] = data["y"][idx], idx
+        if kind == "u":
+            b["x_s"] = augment(x, data["flip"], True, g)        # strong view
+    return b
+
+
 STAGES = ("outer", "inner", "supervised", "suave")
+
+
+def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
+    """One SGD update and the EMA. Returns the step's (loss, mask rate, right and used pseudo
+    labels) as one device tensor: nothing here waits for the GPU."""
+    with torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
+        loss, s = update_loss(args, model, stage, b, trusted)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    with torch.no_grad():                             # EMA of the parameters; buffers copied
+        d = min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+        torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+        if "mask" not in s:
+            return torch.stack([loss.detach(), *loss.new_zeros(3)])
+        used = s["mask"] > 0
+        return torch.stack([loss.detach(), s["mask"].mean(), (used & (s["pseudo"] == b["y_u"])).sum(),
+                            used.sum()]).float()
 
 
 def train_snn(args, data, stage, split, trusted=None):
@@ -531,7 +656,7 @@ def train_snn(args, data, stage, split, trusted=None):
     if os.path.exists(final):
         return _load_final(args, data, final, stage)
     K, seed = args.steps, args.seed * 1000 + STAGES.index(stage)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)                           # initial weights; dropout continues from here
     model = make_model(args, data, stage == "suave")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt, sched = make_optimizer(model, args)
@@ -540,47 +665,45 @@ def train_snn(args, data, stage, split, trusted=None):
         st = _restore(ckpt, model, ema, opt, sched)
     trim_metrics(args, stage, st["step"])
     fwd = torch.compile(model) if args.compile else model
-    unl = stage != "supervised"
-    lab_workers = min(1, max(0, args.workers - 1)) if unl else args.workers  # rest: strong views
-    lab = batches(data, split, args.batch_size, st["step"], K, 2 * seed, False, lab_workers)
-    ulb = unl and batches(data, torch.arange(len(data["train_y"])), args.mu * args.batch_size,
-                          st["step"], K, 2 * seed + 1, True, args.workers - lab_workers)
+    trusted = None if trusted is None else trusted.to(args.dev)
     bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)   # a log file: a line per 30 s
+    window, t0 = [], time.time()
     for step in bar:
-        t0 = time.time()
-        x_l, y_l, _ = next(lab)
-        x_w, x_s, y_u, idx = next(ulb) if unl else (None,) * 4
-        with torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
-            loss, s = update_loss(args, fwd, stage, x_l, y_l, x_w, x_s,
-                                  None if trusted is None else trusted[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():                         # EMA of the parameters; buffers copied.
-            d = min(args.ema, (1 + step) / (10 + step))  # warm-up (TF's num_updates): short runs
-            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
-            for b_ema, b in zip(ema.buffers(), model.buffers()):
-                b_ema.copy_(b)
-        row = dict(loss=loss.item(), lr=sched.get_last_lr()[0])
-        if unl:                                       # precision of the pseudo labels used
-            used = s["mask"].bool().cpu()
-            st["pl_hit"] += int((s["pseudo"].cpu()[used] == y_u[used]).sum())
-            st["pl_n"] += int(used.sum())
-            row.update(mask=s["mask"].mean().item(), pl_precision=st["pl_hit"] / max(1, st["pl_n"]))
+        b = make_batch(data, split, step, seed, args, unlabeled=stage != "supervised")
+        window.append(train_step(args, fwd, ema, opt, sched, stage, b, trusted, step))
+        done, evaluate_now = step + 1, (step + 1) % args.eval_every == 0 or step + 1 == K
+        if done % 32 and not evaluate_now:
+            continue                                  # the GPU runs ahead; read back every 32
+        w = torch.stack(window).cpu()
+        bad = (~torch.isfinite(w[:, 0])).nonzero()
+        if len(bad):                                  # never train on (or report) a NaN
+            bar.close()
+            print(f"kdfixmatch.py: error: {stage} SNN: the loss is {w[bad[0, 0], 0]} at step "
+                  f"{done - len(w) + int(bad[0, 0]) + 1}; stopped with the checkpoint of step "
+                  f"{st['step']} kept. Lower --lr (or --lambda-u, --wd), or try --precision fp32, "
+                  f"then --resume", file=sys.stderr)
+            sys.exit(1)
+        st["pl_hit"] += int(w[:, 2].sum())
+        st["pl_n"] += int(w[:, 3].sum())
         st["train_s"] += time.time() - t0
-        st["images"] += len(x_l) + (2 * len(x_w) if unl else 0)
-        st["step"] = step + 1
-        if st["step"] % args.eval_every == 0 or st["step"] == K:
+        st["images"] += len(w) * args.batch_size * (1 + 2 * args.mu * (stage != "supervised"))
+        st["step"], window = done, []
+        row = dict(loss=w[-1, 0].item(), lr=sched.get_last_lr()[0])
+        if stage != "supervised":                     # precision of the pseudo labels used
+            row.update(mask=w[-1, 1].item(), pl_precision=st["pl_hit"] / max(1, st["pl_n"]))
+        if evaluate_now:
             st["evals"].append(evaluate(ema, data["test_x"], data["test_y"], args))
-            log_metrics(args, dict(stage=stage, step=st["step"], test_acc=st["evals"][-1], **row))
+            log_metrics(args, dict(stage=stage, step=done, test_acc=st["evals"][-1], **row))
             save(ckpt, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                              sched=sched.state_dict(), st=st, rng=_rng_state()))
         bar.set_postfix({k: f"{v:.4f}" if k == "lr" else f"{v:.3f}" for k, v in row.items()},
-                        test=f"{st['evals'][-1]:.3f}" if st["evals"] else "-")
+                        test=f"{st['evals'][-1]:.3f}" if st["evals"] else "-", refresh=False)
+        t0 = time.time()
     bar.close()
-    summary = dict(test_acc=st["evals"][-1], test_acc_median20=float(np.median(st["evals"][-20:])),
+    n = len(st["evals"])                              # FixMatch reports the median of the last 20
+    summary = dict(test_acc=st["evals"][-1], evals=n,
+                   test_acc_median20=float(np.median(st["evals"][-20:])) if n >= 20 else None,
                    train_s=st["train_s"], images_per_s=st["images"] / max(st["train_s"], 1e-9),
                    pseudo_label_precision=st["pl_hit"] / st["pl_n"] if st["pl_n"] else None)
     save(final, dict(ema=ema.state_dict(), summary=summary, args=vars_of(args)))
@@ -588,19 +711,19 @@ def train_snn(args, data, stage, split, trusted=None):
     return ema, summary
 
 
-def update_loss(args, model, stage, x_l, y_l, x_w, x_s, trusted):
+def update_loss(args, model, stage, b, trusted):
     """The loss of one update for this stage, with the stage's hyper-parameters."""
-    x_l, y_l = to_input(x_l, args), y_l.to(args.dev)
+    x_l, y_l = to_input(b["x_l"], args), b["y_l"]
     if stage == "supervised":
         return fixmatch_step(model, x_l, y_l)
-    x_w, x_s = to_input(x_w, args), to_input(x_s, args)
+    x_w, x_s = to_input(b["x_u"], args), to_input(b["x_s"], args)
     if stage == "suave":
         return suave_step(model, x_l, y_l, x_w, x_s, args.suave_temperature, args.sinkhorn_eps,
                           args.sinkhorn_iters, args.label_smoothing)
     if trusted is None:                               # FixMatch = the outer SNN
         return fixmatch_step(model, x_l, y_l, x_w, x_s, args.tau, args.lambda_u)
     return fixmatch_step(model, x_l, y_l, x_w, x_s, args.tau_inner, args.lambda_u,
-                         trusted.to(args.dev), args.loss, args.sce_alpha, args.sce_beta, args.sce_A)
+                         trusted[b["idx_u"]], args.loss, args.sce_alpha, args.sce_beta, args.sce_A)
 
 
 def evaluate(model, x, y, args, features=False):
@@ -617,6 +740,40 @@ def evaluate(model, x, y, args, features=False):
     if features:
         return logits, torch.cat(feats)
     return (logits.argmax(1) == y).float().mean().item()
+
+
+def bench(args, data, split):
+    """--bench: images/s of (1) augment alone, (2) the training step on one batch already on the
+    device (the ceiling), (3) the real loop; (3)/(2) is what the data path leaves of the ceiling."""
+    n = 100 if args.dev.type == "cuda" else 20
+    model = make_model(args, data)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt, sched = make_optimizer(model, args)
+    fwd = torch.compile(model) if args.compile else model
+    sync = torch.cuda.synchronize if args.dev.type == "cuda" else lambda: None
+    images = args.batch_size * (1 + 2 * args.mu)
+
+    def rate(fn):                                     # images/s over n steps after a warm-up
+        for k in range(max(3, n // 4)):
+            fn(k)
+        sync()
+        t = time.time()
+        for k in range(n):
+            fn(k)
+        sync()
+        return images * n / (time.time() - t)
+    batch = make_batch(data, split, 0, 0, args)
+    step = lambda k, b: train_step(args, fwd, ema, opt, sched, "outer", b, None, k)
+    aug = rate(lambda k: make_batch(data, split, k, 0, args))
+    ceiling = rate(lambda k: step(k, batch))
+    real = rate(lambda k: step(k, make_batch(data, split, k, 0, args)))
+    print(f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev} "
+          f"({'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}), "
+          f"images/s:\n  (1) augment alone            {aug:10.0f}\n"
+          f"  (2) step on a fixed batch    {ceiling:10.0f}  ({1000 * images / ceiling:.1f} ms/step)"
+          f"\n  (3) real training loop       {real:10.0f}  ({1000 * images / real:.1f} ms/step)\n"
+          f"  (3)/(2)                      {real / ceiling:10.3f}")
+    return dict(augment=aug, ceiling=ceiling, real=real, ratio=real / ceiling)
 
 
 # =============================================================================================
@@ -718,7 +875,7 @@ def trusted_subset(args, data, outer):
     path = os.path.join(args.out, "trusted.pt")
     if os.path.exists(path):
         return torch.load(path, weights_only=False)
-    logits, feats = evaluate(outer, data["train_x"], data["train_y"], args, features=True)
+    logits, feats = evaluate(outer, data["x"], data["train_y"], args, features=True)
     y = data["train_y"]
     pseudo = logits.argmax(1)
     idx, labels = select_confident(logits.softmax(1), args.tau_select)
@@ -750,11 +907,21 @@ def main(argv=None):
     torch.set_flush_denormal(True)                    # CPU: confident nets make denormals, 1.5x slower
     t0 = time.time()
     data = load_dataset(args)
-    split = prepare_out(args, data)
+    split = (labeled_split(data["train_y"], args.labels, data["classes"], args.seed) if args.bench
+             else prepare_out(args, data))
     n = len(data["train_x"])                          # per-channel normalisation: a strided
     x = data["train_x"][::max(1, n // 10000)].float() / 255   # sample (folders are class-sorted)
     args.mean = x.mean((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)
     args.std = x.std((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)
+    for k in ("x", "test_x"):                         # whole sets on the GPU when they fit
+        x = data.get(k, data["train_x"])
+        on_gpu = args.dev.type == "cuda" and x.numel() < torch.cuda.mem_get_info(args.dev)[0] // 4
+        data[k] = x.to(args.dev) if on_gpu else x.pin_memory() if args.dev.type == "cuda" else x
+        if args.dev.type == "cuda":
+            print(f"{k}: {x.numel() / 2 ** 20:.0f} MiB in {'GPU' if on_gpu else 'pinned host'} memory")
+    data["y"] = data["train_y"].to(args.dev)
+    if args.bench:
+        return bench(args, data, split)
     res = dict(method=args.method, dataset=args.dataset, labels=args.labels, seed=args.seed,
                arch=args.arch, steps=args.steps, device=str(args.dev),
                versions=dict(torch=torch.__version__, torchvision=torchvision.__version__))

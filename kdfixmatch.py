@@ -228,94 +228,87 @@ def labeled_split(train_y, n_labels, classes, seed):
 
 # =============================================================================================
 # Augmentation (FixMatch), batched on the training device. Each sample draws its own flip and
-# translation and, for the strong view, 2 RandAugment ops with magnitudes and a Cutout box. The
-# draws come from a CPU generator (a batch is the same on every device) and travel in one copy;
-# each op then runs once per op slot over the samples that drew it, with no host-device sync.
+# shift and, in the strong view, 2 RandAugment ops with magnitudes and a Cutout box. The draws
+# come from a CPU generator (a batch is the same on every device) and travel in one copy; each op
+# then runs once per op slot over the samples that drew it, and nothing waits for the GPU.
 RA_OPS = ("identity", "autocontrast", "equalize", "brightness", "color", "contrast", "sharpness",
           "posterize", "solarize", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 GEOMETRIC = 9                                         # RA_OPS[9:]: one affine resampling per slot
 
 
 def augment(x, flip=True, strong=False, generator=None):
-    """uint8 batch (N, C, H, W) on any device -> its weak views (flip + translate up to 12.5 %,
-    reflect padding) or strong views (weak, then 2 RandAugment ops, then Cutout); same shape."""
+    """uint8 batch (N, C, H, W) on any device -> its weak views (flip + shift up to 12.5 %, reflect
+    padding) or strong views (weak, 2 RandAugment ops, Cutout); same shape and dtype."""
     return apply_plan(x, draw_plan(len(x), *x.shape[-2:], flip, strong, generator))
 
 
 def draw_plan(N, H, W, flip=True, strong=False, generator=None):
     """The per-sample random draws of `augment`, as CPU tensors."""
-    g = dict(generator=generator)
-    ph, pw = round(0.125 * H), round(0.125 * W)
+    g, ph, pw = dict(generator=generator), round(0.125 * H), round(0.125 * W)
     plan = dict(flip=(torch.rand(N, **g) < 0.5) & flip,
                 dy=torch.randint(-ph, ph + 1, (N,), **g), dx=torch.randint(-pw, pw + 1, (N,), **g))
     if strong:  # FixMatch's RandAugment: 2 ops drawn with replacement, each applied with p = 0.5
         plan.update(op=torch.randint(len(RA_OPS), (N, 2), **g) * (torch.rand(N, 2, **g) < 0.5),
                     level=torch.randint(1, 10, (N, 2), **g),          # magnitude 1..9 of 10
-                    sign=torch.randint(2, (N, 2), **g) * 2 - 1,       # geometric ops: direction
+                    sign=torch.randint(2, (N, 2), **g) * 2 - 1,       # of the geometric ops
                     cy=torch.randint(H, (N,), **g), cx=torch.randint(W, (N,), **g))   # Cutout
     return plan
 
 
 def slot_params(op, level, sign, H, W):
-    """Every op's per-sample parameters for one op slot, in float64 as torchvision computes them
-    from Python floats: enhance factor f and 1 - f, posterize bit mask, solarize threshold, and
-    the inverse affine matrix of TF.affine (centre of the image, no scale)."""
+    """One op slot's per-sample parameters, in float64 as torchvision computes them from Python
+    floats: enhance factor f and 1 - f, posterize bit mask, solarize threshold, and TF.affine's
+    inverse matrix (torchvision's _get_inverse_affine_matrix, about the centre)."""
     m = level.double() / 10
-    f = 0.1 + 1.8 * m                                 # official code's enhance span 0.1..1.9
-    bits = 8 - (4 * level + 5) // 10                  # posterize 8..4 bits: the paper's table
-    sm, zero = m * sign, torch.zeros_like(m)
-    pick = lambda name, v: torch.where(op == RA_OPS.index(name), v, zero)
-    rot = torch.deg2rad(pick("rotate", -30 * sm))     # TF.rotate(30 m) is TF.affine(-30 m)
-    sx = pick("shear_x", torch.atan(0.3 * sm))        # shear factor up to 0.3
-    sy = pick("shear_y", torch.atan(0.3 * sm))
-    tx = pick("translate_x", torch.round(0.3 * sm * W))    # up to 30 % of the side, whole pixels
+    sm, f = m * sign, 0.1 + 1.8 * m                   # official code's enhance span 0.1..1.9
+    pick = lambda name, v: torch.where(op == RA_OPS.index(name), v, torch.zeros_like(m))
+    rot = torch.deg2rad(pick("rotate", -30 * sm))     # up to 30 degrees (TF.rotate's sign)
+    sx, sy = pick("shear_x", torch.atan(0.3 * sm)), pick("shear_y", torch.atan(0.3 * sm))
+    tx = pick("translate_x", torch.round(0.3 * sm * W))    # up to 30 % of the side
     ty = pick("translate_y", torch.round(0.3 * sm * H))
-    a = torch.cos(rot - sy) / torch.cos(sy)           # torchvision's _get_inverse_affine_matrix
-    b = -(a * torch.tan(sx) + torch.sin(rot))
-    c = torch.sin(rot - sy) / torch.cos(sy)
-    d = torch.cos(rot) - c * torch.tan(sx)
-    theta = torch.stack([d, -b, -d * tx + b * ty, -c, a, c * tx - a * ty], 1)
-    return dict(f=f, g=1 - f, mask=(255 << (8 - bits)) & 255, thr=256 * (1 - m), theta=theta)
+    a, c = torch.cos(rot - sy) / torch.cos(sy), torch.sin(rot - sy) / torch.cos(sy)
+    b, d = -(a * torch.tan(sx) + torch.sin(rot)), torch.cos(rot) - c * torch.tan(sx)
+    bits = 8 - (4 * level + 5) // 10                  # posterize 8..4 bits: the paper's table
+    return dict(f=f, g=1 - f, mask=(255 << (8 - bits)) & 255, thr=256 * (1 - m),
+                theta=torch.stack([d, -b, b * ty - d * tx, -c, a, c * tx - a * ty], 1))
 
 
 def apply_plan(x, plan):
     """Apply drawn (or given) per-sample parameters to the uint8 batch x, on x's device."""
     N, C, H, W = x.shape
-    cols, slots = dict(flip=plan["flip"], dy=plan["dy"], dx=plan["dx"]), []
-    for j in range(2 if "op" in plan else 0):
+    cols, ends = {k: plan[k] for k in ("flip", "dy", "dx", "cy", "cx") if k in plan}, []
+    for j in range(2 if "op" in plan else 0):         # samples grouped by op: one slice per op
         op = plan["op"][:, j]
-        slots.append([0] + torch.bincount(op, minlength=len(RA_OPS)).cumsum(0).tolist())
-        cols.update({f"{k}{j}": v for k, v in slot_params(op, plan["level"][:, j],
-                                                          plan["sign"][:, j], H, W).items()})
-        cols[f"order{j}"] = torch.argsort(op, stable=True)   # samples grouped by op
-    cols.update({k: plan[k] for k in ("cy", "cx") if k in plan})
-    flat = torch.cat([v.double().view(N, -1) for v in cols.values()], 1).float()   # exact ints
-    p = dict(zip(cols, to_device(flat, x.device).split([v.view(N, -1).shape[1]
-                                                         for v in cols.values()], 1)))
-    out = flip_translate(x, p["flip"][:, 0] > 0, p["dy"][:, 0].long(), p["dx"][:, 0].long())
-    for j, ends in enumerate(slots):
-        order = p[f"order{j}"][:, 0].long()
-        prm = {k: p[f"{k}{j}"] for k in ("f", "g", "mask", "thr", "theta")}
+        ends.append([0] + torch.bincount(op, minlength=len(RA_OPS)).cumsum(0).tolist())
+        cols.update({k + str(j): v for k, v in slot_params(op, plan["level"][:, j],
+                                                           plan["sign"][:, j], H, W).items()})
+        cols[f"order{j}"] = torch.argsort(op, stable=True)
+    widths = [v.view(N, -1).shape[1] for v in cols.values()]
+    flat = torch.cat([v.double().view(N, -1) for v in cols.values()], 1).float()   # ints exact
+    p = {k: v.squeeze(1) for k, v in zip(cols, to_device(flat, x.device).split(widths, 1))}
+    out = flip_translate(x, p["flip"] > 0, p["dy"].long(), p["dx"].long())
+    for j, e in enumerate(ends):
+        order = p[f"order{j}"].long()
         for k in range(1, GEOMETRIC):
-            if ends[k + 1] > ends[k]:
-                i = order[ends[k]:ends[k + 1]]
-                out[i] = point_op(RA_OPS[k], out[i], *(prm[n][i].view(-1, 1, 1, 1)
+            if e[k + 1] > e[k]:
+                i = order[e[k]:e[k + 1]]
+                out[i] = point_op(RA_OPS[k], out[i], *(p[n + str(j)][i].view(-1, 1, 1, 1)
                                                        for n in ("f", "g", "mask", "thr")))
-        if ends[-1] > ends[GEOMETRIC]:
-            i = order[ends[GEOMETRIC]:]
-            out[i] = affine(out[i], prm["theta"][i])
+        if e[-1] > e[GEOMETRIC]:
+            i = order[e[GEOMETRIC]:]
+            out[i] = affine(out[i], p[f"theta{j}"][i])
     if "cy" in p:      # Cutout: half the side, gray, always; clipped at both edges (official)
         y0, x0 = p["cy"].long() - H // 4, p["cx"].long() - W // 4
-        ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)
-        iy = (ys >= y0.clamp(min=0)) & (ys < (y0 + H // 2).clamp(max=H))
-        ix = (xs >= x0.clamp(min=0)) & (xs < (x0 + W // 2).clamp(max=W))
-        out = out.masked_fill((iy[:, :, None] & ix[:, None, :])[:, None], 127)
+        iy = torch.arange(H, device=x.device) - y0[:, None]
+        ix = torch.arange(W, device=x.device) - x0[:, None]
+        box = ((iy >= 0) & (iy < H // 2))[:, :, None] & ((ix >= 0) & (ix < W // 2))[:, None]
+        out = out.masked_fill(box[:, None], 127)
     return out
 
 
 def flip_translate(x, flip, dy, dx):
     """Weak view: horizontal flip, then a shift by (dy, dx) px with reflect padding, as one gather
-    (the same pixels as TF.horizontal_flip, TF.pad(padding_mode="reflect") and TF.crop)."""
+    (the pixels of TF.horizontal_flip, TF.pad(padding_mode="reflect") and TF.crop)."""
     N, C, H, W = x.shape
     reflect = lambda i, n: torch.where(i >= n, 2 * (n - 1) - i, i.abs())
     ys = reflect(torch.arange(H, device=x.device) + dy[:, None], H)
@@ -325,16 +318,13 @@ def flip_translate(x, flip, dy, dx):
     return x.reshape(N, C, H * W).gather(2, idx).view(N, C, H, W)
 
 
-def _fma(a, b, c):    # a + b * c rounded once, as torchvision's add_(b, alpha=c) computes it
-    return (a.double() + b.double() * c.double()).float()
-
-
 def point_op(name, x, f, g, mask, thr):
     """One pixel-value RandAugment op on uint8 x (n, C, H, W) with per-sample parameters
-    (n, 1, 1, 1); each value equals torchvision's op applied image by image."""
+    (n, 1, 1, 1); every value equals torchvision's op applied image by image."""
     xf = x.float()
-    if name == "autocontrast":     # TF.autocontrast, without its boolean-mask writes (a GPU sync)
-        lo, hi = xf.amin((-2, -1), keepdim=True), xf.amax((-2, -1), keepdim=True)
+    fma = lambda a, b, c: (a.double() + b.double() * c.double()).float()   # torchvision's
+    if name == "autocontrast":     # add_(b, alpha=c) rounds once. TF.autocontrast without its
+        lo, hi = xf.amin((-2, -1), keepdim=True), xf.amax((-2, -1), keepdim=True)   # GPU sync:
         flat = hi == lo
         out = (xf - torch.where(flat, 0.0, lo)) / torch.where(flat, 1.0, (hi - lo) * (1 / 255))
     elif name == "equalize":
@@ -344,25 +334,22 @@ def point_op(name, x, f, g, mask, thr):
     elif name == "solarize":
         return torch.where(x >= thr, 255 - x, x)
     elif name == "sharpness":      # blend with the 3x3-smoothed image; the border is kept
-        a, b = 1 / 13, 5 / 13
-        k = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=x.device)
+        k = torch.tensor([[1 / 13] * 3, [1 / 13, 5 / 13, 1 / 13], [1 / 13] * 3], device=x.device)
         blur = F.conv2d(xf, k.expand(x.shape[1], 1, 3, 3), groups=x.shape[1]).round()
-        inner = xf[..., 1:-1, 1:-1]
-        xf[..., 1:-1, 1:-1] = _fma(inner, blur - inner, g)
-        out = xf
+        out, inner = xf, xf[..., 1:-1, 1:-1]
+        out[..., 1:-1, 1:-1] = fma(inner, blur - inner, g)
     elif name == "color" and x.shape[1] == 1:
         return x                   # as PIL: no colour to change
     else:                          # blend with the degenerate image: black, gray, mean gray
         gray = TF.rgb_to_grayscale(x).float() if x.shape[1] == 3 else xf
-        degenerate = dict(brightness=torch.zeros_like(gray), color=gray,
-                          contrast=gray.mean((-3, -2, -1), keepdim=True))[name]
-        out = _fma(xf * f, degenerate, g)
+        out = fma(xf * f, dict(brightness=torch.zeros_like(gray), color=gray,
+                               contrast=gray.mean((-3, -2, -1), keepdim=True))[name], g)
     return out.clamp(0, 255).to(torch.uint8)
 
 
 def affine(x, theta):
-    """Per-sample affine resampling of uint8 x (n, C, H, W), nearest, gray fill (128): the grid
-    of TF.affine with inverse matrices theta (n, 6), built for the whole batch in one bmm."""
+    """Per-sample affine resampling of uint8 x (n, C, H, W), nearest, gray fill (128): TF.affine's
+    grid for inverse matrices theta (n, 6), built for the whole batch in one bmm."""
     n, C, H, W = x.shape
     base = torch.ones(1, H, W, 3, device=x.device)
     base[..., 0] = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=x.device)
@@ -574,21 +561,16 @@ def make_model(args, data, suave=False, imagenet=True):
     if suave:                                         # projector + cosine prototypes (Suave)
         model.head = suave_head(model.head.in_features, data["classes"], args.suave_hidden,
                                 args.suave_dim)
-    return model.to(args.dev, memory_format=torch.channels_last)
-
-
-def make_optimizer(model, args):
-    """SGD with Nesterov momentum; weight decay on conv/linear weights only; lr * cos(7 pi k/16K)."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
+    model = model.to(args.dev, memory_format=torch.channels_last)
+    decay = [p for p in model.parameters() if p.ndim > 1]     # wd on conv/linear weights only
     rest = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([dict(params=decay, weight_decay=args.wd), dict(params=rest, weight_decay=0)],
                           lr=args.lr, momentum=args.momentum, nesterov=True)
-    K = args.steps
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * K)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * args.steps)))
+    return model, copy.deepcopy(model).eval().requires_grad_(False), opt, sched   # + the EMA
 
 
-def to_device(t, dev):
-    """A host -> GPU copy that does not wait for the GPU (from pinned memory)."""
+def to_device(t, dev):        # a host -> GPU copy from pinned memory does not wait for the GPU
     return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)
 
 
@@ -605,34 +587,43 @@ def _epoch_perm(n, seed, epoch):
 
 def make_batch(data, split, step, seed, args, unlabeled=True):
     """Batch `step`: B labeled and mu*B unlabeled images from streams of reshuffled epochs,
-    augmented on the device. A pure function of (seed, step): a resumed run sees exactly the
-    batches an uninterrupted one would, on any device."""
+    augmented on the device. A pure function of (seed, step) on any device: a resumed run sees
+    exactly the batches of an uninterrupted one."""
     b, g = {}, torch.Generator().manual_seed(seed * 1_000_003 + step)
     for kind, pool, size in (("l", split, args.batch_size),
                              ("u", torch.arange(len(data["train_y"])), args.mu * args.batch_size)):
-        if kind == "u" and not unlabeled:
-            break
         n, pos, idx, s = len(pool), step * size, [], 2 * seed + (kind == "u")
         while len(idx) < size:                        # a batch may straddle two epochs
             epoch, off = divmod(pos + len(idx), n)
             idx += _epoch_perm(n, s, epoch)[off:off + size - len(idx)].tolist()
         idx = to_device(pool[idx], args.dev)
         x = data["x"][idx] if data["x"].is_cuda else to_device(data["x"][idx.cpu()], args.dev)
-        b["x_" + kind] = augment(x, data["flip"], False, g)     # weak view
-        b["y_" + kind], b["idx_" + kind] = data["y"][idx], idx
-        if kind == "u":
-            b["x_s"] = augment(x, data["flip"], True, g)        # strong view
-    return b
+        b.update({"x_" + kind: augment(x, data["flip"], False, g), "y_" + kind: data["y"][idx]})
+        if kind == "l" and not unlabeled:
+            return b
+    return dict(b, x_s=augment(x, data["flip"], True, g), idx_u=idx)    # + the strong views
 
 
 STAGES = ("outer", "inner", "supervised", "suave")
 
 
 def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
-    """One SGD update and the EMA. Returns the step's (loss, mask rate, right and used pseudo
-    labels) as one device tensor: nothing here waits for the GPU."""
+    """One SGD update of the stage's loss, and the EMA. Returns (loss, mask rate, right and used
+    pseudo labels) as one device tensor: nothing here waits for the GPU."""
+    x_l, y_l = to_input(b["x_l"], args), b["y_l"]
     with torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
-        loss, s = update_loss(args, model, stage, b, trusted)
+        if stage == "supervised":
+            loss, s = fixmatch_step(model, x_l, y_l)
+        elif stage == "suave":
+            loss, s = suave_step(model, x_l, y_l, to_input(b["x_u"], args), to_input(b["x_s"], args),
+                                 args.suave_temperature, args.sinkhorn_eps, args.sinkhorn_iters,
+                                 args.label_smoothing)
+        else:                                         # FixMatch = the outer SNN, or the inner one
+            inner = trusted is not None
+            loss, s = fixmatch_step(model, x_l, y_l, to_input(b["x_u"], args), to_input(b["x_s"], args),
+                                    args.tau_inner if inner else args.tau, args.lambda_u,
+                                    trusted[b["idx_u"]] if inner else None, args.loss,
+                                    args.sce_alpha, args.sce_beta, args.sce_A)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -641,7 +632,7 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
         d = min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
         torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
-        if "mask" not in s:
+        if "mask" not in s:                           # the supervised floor
             return torch.stack([loss.detach(), *loss.new_zeros(3)])
         used = s["mask"] > 0
         return torch.stack([loss.detach(), s["mask"].mean(), (used & (s["pseudo"] == b["y_u"])).sum(),
@@ -657,9 +648,7 @@ def train_snn(args, data, stage, split, trusted=None):
         return _load_final(args, data, final, stage)
     K, seed = args.steps, args.seed * 1000 + STAGES.index(stage)
     torch.manual_seed(seed)                           # initial weights; dropout continues from here
-    model = make_model(args, data, stage == "suave")
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt, sched = make_optimizer(model, args)
+    model, ema, opt, sched = make_model(args, data, stage == "suave")
     st = dict(step=0, evals=[], train_s=0.0, images=0, pl_hit=0, pl_n=0)
     if os.path.exists(ckpt):
         st = _restore(ckpt, model, ema, opt, sched)
@@ -674,21 +663,18 @@ def train_snn(args, data, stage, split, trusted=None):
         window.append(train_step(args, fwd, ema, opt, sched, stage, b, trusted, step))
         done, evaluate_now = step + 1, (step + 1) % args.eval_every == 0 or step + 1 == K
         if done % 32 and not evaluate_now:
-            continue                                  # the GPU runs ahead; read back every 32
-        w = torch.stack(window).cpu()
-        bad = (~torch.isfinite(w[:, 0])).nonzero()
-        if len(bad):                                  # never train on (or report) a NaN
+            continue                                  # the GPU runs ahead: read back every 32
+        w, window = torch.stack(window).cpu(), []
+        if not w[:, 0].isfinite().all():              # never train on (or report) a NaN
             bar.close()
-            print(f"kdfixmatch.py: error: {stage} SNN: the loss is {w[bad[0, 0], 0]} at step "
-                  f"{done - len(w) + int(bad[0, 0]) + 1}; stopped with the checkpoint of step "
-                  f"{st['step']} kept. Lower --lr (or --lambda-u, --wd), or try --precision fp32, "
-                  f"then --resume", file=sys.stderr)
+            bad = done - len(w) + int((~w[:, 0].isfinite()).nonzero()[0, 0]) + 1
+            print(f"kdfixmatch.py: error: {stage} SNN: non-finite loss at step {bad}. Stopped; "
+                  f"its checkpoint of step {st['step']} is kept: lower --lr (or --lambda-u, --wd) "
+                  f"or use --precision fp32, and --resume", file=sys.stderr)
             sys.exit(1)
-        st["pl_hit"] += int(w[:, 2].sum())
-        st["pl_n"] += int(w[:, 3].sum())
-        st["train_s"] += time.time() - t0
-        st["images"] += len(w) * args.batch_size * (1 + 2 * args.mu * (stage != "supervised"))
-        st["step"], window = done, []
+        st.update(step=done, train_s=st["train_s"] + time.time() - t0,
+                  images=st["images"] + len(w) * (len(b["x_l"]) + 2 * len(b.get("x_u", []))),
+                  pl_hit=st["pl_hit"] + int(w[:, 2].sum()), pl_n=st["pl_n"] + int(w[:, 3].sum()))
         row = dict(loss=w[-1, 0].item(), lr=sched.get_last_lr()[0])
         if stage != "supervised":                     # precision of the pseudo labels used
             row.update(mask=w[-1, 1].item(), pl_precision=st["pl_hit"] / max(1, st["pl_n"]))
@@ -711,21 +697,6 @@ def train_snn(args, data, stage, split, trusted=None):
     return ema, summary
 
 
-def update_loss(args, model, stage, b, trusted):
-    """The loss of one update for this stage, with the stage's hyper-parameters."""
-    x_l, y_l = to_input(b["x_l"], args), b["y_l"]
-    if stage == "supervised":
-        return fixmatch_step(model, x_l, y_l)
-    x_w, x_s = to_input(b["x_u"], args), to_input(b["x_s"], args)
-    if stage == "suave":
-        return suave_step(model, x_l, y_l, x_w, x_s, args.suave_temperature, args.sinkhorn_eps,
-                          args.sinkhorn_iters, args.label_smoothing)
-    if trusted is None:                               # FixMatch = the outer SNN
-        return fixmatch_step(model, x_l, y_l, x_w, x_s, args.tau, args.lambda_u)
-    return fixmatch_step(model, x_l, y_l, x_w, x_s, args.tau_inner, args.lambda_u,
-                         trusted[b["idx_u"]], args.loss, args.sce_alpha, args.sce_beta, args.sce_A)
-
-
 def evaluate(model, x, y, args, features=False):
     """Accuracy of `model` on uint8 images x; with features=True returns (logits, features)."""
     model.eval()
@@ -745,35 +716,26 @@ def evaluate(model, x, y, args, features=False):
 def bench(args, data, split):
     """--bench: images/s of (1) augment alone, (2) the training step on one batch already on the
     device (the ceiling), (3) the real loop; (3)/(2) is what the data path leaves of the ceiling."""
-    n = 100 if args.dev.type == "cuda" else 20
-    model = make_model(args, data)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt, sched = make_optimizer(model, args)
+    model, ema, opt, sched = make_model(args, data)
     fwd = torch.compile(model) if args.compile else model
+    n, images = (200 if args.dev.type == "cuda" else 20), args.batch_size * (1 + 2 * args.mu)
     sync = torch.cuda.synchronize if args.dev.type == "cuda" else lambda: None
-    images = args.batch_size * (1 + 2 * args.mu)
-
-    def rate(fn):                                     # images/s over n steps after a warm-up
-        for k in range(max(3, n // 4)):
-            fn(k)
-        sync()
-        t = time.time()
-        for k in range(n):
-            fn(k)
-        sync()
-        return images * n / (time.time() - t)
-    batch = make_batch(data, split, 0, 0, args)
+    fixed, rates = make_batch(data, split, 0, 0, args), []
     step = lambda k, b: train_step(args, fwd, ema, opt, sched, "outer", b, None, k)
-    aug = rate(lambda k: make_batch(data, split, k, 0, args))
-    ceiling = rate(lambda k: step(k, batch))
-    real = rate(lambda k: step(k, make_batch(data, split, k, 0, args)))
-    print(f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev} "
-          f"({'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}), "
-          f"images/s:\n  (1) augment alone            {aug:10.0f}\n"
-          f"  (2) step on a fixed batch    {ceiling:10.0f}  ({1000 * images / ceiling:.1f} ms/step)"
-          f"\n  (3) real training loop       {real:10.0f}  ({1000 * images / real:.1f} ms/step)\n"
-          f"  (3)/(2)                      {real / ceiling:10.3f}")
-    return dict(augment=aug, ceiling=ceiling, real=real, ratio=real / ceiling)
+    for fn in (lambda k: make_batch(data, split, k, 0, args), lambda k: step(k, fixed),
+               lambda k: step(k, make_batch(data, split, k, 0, args))):
+        for k in range(-(n // 4), n):                 # a warm-up (and compilation), then n steps
+            if k == 0:
+                sync(), (t := time.time())
+            fn(k)
+        sync()
+        rates.append(images * n / (time.time() - t))
+    print(f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev}, "
+          f"{'bf16' if args.bf16 else 'fp32'}{' compiled' if args.compile else ''}: images/s of "
+          f"(1) augment {rates[0]:.0f}, (2) step on a fixed batch {rates[1]:.0f} "
+          f"({1000 * images / rates[1]:.1f} ms), (3) real loop {rates[2]:.0f} "
+          f"({1000 * images / rates[2]:.1f} ms); (3)/(2) = {rates[2] / rates[1]:.3f}")
+    return dict(zip(("augment", "ceiling", "real"), rates))
 
 
 # =============================================================================================
@@ -825,7 +787,7 @@ def _restore(path, model, ema, opt, sched):
 
 def _load_final(args, data, path, stage):
     c = torch.load(path, map_location="cpu", weights_only=False)
-    ema = make_model(args, data, stage == "suave", imagenet=False)
+    ema = make_model(args, data, stage == "suave", imagenet=False)[1]
     ema.load_state_dict(c["ema"])
     return ema.eval(), c["summary"]
 

@@ -515,9 +515,15 @@ def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0, reduction="mean"):
 # =============================================================================================
 # Suave (Fini et al. 2023): cluster prototypes = class prototypes, one cross-entropy for all
 class Prototypes(nn.Linear):
-    """Bias-free layer of L2-normalised prototypes over L2-normalised features: cosine scores."""
+    """Bias-free layer of unit prototypes over L2-normalised features: cosine scores, in fp32 (in
+    bf16 the exponent of scores/eps in Sinkhorn would be off by ~0.08). As Suave's code (after
+    SwAV), the prototypes are renormalised in place before each forward, with no gradient through
+    the normalisation and no weight decay (make_model)."""
     def forward(self, x):
-        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+        with torch.no_grad():
+            self.weight.copy_(F.normalize(self.weight, dim=1))
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(F.normalize(x.float(), dim=1), self.weight)
 
 
 def suave_head(in_dim, classes, hidden=2048, dim=128):
@@ -540,7 +546,8 @@ def sinkhorn(scores, eps=0.05, iters=3):
 
 def suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, eps=0.05, iters=3, smoothing=0.01):
     """Labeled: CE(label, smoothed). Unlabeled: each view predicts the Sinkhorn assignment of the
-    other (swapped prediction, no gradient through targets). Terms weighted by batch share."""
+    other (swapped prediction, no gradient through targets). Terms weighted by their share of the
+    batch, counting every view as Suave's code does: B / (B + 2U) and 2U / (B + 2U)."""
     B, U = len(x_l), len(x_1)
     scores = model(torch.cat([x_l, x_1, x_2])).float()           # cosine scores in [-1, 1]
     s_l, s_1, s_2 = scores[:B], *scores[B:].chunk(2)
@@ -548,7 +555,7 @@ def suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, eps=0.05, iters=3, sm
     swap = lambda t, s: -(t * (s / temperature).log_softmax(1)).sum(1).mean()
     loss_u = (swap(t_1, s_2) + swap(t_2, s_1)) / 2
     loss_l = F.cross_entropy(s_l / temperature, y_l, label_smoothing=smoothing)
-    loss = (B * loss_l + U * loss_u) / (B + U)
+    loss = (B * loss_l + 2 * U * loss_u) / (B + 2 * U)
     return loss, dict(loss_u=loss_u.detach(), mask=torch.ones(U, device=scores.device),
                       pseudo=t_1.argmax(1))
 
@@ -562,8 +569,9 @@ def make_model(args, data, suave=False, imagenet=True):
         model.head = suave_head(model.head.in_features, data["classes"], args.suave_hidden,
                                 args.suave_dim)
     model = model.to(args.dev, memory_format=torch.channels_last)
-    decay = [p for p in model.parameters() if p.ndim > 1]     # wd on conv/linear weights only
-    rest = [p for p in model.parameters() if p.ndim <= 1]
+    protos = [p for m in model.modules() if isinstance(m, Prototypes) for p in m.parameters()]
+    decay = [p for p in model.parameters() if p.ndim > 1 and all(p is not q for q in protos)]
+    rest = [p for p in model.parameters() if all(p is not q for q in decay)]   # wd: conv/linear
     opt = torch.optim.SGD([dict(params=decay, weight_decay=args.wd), dict(params=rest, weight_decay=0)],
                           lr=args.lr, momentum=args.momentum, nesterov=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * args.steps)))

@@ -145,7 +145,7 @@ def test_suave_step_swapped_prediction_has_no_gradient_through_targets():
     ce = lambda t, sc: -(t * (sc / 0.1).log_softmax(1)).sum(1).mean()
     loss_u = (ce(t_1, s_2) + ce(t_2, s_1)) / 2
     loss_l = F.cross_entropy(s_l / 0.1, y_l, label_smoothing=0.01)
-    want = (4 * loss_l + 12 * loss_u) / 16               # weighted by share of the batch
+    want = (4 * loss_l + 24 * loss_u) / 28               # share of the batch, every view counted
     torch.testing.assert_close(loss, want)
     want.backward()
     for a, b in zip(got, model.parameters()):
@@ -153,6 +153,31 @@ def test_suave_step_swapped_prediction_has_no_gradient_through_targets():
     assert torch.equal(s["pseudo"], t_1.argmax(1))
     with torch.no_grad():                                # scores are cosines: prototypes unit norm
         assert float(model(torch.randn(5, 6)).abs().max()) <= 1 + 1e-6
+
+
+def test_suave_prototypes_renormalised_in_place_fp32_and_without_weight_decay():
+    """Suave's code (after SwAV): unit prototypes restored in place before each forward, so the
+    gradient is that of a plain linear layer on the normalised features; scores in fp32; no wd."""
+    torch.manual_seed(0)
+    proto = kd.Prototypes(8, 5, bias=False)
+    with torch.no_grad():
+        proto.weight.mul_(3)
+    x = torch.randn(6, 8)
+    out = proto(x)
+    torch.testing.assert_close(proto.weight.norm(dim=1), torch.ones(5))
+    out.square().sum().backward()
+    w = proto.weight.detach().clone().requires_grad_()
+    F.linear(F.normalize(x, dim=1), w).square().sum().backward()   # no d(normalize)/dW term
+    torch.testing.assert_close(proto.weight.grad, w.grad)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert proto(x).dtype == torch.float32
+    args = kd.get_args(["--method", "suave", "--device", "cpu"])
+    args.dev = torch.device("cpu")
+    data = dict(train_x=torch.zeros(1, 1, 8, 8, dtype=torch.uint8), classes=10)
+    model, _, opt, _ = kd.make_model(args, data, suave=True)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.head[-1].weight) not in decayed and id(model.head[0].weight) in decayed
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
 def _blobs(n_per=120, k=4, d=8, seed=0):

@@ -9,7 +9,7 @@ PyTorch reference below otherwise (CPU, or KDFM_NO_TRITON=1). The references def
 The Triton paths:
     masked_pseudo_label_loss  one launch per call: weak softmax/argmax, Heuristic 1, mask, labels,
                               per-row CE/SCE and d loss/d strong_logits, stored so that backward
-                              only scales it by grad_output (Liger-style fused cross-entropy)
+                              only scales it by grad_output, in place (Liger-style fused CE)
     dec_soft_assign           forward fuses the distance GEMM (tl.dot, fp32), the Student-t kernel
                               and the row normalisation; backward writes dL/d d2 with one kernel
                               and leaves the two (N x K) x (K x D) GEMMs to torch
@@ -21,7 +21,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 
 def _use_triton(t):
@@ -47,16 +46,40 @@ def masked_pseudo_label_loss_torch(weak_logits, strong_logits, tau, trusted=None
     return row.mean(), mask.float(), target
 
 
+def check_trusted(trusted, num_classes):
+    """ValueError unless every outer label lies in [-1, num_classes). One aminmax and one
+    device-to-host copy: on a GPU that is a sync, so a training loop checks its whole trusted
+    vector once and then calls masked_pseudo_label_loss(..., check=False)."""
+    if trusted.is_floating_point() or trusted.is_complex():
+        raise ValueError(f"trusted must be an integer tensor, got {trusted.dtype}")
+    if trusted.numel():
+        lo, hi = torch.stack(torch.aminmax(trusted)).tolist()
+        bad = lo if lo < -1 else hi if hi >= num_classes else None
+        if bad is not None:
+            raise ValueError(f"trusted labels must lie in [-1, {num_classes}) (-1 = untrusted), "
+                             f"got {bad}")
+
+
 def masked_pseudo_label_loss(weak_logits, strong_logits, tau, trusted=None, loss="ce",
-                             alpha=0.1, beta=1.0, A=-4.0):
+                             alpha=0.1, beta=1.0, A=-4.0, *, check=True):
     """FixMatch's unlabeled loss, mean over ALL rows of mask * per-row loss.
 
     weak_logits (B, C) carry no gradient; strong_logits (B, C) do. trusted: int (B,) outer pseudo
     labels, -1 = not trusted (inner SNN only). loss: "ce" or "sce" (alpha, beta, A as in SCE).
+    check: validate trusted with check_trusted (ValueError naming a label outside [-1, C)); that
+    costs a GPU sync per call, so pass check=False for labels already checked.
     Returns (loss, mask float (B,), pseudo_labels (B,) = the target of each row).
+    A weak row with a NaN or +inf logit has a NaN softmax: confidence NaN, label 0 (torch.max's
+    first NaN), so it is masked unless trusted.
     """
     if loss not in ("ce", "sce"):
         raise ValueError(f"loss must be 'ce' or 'sce', got {loss!r}")
+    if trusted is not None:
+        if trusted.shape != strong_logits.shape[:1]:
+            raise ValueError(f"trusted {tuple(trusted.shape)} must have shape "
+                             f"({strong_logits.shape[0]},)")
+        if check:
+            check_trusted(trusted, strong_logits.shape[-1])
     if _use_triton(strong_logits):
         return _masked_pseudo_label_loss_triton(weak_logits, strong_logits, tau, trusted, loss,
                                                 alpha, beta, A)
@@ -100,7 +123,7 @@ if _HAS_TRITON:
     @triton.jit
     def _load_logits(ptr, rows, cols, stride_r, stride_c, C):
         # padded columns read -inf: they drop out of every max and sum-exp
-        offs = rows[:, None] * stride_r + cols[None, :] * stride_c
+        offs = rows[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
         return tl.load(ptr + offs, mask=cols[None, :] < C, other=float("-inf")).to(tl.float32)
 
     @triton.jit
@@ -157,12 +180,18 @@ if _HAS_TRITON:
                 w_max, w_sum = _online_max_sumexp(w_max, w_sum, w)
                 s_max, s_sum = _online_max_sumexp(s_max, s_sum, s)
 
-        # -- Heuristic 1: confident inner label, else the trusted outer label, else masked
-        # max softmax prob = 1 / sum exp(w - max); an all -inf weak row is NaN in the reference
-        conf = tl.where(w_max == float("-inf"), float("nan"), 1.0 / w_sum)
+        # -- Heuristic 1: confident inner label, else the trusted outer label, else masked.
+        # conf = max softmax prob = 1 / sum exp(w - max), divided with round-to-nearest: GPU '/'
+        # (div.full) is approximate and could flip conf >= tau within an ulp of tau. The rule:
+        # mask = div_rn(1, sum) >= tau; exp is the hardware one, as torch's is, so a row whose
+        # terms are exact (0 or 1) decides exactly as the reference does. A NaN or +inf weak
+        # logit makes the sum NaN: conf NaN and label 0, torch's NaN softmax and first-NaN max
+        # (written out, not left to tl.max: the GPU's skips NaN, the interpreter's propagates it)
+        conf = tl.math.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), w_sum)
+        conf = tl.where(w_max == float("-inf"), float("nan"), conf)  # all -inf: NaN in torch too
         keep = conf >= tau
-        target = w_arg.to(tl.int64)
-        if HAS_TRUSTED:
+        target = tl.where(w_sum != w_sum, 0, w_arg).to(tl.int64)
+        if HAS_TRUSTED:  # labels checked on the host (check_trusted): in [-1, C)
             trusted = tl.load(trusted_ptr + rows * st_r).to(tl.int64)
             outer = (keep == 0) & (trusted >= 0)
             target = tl.where(outer, trusted, target)
@@ -203,6 +232,16 @@ if _HAS_TRITON:
                     g = _pl_grad_tile(s, c0 + cols, target, s_max, log_sum, coef)
                     tl.store(g_rows + (c0 + cols)[None, :], g.to(grad_ptr.dtype.element_ty),
                              mask=row_ok[:, None] & ((c0 + cols)[None, :] < C))
+
+    @triton.jit
+    def _scale_inplace_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+        # x *= scale. A scale of exactly 1 (loss.backward()) masks every load and store off: no
+        # data moves, and no host sync is needed to find that out
+        s = tl.load(scale_ptr + tl.zeros([BLOCK], tl.int32)).to(tl.float32)  # one value, BLOCK x
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = (offs < n) & (s != 1.0)
+        x = tl.load(x_ptr + offs, mask=ok).to(tl.float32)
+        tl.store(x_ptr + offs, (x * s).to(x_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _dec_kernel_tile(z_ptr, mu_ptr, rows, ks, N, K, D, sz_n, sz_d, sm_k, sm_d, inv_alpha, neg_p,
@@ -320,14 +359,19 @@ class _MaskedPseudoLabelLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_mask, _grad_target):
+        # scaled in place, no B x C allocation; the saved buffer is spent (a second backward
+        # through the same graph fails autograd's version check rather than scaling it twice)
         (grad,) = ctx.saved_tensors
-        return None, grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
+        _scale_inplace_kernel[(triton.cdiv(grad.numel(), 1024),)](
+            grad, grad_loss.float(), grad.numel(), BLOCK=1024, num_warps=4)
+        return None, grad, None, None, None, None, None, None, None
 
 
 def _masked_pseudo_label_loss_triton(weak_logits, strong_logits, tau, trusted=None, loss="ce",
                                      alpha=0.1, beta=1.0, A=-4.0, max_block_c=_LOSS_MAX_BLOCK_C):
-    """Fused Triton path of masked_pseudo_label_loss (one launch). The supervised CE is the special
-    case trusted=labels, tau > 1 (no row confident, every row takes its label): mean CE."""
+    """Fused Triton path of masked_pseudo_label_loss (one launch); trusted is not checked here.
+    The supervised CE is the special case trusted=labels, tau > 1 (no row confident, every row
+    takes its label): mean CE."""
     return _MaskedPseudoLabelLoss.apply(weak_logits.detach(), strong_logits, tau, trusted,
                                         loss == "sce", alpha, beta, A, max_block_c)
 

@@ -610,16 +610,92 @@ def test_pl_loss_kernel_non_contiguous_inputs(max_block_c):
 
 @_needs_triton
 def test_pl_loss_kernel_grad_output_scaling_and_no_grad():
+    # issue 12 item 9: backward scales the forward's B x C gradient in place (no allocation), and
+    # a grad_output of exactly 1 leaves it untouched
     weak, strong = _logits(10, 10), _logits(10, 10, seed=1).requires_grad_()
-    l, _, _ = kernels._masked_pseudo_label_loss_triton(weak, strong, 0.6)
-    (g3,) = torch.autograd.grad(3.0 * l, strong)
     (_, _, _, g), _ = _pl_both(weak, strong, 0.6)
-    torch.testing.assert_close(g3, 3 * g)
+    for scale in (3.0, 1.0):
+        l, _, _ = kernels._masked_pseudo_label_loss_triton(weak, strong, 0.6)
+        buf = l.grad_fn.saved_tensors[0].data_ptr()
+        (gs,) = torch.autograd.grad(scale * l, strong)
+        assert gs.data_ptr() == buf
+        torch.testing.assert_close(gs, scale * g)
     with torch.no_grad():  # no gradient buffer written; same values
         l2, m2, y2 = kernels._masked_pseudo_label_loss_triton(weak, strong, 0.6)
     lr, mr, yr = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.6)
     torch.testing.assert_close(l2, lr.detach())
     assert torch.equal(m2, mr) and torch.equal(y2, yr)
+
+
+@_needs_triton
+@pytest.mark.parametrize("max_block_c", [2048, 16])
+# the interpreter's numpy warns on inf - inf and on all-NaN maxima
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
+def test_pl_loss_kernel_nan_and_inf_weak_logits(max_block_c):
+    # issue 12 item 3: a NaN or +inf weak logit makes torch's softmax all NaN: confidence NaN,
+    # label 0 (torch.max's first NaN), so the row is masked unless trusted. The kernel writes the
+    # rule out instead of relying on tl.max, which skips NaN on a GPU and not in the interpreter
+    nan, inf = float("nan"), float("inf")
+    B, C = 8, 40
+    weak, strong = _logits(B, C), _logits(B, C, seed=1)
+    weak[0, 5] = nan          # NaN in the first column block
+    weak[1, 30] = nan         # ... in a later block (max_block_c=16)
+    weak[2, 7] = inf          # +inf: inf - inf = NaN in the softmax
+    weak[3, [3, 33]] = inf
+    weak[4, :] = nan
+    weak[5, 20], weak[6, 9] = nan, nan   # kept by their trusted labels
+    trusted = torch.tensor([-1, -1, -1, -1, -1, 4, 2, -1], device=_DEV)
+    kern, ref = _pl_both(weak, strong, 0.5, trusted, "sce", max_block_c=max_block_c)
+    assert ref[2][:5].tolist() == [0] * 5 and ref[1][:7].tolist() == [0] * 5 + [1, 1]
+    _assert_pl_match(kern, ref)
+    strong[5, 0] = nan        # a NaN strong logit in a kept row: NaN loss on both paths
+    kern, ref = _pl_both(weak, strong, 0.5, trusted, max_block_c=max_block_c)
+    assert kern[0].isnan() and ref[0].isnan()
+
+
+@_needs_triton
+@pytest.mark.parametrize("max_block_c", [2048, 4])
+def test_pl_loss_kernel_mask_exactly_at_tau(max_block_c):
+    # issue 12 item 4: row k has k + 1 tied maxima and the rest exp to exactly 0, so every path
+    # computes conf = 1/(k+1) rounded once. With tau at that value the row is kept, one ulp above
+    # it is masked, as in the reference. (This guards the GPU's approximate '/', which div_rn
+    # replaced; the interpreter divides exactly, so on CPU it passed before too.)
+    C = 10
+    weak = torch.full((C, C), -1e4)
+    for k in range(C):
+        weak[k, : k + 1] = 0.5
+    weak, strong = weak.to(_DEV), _logits(C, C, seed=1)
+    conf = weak.softmax(-1).max(-1).values
+    above = torch.nextafter(conf, torch.full_like(conf, 2.0))  # one fp32 ulp higher
+    for k in range(C):
+        for tau, kept in ((conf[k].item(), k + 1), (above[k].item(), k)):
+            kern, ref = _pl_both(weak, strong, tau, max_block_c=max_block_c)
+            assert ref[1].sum() == kept
+            _assert_pl_match(kern, ref)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_pl_loss_rejects_trusted_labels_outside_range(path, monkeypatch):
+    # issue 12 item 2: a label outside [-1, C) read out of bounds (multi-block kernel) or was
+    # dropped (single block, reference). The public function names the bad value; check=False
+    # skips the check (one GPU sync) for labels validated once up front
+    if path == "triton" and not kernels._HAS_TRITON:
+        pytest.skip("triton does not import")
+    monkeypatch.setattr(kernels, "_use_triton", lambda t: path == "triton")
+    B, C = 6, 10
+    weak, strong = _logits(B, C), _logits(B, C, seed=1)
+    for bad in (-2, C, C + 5):
+        trusted = torch.tensor([0, 1, -1, bad, 3, -1], device=_DEV)
+        with pytest.raises(ValueError, match=f"got {bad}$"):
+            kernels.masked_pseudo_label_loss(weak, strong, 0.9, trusted)
+    for trusted in (torch.zeros(B - 1, dtype=torch.long), torch.zeros(B)):  # shape, dtype
+        with pytest.raises(ValueError, match="trusted"):
+            kernels.masked_pseudo_label_loss(weak, strong, 0.9, trusted.to(_DEV))
+    good = torch.tensor([0, 9, -1, -1, 3, -1], device=_DEV)
+    got = kernels.masked_pseudo_label_loss(weak, strong, 0.9, good, check=False)
+    want = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.9, good)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
 def _dec_run(f, z, mu, alpha=1.0, **kw):

@@ -10,9 +10,9 @@ The Triton paths:
     masked_pseudo_label_loss  one launch per call: weak softmax/argmax, Heuristic 1, mask, labels,
                               per-row CE/SCE and d loss/d strong_logits, stored so that backward
                               only scales it by grad_output, in place (Liger-style fused CE)
-    dec_soft_assign           forward fuses the distance GEMM (tl.dot, fp32), the Student-t kernel
-                              and the row normalisation; backward writes dL/d d2 with one kernel
-                              and leaves the two (N x K) x (K x D) GEMMs to torch
+    dec_soft_assign           forward fuses the distance GEMM (tl.dot, 3xTF32), the Student-t
+                              kernel and the row normalisation; backward writes dL/d d2 and the
+                              centred, scaled z with one kernel, then one addmm per gradient
 
 python kernels.py --bench times both against eager and torch.compile (needs a CUDA device).
 """
@@ -90,8 +90,12 @@ def masked_pseudo_label_loss(weak_logits, strong_logits, tau, trusted=None, loss
 # ---------------------------------------------------------------------------------------------
 # DEC soft assignment: reference
 def dec_soft_assign_torch(z, centroids, alpha=1.0):
-    # |z - mu|^2 = |z|^2 + |mu|^2 - 2 z.mu: never materialises N x K x D
-    d2 = (z * z).sum(1, keepdim=True) + (centroids * centroids).sum(1) - 2 * z @ centroids.T
+    # |z - mu|^2 = |z|^2 + |mu|^2 - 2 z.mu never materialises N x K x D, but cancels when the
+    # features share a large offset; shifting z and mu by the centroids' mean c leaves every
+    # distance (and gradient: c is a constant) unchanged and keeps the terms small
+    c = centroids.detach().mean(0)
+    zc, mc = z - c, centroids - c
+    d2 = (zc * zc).sum(1, keepdim=True) + (mc * mc).sum(1) - 2 * zc @ mc.T
     q = (1 + d2.clamp_min(0) / alpha).pow(-(alpha + 1) / 2)
     return q / q.sum(1, keepdim=True)
 
@@ -105,7 +109,7 @@ def dec_soft_assign(z, centroids, alpha=1.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels. Every pointer offset is int64 (indices widened before any stride product).
 try:
     import triton
     import triton.language as tl
@@ -115,8 +119,8 @@ except Exception:  # no triton (or a broken install): the references serve
 
 _TILE = 2048              # elements per (rows x columns) tile of the row-wise kernels
 _LOSS_MAX_BLOCK_C = 2048  # wider rows loop over column blocks (online max / sum-exp)
-# DEC tiles: the fp32 (FMA) dot is register-hungry; these compile without spills for sm_90
-_DEC_BLOCK_N, _DEC_BLOCK_D, _DEC_MAX_BLOCK_K = 64, 16, 128
+# DEC forward tile: rows x centroids x features per tl.dot step (see _dec_block_k)
+_DEC_BLOCK_N, _DEC_BLOCK_D, _DEC_MAX_BLOCK_K = 64, 32, 128
 
 if _HAS_TRITON:
 
@@ -244,24 +248,27 @@ if _HAS_TRITON:
         tl.store(x_ptr + offs, (x * s).to(x_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _dec_kernel_tile(z_ptr, mu_ptr, rows, ks, N, K, D, sz_n, sz_d, sm_k, sm_d, inv_alpha, neg_p,
-                         ALPHA_ONE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+    def _dec_kernel_tile(z_ptr, c_ptr, mc_ptr, mm_ptr, rows, ks, N, K, D, sz_n, sz_d, inv_alpha,
+                         neg_p, ALPHA_ONE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         # unnormalised Student-t kernel (1 + d2/alpha)^(-p) of a (rows x centroids) tile, with
-        # d2 = |z|^2 + |mu|^2 - 2 z.mu accumulated in fp32 over D blocks (ieee: no tf32)
+        # d2 = |zc|^2 + |mc|^2 - 2 zc.mc on the centred zc = z - c, mc = mu - c (the reference's
+        # shift), accumulated over D blocks. tf32x3 (3xTF32) keeps the dot fp32-accurate on
+        # tensor cores, and the centring keeps its rounding small against the distances
         zmu = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         zz = tl.zeros([BLOCK_N], tl.float32)
-        mm = tl.zeros([BLOCK_K], tl.float32)
-        ds = tl.arange(0, BLOCK_D)
+        ds = tl.arange(0, BLOCK_D).to(tl.int64)
         for d0 in range(0, D, BLOCK_D):
-            d_ok = (d0 + ds)[None, :] < D
-            zt = tl.load(z_ptr + rows[:, None] * sz_n + (d0 + ds)[None, :] * sz_d,
-                         mask=(rows < N)[:, None] & d_ok, other=0.0).to(tl.float32)
-            mt = tl.load(mu_ptr + ks[:, None] * sm_k + (d0 + ds)[None, :] * sm_d,
-                         mask=(ks < K)[:, None] & d_ok, other=0.0).to(tl.float32)
-            zmu = tl.dot(zt, tl.trans(mt), acc=zmu, input_precision="ieee")
+            d = d0 + ds
+            c = tl.load(c_ptr + d, mask=d < D, other=0.0)
+            zt = tl.load(z_ptr + rows[:, None] * sz_n + d[None, :] * sz_d,
+                         mask=(rows < N)[:, None] & (d < D)[None, :], other=0.0)
+            zt = zt.to(tl.float32) - c[None, :]
+            mt = tl.load(mc_ptr + ks[None, :] * D + d[:, None],  # (features x centroids)
+                         mask=(ks < K)[None, :] & (d < D)[:, None], other=0.0)
+            zmu = tl.dot(zt, mt, acc=zmu, input_precision="tf32x3")
             zz += tl.sum(zt * zt, 1)
-            mm += tl.sum(mt * mt, 1)
+        mm = tl.load(mm_ptr + ks, mask=ks < K, other=0.0)
         d2 = tl.maximum(zz[:, None] + mm[None, :] - 2.0 * zmu, 0.0)  # a difference: clamp at 0
         base = 1.0 + d2 * inv_alpha
         if ALPHA_ONE:
@@ -271,15 +278,15 @@ if _HAS_TRITON:
         return tl.where((ks < K)[None, :], u, 0.0)
 
     @triton.jit
-    def _dec_fwd_kernel(z_ptr, mu_ptr, q_ptr, rowsum_ptr, N, K, D, sz_n, sz_d, sm_k, sm_d,
+    def _dec_fwd_kernel(z_ptr, c_ptr, mc_ptr, mm_ptr, q_ptr, rowsum_ptr, N, K, D, sz_n, sz_d,
                         inv_alpha, neg_p, ALPHA_ONE: tl.constexpr, SINGLE_K: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < N
-        kk = tl.arange(0, BLOCK_K)
+        kk = tl.arange(0, BLOCK_K).to(tl.int64)
         rowsum = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            u = _dec_kernel_tile(z_ptr, mu_ptr, rows, k0 + kk, N, K, D, sz_n, sz_d, sm_k, sm_d,
+            u = _dec_kernel_tile(z_ptr, c_ptr, mc_ptr, mm_ptr, rows, k0 + kk, N, K, D, sz_n, sz_d,
                                  inv_alpha, neg_p, ALPHA_ONE, BLOCK_N, BLOCK_K, BLOCK_D)
             rowsum += tl.sum(u, 1)
             if SINGLE_K:  # all K in one tile: normalise in registers, write q once
@@ -296,14 +303,17 @@ if _HAS_TRITON:
         tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
 
     @triton.jit
-    def _dec_bwd_kernel(q_ptr, g_ptr, rowsum_ptr, G_ptr, G_rowsum_ptr, N, K, sg_n, sg_k,
-                        inv_p, coef, ALPHA_ONE: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+    def _dec_bwd_kernel(q_ptr, g_ptr, rowsum_ptr, z_ptr, c_ptr, G_ptr, gz_ptr, zc_ptr, N, K, D,
+                        sg_n, sg_k, sz_n, sz_d, inv_p, coef, ALPHA_ONE: tl.constexpr,
+                        WRITE_GZ: tl.constexpr, WRITE_ZC: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         # G = dL/d d2 = coef * t * q * (g - sum_k g q), coef = -(alpha+1)/(2 alpha), with
-        # t = 1/(1 + d2/alpha) recovered from q: t^p = q * rowsum (rowsum saved by the forward)
+        # t = 1/(1 + d2/alpha) recovered from q: t^p = q * rowsum (rowsum saved by the forward).
+        # Then the N x D inputs of the backward's addmm, from one read of z: 2 rowsum(G) zc
+        # (dL/dz before "- 2 G mc") and zc itself (for dL/dmu = -2 (G^T zc - colsum(G) mc))
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < N
-        kk = tl.arange(0, BLOCK_K)
+        kk = tl.arange(0, BLOCK_K).to(tl.int64)
         r = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ok = row_ok[:, None] & ((k0 + kk) < K)[None, :]
@@ -325,7 +335,18 @@ if _HAS_TRITON:
             G = coef * t * q * (g - r[:, None])
             G_rowsum += tl.sum(G, 1)
             tl.store(G_ptr + rows[:, None] * K + (k0 + kk)[None, :], G, mask=ok)
-        tl.store(G_rowsum_ptr + rows, G_rowsum, mask=row_ok)
+        ds = tl.arange(0, BLOCK_D).to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):  # backward runs only when one of the two is wanted
+            d = d0 + ds
+            ok = row_ok[:, None] & (d < D)[None, :]
+            c = tl.load(c_ptr + d, mask=d < D, other=0.0)
+            zc = tl.load(z_ptr + rows[:, None] * sz_n + d[None, :] * sz_d, mask=ok,
+                         other=0.0).to(tl.float32) - c[None, :]
+            offs = rows[:, None] * D + d[None, :]
+            if WRITE_GZ:
+                tl.store(gz_ptr + offs, (2.0 * G_rowsum)[:, None] * zc, mask=ok)
+            if WRITE_ZC:
+                tl.store(zc_ptr + offs, zc, mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,11 +399,21 @@ def _masked_pseudo_label_loss_triton(weak_logits, strong_logits, tau, trusted=No
 
 # ---------------------------------------------------------------------------------------------
 # DEC soft assignment: autograd wrapper
-# Backward closed form, with p = (alpha+1)/2, t_ij = 1/(1 + d2_ij/alpha), q_ij = t_ij^p / S_i:
+# Backward closed form, with p = (alpha+1)/2, t_ij = 1/(1 + d2_ij/alpha), q_ij = t_ij^p / S_i and
+# the centred zc = z - c, mc = mu - c (distances, hence gradients, do not depend on c):
 #   G_ij = dL/d d2_ij = -(p/alpha) t_ij q_ij (g_ij - sum_k g_ik q_ik)
-#   dL/dz_i = 2 sum_j G_ij (z_i - mu_j) = 2 (rowsum(G)_i z_i - (G mu)_i)
-#   dL/dmu_j = -2 sum_i G_ij (z_i - mu_j) = -2 ((G^T z)_j - colsum(G)_j mu_j)
-# The kernel writes G (N x K); the two GEMMs go to torch, so N x K x D is never formed.
+#   dL/dz_i = 2 sum_j G_ij (z_i - mu_j) = 2 rowsum(G)_i zc_i - 2 (G mc)_i
+#   dL/dmu_j = -2 sum_i G_ij (z_i - mu_j) = 2 colsum(G)_j mc_j - 2 (G^T zc)_j
+# The kernel writes G (N x K) and the first terms; one addmm each adds the GEMM. N x K x D is
+# never formed, and dL/dz costs 4 N*D of traffic (read z, write; addmm reads and writes).
+def _dec_block_k(K, max_block_k=_DEC_MAX_BLOCK_K):
+    # tl.dot tiles are powers of two >= 16. Up to 128 centroids take one tile, so the forward
+    # reads z once: K = 10 pads to 16 (bandwidth-bound there, so the padding moves no bytes) and
+    # K = 100 to 128 (22 % of the MMAs; seven 16-wide tiles would pad 12 % but stream z seven
+    # times: `--bench` times both). Wider K loops over 128-wide tiles.
+    return max(16, min(triton.next_power_of_2(K), max_block_k))
+
+
 class _DecSoftAssign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, centroids, alpha, max_block_k):
@@ -390,37 +421,42 @@ class _DecSoftAssign(torch.autograd.Function):
         if D != D2:
             raise ValueError(f"z {tuple(z.shape)}, centroids {tuple(centroids.shape)}: D differs")
         alpha = float(alpha)
-        block_k = max(16, min(triton.next_power_of_2(K), max_block_k))  # tl.dot needs >= 16
+        mu = centroids.detach().float()
+        c = mu.mean(0)                                     # the shift, as in the reference
+        mc = (mu - c).contiguous()
+        block_k = _dec_block_k(K, max_block_k)
         q = torch.empty((N, K), dtype=torch.promote_types(z.dtype, centroids.dtype),
                         device=z.device)
         rowsum = torch.empty(N, dtype=torch.float32, device=z.device)
         _dec_fwd_kernel[(triton.cdiv(N, _DEC_BLOCK_N),)](
-            z, centroids, q, rowsum, N, K, D, z.stride(0), z.stride(1),
-            centroids.stride(0), centroids.stride(1), 1.0 / alpha, -(alpha + 1) / 2,
-            ALPHA_ONE=alpha == 1.0, SINGLE_K=block_k >= K, BLOCK_N=_DEC_BLOCK_N,
-            BLOCK_K=block_k, BLOCK_D=_DEC_BLOCK_D, num_warps=8 if block_k >= 64 else 4)
-        ctx.alpha = alpha
-        ctx.save_for_backward(z, centroids, q, rowsum)
+            z, c, mc, (mc * mc).sum(1), q, rowsum, N, K, D, z.stride(0), z.stride(1),
+            1.0 / alpha, -(alpha + 1) / 2, ALPHA_ONE=alpha == 1.0, SINGLE_K=block_k >= K,
+            BLOCK_N=_DEC_BLOCK_N, BLOCK_K=block_k, BLOCK_D=_DEC_BLOCK_D,
+            num_warps=8 if block_k >= 64 else 4)
+        ctx.alpha, ctx.mu_dtype = alpha, centroids.dtype
+        ctx.save_for_backward(z, q, rowsum, c, mc)
         return q
 
     @staticmethod
     def backward(ctx, g):
-        z, centroids, q, rowsum = ctx.saved_tensors
-        (N, K), alpha = q.shape, ctx.alpha
+        z, q, rowsum, c, mc = ctx.saved_tensors
+        (N, K), D, alpha = q.shape, z.shape[1], ctx.alpha
+        need_z, need_mu = ctx.needs_input_grad[:2]
         p = (alpha + 1) / 2
         block_k = min(triton.next_power_of_2(K), 1024)
         block_n = max(1, min(_TILE // block_k, 64))
-        G = torch.empty((N, K), dtype=torch.float32, device=q.device)
-        G_rowsum = torch.empty(N, dtype=torch.float32, device=q.device)
+        block_d = max(16, min(triton.next_power_of_2(D), _TILE // block_n))
+        f32 = dict(dtype=torch.float32, device=q.device)
+        G = torch.empty((N, K), **f32)
+        gz = torch.empty((N, D), **f32) if need_z else G      # G: an unused placeholder
+        zc = torch.empty((N, D), **f32) if need_mu else G
         _dec_bwd_kernel[(triton.cdiv(N, block_n),)](
-            q, g, rowsum, G, G_rowsum, N, K, g.stride(0), g.stride(1), 1.0 / p, -p / alpha,
-            ALPHA_ONE=alpha == 1.0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
-        z32, mu32 = z.float(), centroids.float()
-        grad_z = grad_mu = None
-        if ctx.needs_input_grad[0]:
-            grad_z = (2 * (G_rowsum[:, None] * z32 - G @ mu32)).to(z.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_mu = (-2 * (G.T @ z32 - G.sum(0)[:, None] * mu32)).to(centroids.dtype)
+            q, g, rowsum, z, c, G, gz, zc, N, K, D, g.stride(0), g.stride(1), z.stride(0),
+            z.stride(1), 1.0 / p, -p / alpha, ALPHA_ONE=alpha == 1.0, WRITE_GZ=need_z,
+            WRITE_ZC=need_mu, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+        grad_z = gz.addmm_(G, mc, alpha=-2).to(z.dtype) if need_z else None
+        grad_mu = (torch.addmm(mc * (2 * G.sum(0))[:, None], G.T, zc, alpha=-2).to(ctx.mu_dtype)
+                   if need_mu else None)
         return grad_z, grad_mu, None, None
 
 

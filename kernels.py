@@ -19,6 +19,8 @@ python kernels.py --bench times both against eager and torch.compile (needs a CU
 import argparse
 import os
 import sys
+import time
+import types
 
 import torch
 
@@ -465,123 +467,222 @@ def _dec_soft_assign_triton(z, centroids, alpha=1.0, max_block_k=_DEC_MAX_BLOCK_
 
 
 # ---------------------------------------------------------------------------------------------
-# Benchmark: python kernels.py --bench (needs a CUDA device)
+# Benchmark: python kernels.py --bench [--quick] (needs a CUDA device)
+# Small shapes (one training step's calls) are timed in microseconds with CUDA graphs (launches
+# removed) and as wall time per step (launches included): their GB/s would be meaningless. Large
+# shapes are timed with do_bench (L2 flushed) and also report GB/s of the bytes the operation must
+# move, against a device-to-device copy measured in the same run.
+# (kind, dtype, shape, large, quick); loss shape (B, C), B = mu*64 = 448 in training; DEC shape
+# (N, K, D, z needs grad, max_block_k): N = 256 is one DEC step on the centroids of fixed features
+_BENCH_CASES = [
+    ("loss", "float32", (448, 10), False, True), ("loss", "float32", (448, 100), False, False),
+    ("loss", "bfloat16", (448, 101), False, False),
+    ("loss", "float32", (7168, 1000), True, True), ("loss", "bfloat16", (7168, 1000), True, False),
+    ("dec", "float32", (256, 10, 1280, False, 128), False, True),
+    ("dec", "float32", (256, 100, 1280, False, 128), False, False),
+    ("dec", "float32", (1_000_000, 10, 1280, True, 128), True, True),
+    ("dec", "float32", (1_000_000, 100, 1280, True, 128), True, False),
+    ("dec", "float32", (1_000_000, 100, 1280, True, 16), True, False),  # K as 7 tiles of 16
+]
+
+
 def _max_rel_err(outs, refs):
     # worst max|a - b| / max|b| over the outputs (forward value and gradients)
     return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-               for a, b in zip(outs, refs))
+               for a, b in zip(outs, refs) if b is not None)
 
 
-def _bench_dec_case(dev, dtype, N, K, D, timer, compiled):
-    z = torch.randn(N, D, device=dev, dtype=dtype).requires_grad_()
-    mu = torch.randn(K, D, device=dev, dtype=dtype).requires_grad_()
-    g = torch.randn(N, K, device=dev, dtype=dtype)
-    outs = []
-    for f in (dec_soft_assign_torch, _dec_soft_assign_triton):
-        z.grad = mu.grad = None
-        q = f(z, mu)
-        q.backward(g)
-        outs.append((q.detach(), z.grad, mu.grad))
-    err = _max_rel_err(outs[1], outs[0])
-    del outs, q
-    ms = [timer(lambda f=f: f(z, mu).backward(g), [z, mu])
-          for f in (dec_soft_assign_torch, compiled, _dec_soft_assign_triton)]
-    return ms, err
-
-
-def _bench_rows(dev, loss_cases, dec_cases, timer):
-    """Yield one table row per case: (name, eager ms, compile ms, triton ms, bytes, flops, err).
-    timer(fn, grads) -> median ms of fn() (forward + backward), grads reset to None each run."""
-    compiled_loss = torch.compile(masked_pseudo_label_loss_torch)
-    compiled_dec = torch.compile(dec_soft_assign_torch)
-    for dtype, B, C in loss_cases:
+def _bench_case(kind, dtype, shape, dev, compile_fn):
+    """(name, bytes, {impl: f}, step(f) -> outputs) of one case. step runs forward + backward."""
+    dtype = getattr(torch, dtype)
+    if kind == "loss":
+        B, C = shape
         weak = (3 * torch.randn(B, C, device=dev)).to(dtype)
         strong = torch.randn(B, C, device=dev).to(dtype).requires_grad_()
         trusted = torch.randint(-1, C, (B,), device=dev)
 
         def step(f):
+            strong.grad = None
             loss = f(weak, strong, 0.95, trusted, "ce")[0]
             loss.backward()
-            return loss
+            return loss.detach(), strong.grad
 
-        outs = []
-        for f in (masked_pseudo_label_loss_torch, _masked_pseudo_label_loss_triton):
-            strong.grad = None
-            outs.append((step(f).detach(), strong.grad))
-        err = _max_rel_err(outs[1], outs[0])
-        ms = [timer(lambda f=f: step(f), [strong])
-              for f in (masked_pseudo_label_loss_torch, compiled_loss,
-                        _masked_pseudo_label_loss_triton)]
-        # must move: read weak + strong, write d strong; per row read trusted, write loss/mask/label
+        impls = dict(eager=masked_pseudo_label_loss_torch,
+                     compile=compile_fn(masked_pseudo_label_loss_torch),
+                     triton=_masked_pseudo_label_loss_triton)
+        # read weak and strong, write d strong (backward at grad 1 moves nothing more); per row
+        # read trusted (int64), write loss, mask (fp32) and label (int64)
         nbytes = 3 * B * C * strong.element_size() + B * (8 + 4 + 4 + 8)
-        yield (f"loss ce {str(dtype)[6:]} B={B} C={C}", *ms, nbytes, 0, err)
-        del weak, strong, trusted, outs
-    for dtype, N, K, D in dec_cases:
-        name = f"dec {str(dtype)[6:]} N={N} K={K} D={D}"
+        return f"loss {str(dtype)[6:]} B={B} C={C}", nbytes, impls, step
+    N, K, D, grad_z, block_k = shape
+    z = torch.randn(N, D, device=dev, dtype=dtype).requires_grad_(grad_z)
+    mu = torch.randn(K, D, device=dev, dtype=dtype).requires_grad_()
+    g = torch.randn(N, K, device=dev, dtype=dtype)
+
+    def step(f):
+        z.grad = mu.grad = None
+        q = f(z, mu)
+        q.backward(g)
+        return q.detach(), z.grad, mu.grad
+
+    impls = dict(triton=lambda a, b: _dec_soft_assign_triton(a, b, 1.0, block_k))
+    if block_k == _DEC_MAX_BLOCK_K:  # the variant row times the kernel alone
+        impls = dict(eager=dec_soft_assign_torch, compile=compile_fn(dec_soft_assign_torch),
+                     **impls)
+    # forward reads z and writes q; backward reads g and z and writes dz (if z needs it)
+    nbytes = z.element_size() * (N * D * (3 if grad_z else 2) + 2 * N * K)
+    name = (f"dec {str(dtype)[6:]} N={N} K={K} D={D}" + (" +dz" if grad_z else "")
+            + ("" if block_k == _DEC_MAX_BLOCK_K else f" BLOCK_K={block_k}"))
+    return name, nbytes, impls, step
+
+
+def _bench_run(cases, dev, timers, compile_fn, log=print):
+    """One result dict per case; a case or implementation that fails (OOM, compile error) is
+    noted and the run goes on. timers: graph(fn) -> us, wall(fn) -> us, bench(fn) -> ms."""
+    results = []
+    for kind, dtype, shape, large, _ in cases:
+        res = dict(name=f"{kind} {dtype} {shape}", large=large, t={}, wall={}, notes=[])
         try:
-            ms, err = _bench_dec_case(dev, dtype, N, K, D, timer, compiled_dec)
-        except torch.cuda.OutOfMemoryError:
-            ms = None
+            res["name"], res["bytes"], impls, step = _bench_case(kind, dtype, shape, dev,
+                                                                 compile_fn)
+            outs = {}
+            for key, f in impls.items():
+                try:
+                    out = step(f)  # warm-up (compiles) and the values compared in "err"
+                    if key != "compile":
+                        outs[key] = out
+                    del out
+                    if large:
+                        res["t"][key] = timers.bench(lambda f=f: step(f))
+                    else:
+                        res["t"][key] = timers.graph(lambda f=f: step(f))
+                        res["wall"][key] = timers.wall(lambda f=f: step(f))
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    res["notes"].append(f"{key}: {type(e).__name__}: {str(e).strip()[:120]}")
+            if "eager" in outs and "triton" in outs:
+                res["err"] = _max_rel_err(outs["triton"], outs["eager"])
+            del outs, impls, step
+        except Exception as e:  # noqa: BLE001
+            res["notes"].append(f"{type(e).__name__}: {str(e).strip()[:120]}")
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        if ms is None:
-            yield (f"{name}: skipped (out of memory)",)
-            continue
-        # must move: read z, write q (fwd); read g, q, z, write d z (bwd); the centroids are small
-        es = torch.empty((), dtype=dtype).element_size()
-        nbytes = es * (2 * N * D + 3 * N * K + 2 * K * D)
-        yield (name, *ms, nbytes, 6 * N * K * D, err)
+        results.append(res)
+        log(res)
+    return results
 
 
-def _print_table(rows, copy_gbs):
-    print(f"{'case':<32}{'eager':>9}{'compile':>9}{'triton':>9}{'vs eager':>9}{'GB/s':>8}"
-          f"{'% copy':>8}{'TFLOP/s':>9}{'err':>9}")
-    for row in rows:
-        if len(row) == 1:
-            print(row[0], flush=True)
-            continue
-        name, eager, comp, trit, nbytes, flops, err = row
-        gbs = nbytes / trit / 1e6
-        tflops = f"{flops / trit / 1e9:9.1f}" if flops else f"{'':>9}"
-        print(f"{name:<32}{eager:9.3f}{comp:9.3f}{trit:9.3f}{eager / trit:8.1f}x{gbs:8.0f}"
-              f"{100 * gbs / copy_gbs:7.0f}%{tflops}{err:9.1e}", flush=True)
+def _cell(x, width, prec, suffix=""):
+    return (f"{x:.{prec}f}{suffix}" if x is not None else "-").rjust(width)
 
 
-def _bench():
+def _bench_table(results, copy_gbs):
+    """The two tables (small shapes in us, large in ms with GB/s) and the goals, as text."""
+    lines, goals = [], []
+    for large in (False, True):
+        title = ("large shapes (ms" if large else
+                 "small shapes (us: CUDA graph; wall: per step, launches included")
+        extra = "GB/s  % copy" if large else "wall e/c/t us"
+        lines += [f"\n{title}; forward + backward)",
+                  f"{'case':<40}{'eager':>9}{'compile':>9}{'triton':>9}{'vs eager':>9}"
+                  f"{'vs comp':>8}{extra:>20}{'err':>9}"]
+        for r in (r for r in results if r["large"] == large):
+            t, err = r["t"], r.get("err")
+            e, c, tri = (t.get(k) for k in ("eager", "compile", "triton"))
+            sp = [None if x is None or tri is None else x / tri for x in (e, c)]
+            if large:
+                gbs = None if tri is None else r["bytes"] / tri / 1e6
+                pct = gbs and 100 * gbs / copy_gbs
+                extra = _cell(gbs, 12, 0) + _cell(pct, 8, 0)
+                if r["name"].startswith("loss") and None not in (pct, sp[1]):
+                    goals.append((r["name"], f"{pct:.0f} % of copy, {sp[1]:.2f}x compile",
+                                  pct >= 80 and sp[1] >= 1.3))
+                elif r["name"].startswith("dec") and sp[0] is not None:
+                    goals.append((r["name"], f"{sp[0]:.2f}x eager", sp[0] >= 2))
+            else:
+                extra = "/".join(_cell(r["wall"].get(k), 0, 0)
+                                 for k in ("eager", "compile", "triton")).rjust(20)
+            lines.append(f"{r['name']:<40}{_cell(e, 9, 1)}{_cell(c, 9, 1)}{_cell(tri, 9, 1)}"
+                         f"{_cell(sp[0], 9, 2, 'x')}{_cell(sp[1], 8, 2, 'x')}{extra}"
+                         f"{'-' if err is None else f'{err:.1e}':>9}")
+            lines += [f"    ! {n}" for n in r["notes"]]
+    lines.append("\ngoals (large shapes): loss >= 80 % of copy, >= 1.3x compile; DEC >= 2x eager")
+    lines += [f"  {name}: {what}: {'met' if ok else 'MISSED'}" for name, what, ok in goals]
+    return "\n".join(lines)
+
+
+def _bench(quick=False):
     if not torch.cuda.is_available():
         print("kernels.py --bench needs a CUDA device; none is available here.")
         sys.exit(2)
     if not _HAS_TRITON:
         print("kernels.py --bench needs triton; it does not import here.")
         sys.exit(2)
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
 
-    def timer(fn, grads):
-        return do_bench(fn, grad_to_none=grads, return_mode="median")
+    # pinned: eager and compiled GEMMs in full fp32, as accurate as the kernels' 3xTF32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+    def graph_us(fn):
+        return 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+    def wall_us(fn, n=100):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return 1e6 * (time.perf_counter() - t0) / n
+
+    def bench_ms(fn):  # at least ~25 timed repetitions, however long one takes
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        est = 1e3 * (time.perf_counter() - t0)
+        return do_bench(fn, warmup=max(25, 3 * est), rep=min(max(100, 25 * est), 5000),
+                        return_mode="median")
+
+    def compile_fn(f):  # a fresh compile per shape: no recompiles or dynamic shapes timed
+        torch._dynamo.reset()
+        return torch.compile(f, dynamic=False)
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)  # 1 GiB: far beyond L2
     dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() / timer(lambda: dst.copy_(src), None) / 1e6
+    copy_gbs = 2 * src.numel() / bench_ms(lambda: dst.copy_(src)) / 1e6
     del src, dst
-    print(f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}, "
-          f"triton {triton.__version__}")
-    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write), the 100% of '% copy'")
-    print("times: median ms of forward + backward; GB/s: bytes the op must move / triton time;"
-          " err: max |triton - eager| / max |eager| over value and grads")
-    loss_cases = [(dt, B, C) for dt in (torch.float32, torch.bfloat16) for B in (448, 7168)
-                  for C in (10, 100, 101, 1000)]
-    dec_cases = [(torch.float32, N, K, D) for N in (50_000, 1_000_000) for K in (10, 100)
-                 for D in (128, 1280)]
-    _print_table(_bench_rows(dev, loss_cases, dec_cases, timer), copy_gbs)
+    print(f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}, triton "
+          f"{triton.__version__}; allow_tf32 matmul/cudnn: "
+          f"{torch.backends.cuda.matmul.allow_tf32}/{torch.backends.cudnn.allow_tf32}, "
+          f"float32_matmul_precision {torch.get_float32_matmul_precision()}")
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write), the 100 % of '% copy'")
+    print("GB/s counts the bytes the op must move: loss = read weak + strong, write d strong, "
+          "per-row labels/mask/loss;\nDEC = read z, write q, read g and z, write dz (if z needs "
+          "it). vs eager / vs comp: their time / Triton's. err: max |triton - eager| / max |eager| "
+          "over value and grads")
+    B, C = 448, 100
+    trusted = torch.randint(-1, C, (B,), device=dev)
+    print(f"check_trusted (masked_pseudo_label_loss's check=True, one aminmax + sync): "
+          f"{wall_us(lambda: check_trusted(trusted, C)):.0f} us wall per call", flush=True)
+    cases = [c for c in _BENCH_CASES if c[4] or not quick]
+    results = _bench_run(cases, dev, types.SimpleNamespace(graph=graph_us, wall=wall_us,
+                                                          bench=bench_ms), compile_fn,
+                         log=lambda r: print(f"done: {r['name']}", flush=True))
+    print(_bench_table(results, copy_gbs))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true",
                         help="time the Triton kernels against eager and torch.compile (CUDA)")
-    if parser.parse_args().bench:
-        _bench()
+    parser.add_argument("--quick", action="store_true", help="with --bench: four cases only")
+    args = parser.parse_args()
+    if args.bench:
+        _bench(args.quick)
     else:
         parser.print_help()

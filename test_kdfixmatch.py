@@ -862,6 +862,38 @@ def test_dispatch_cpu_and_kill_switch(monkeypatch):
     assert not kernels._use_triton(types.SimpleNamespace(is_cuda=False))
     monkeypatch.setenv("KDFM_NO_TRITON", "1")
     assert not kernels._use_triton(cuda_like)
+
+
+@_needs_triton
+def test_kernel_bench_rows_and_table():
+    # the benchmark's bookkeeping on CPU, with tiny cases, a fake clock and a failing compile:
+    # every case gets its row, a failure is a note, and the goal lines appear
+    def broken_compile(f):
+        def g(*a, **k):
+            raise RuntimeError("no compiler here")
+        return g
+    cases = [("loss", "float32", (8, 10), False, True), ("loss", "float32", (16, 10), True, True),
+             ("dec", "float32", (16, 10, 20, True, 128), True, True),
+             ("dec", "float32", (16, 10, 20, False, 16), False, True),
+             ("dec", "float32", (16, 10, 21, True, 128), True, True)]
+    timers = types.SimpleNamespace(graph=lambda fn: (fn(), 5.0)[1], wall=lambda fn: 20.0,
+                                   bench=lambda fn: (fn(), 0.5)[1])
+    res = kernels._bench_run(cases, torch.device(_DEV), timers,
+                             lambda f: f if f is kernels.dec_soft_assign_torch else
+                             broken_compile(f), log=lambda r: None)
+    assert [r["name"] for r in res] == [
+        "loss float32 B=8 C=10", "loss float32 B=16 C=10", "dec float32 N=16 K=10 D=20 +dz",
+        "dec float32 N=16 K=10 D=20 BLOCK_K=16", "dec float32 N=16 K=10 D=21 +dz"]
+    assert res[0]["notes"] == ["compile: RuntimeError: no compiler here"]
+    assert res[0]["err"] < 1e-5 and res[2]["err"] < 1e-5 and "compile" in res[2]["t"]
+    assert set(res[3]["t"]) == {"triton"} and "err" not in res[3]
+    table = kernels._bench_table(res, copy_gbs=1.0)
+    assert "dec float32 N=16 K=10 D=20 +dz" in table and "1.00x eager: MISSED" in table
+    assert "! compile: RuntimeError: no compiler here" in table
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, str(HERE / "kernels.py"), "--bench"],
+                           capture_output=True, text=True, timeout=300, cwd=HERE)
+        assert r.returncode == 2 and "needs a CUDA device" in r.stdout
 # ---- end of kernels.py tests
 
 

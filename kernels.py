@@ -119,10 +119,33 @@ try:
 except Exception:  # no triton (or a broken install): the references serve
     _HAS_TRITON = False
 
-_TILE = 2048              # elements per (rows x columns) tile of the row-wise kernels
+# Launch configurations. Triton's ahead-of-time compile for sm_90 (test_kernels_compile_for_sm90)
+# gives every variant below no register spills.
+_TILE = 2048              # elements per (rows x columns) tile of the row-wise kernels (8 warps)
 _LOSS_MAX_BLOCK_C = 2048  # wider rows loop over column blocks (online max / sum-exp)
-# DEC forward tile: rows x centroids x features per tl.dot step (see _dec_block_k)
-_DEC_BLOCK_N, _DEC_BLOCK_D, _DEC_MAX_BLOCK_K = 64, 32, 128
+_DEC_MAX_BLOCK_K = 128
+# DEC forward, per centroid tile width: (rows, features per tl.dot step, warps, pipeline stages).
+# A 128-wide tile leaves no registers for software pipelining
+_DEC_FWD_TILES = {16: (64, 16, 4, 3), 32: (64, 16, 4, 3), 64: (64, 16, 8, 3), 128: (64, 16, 8, 1)}
+
+
+def _pl_config(B, C, max_block_c=_LOSS_MAX_BLOCK_C):
+    block_c = min(triton.next_power_of_2(C), max_block_c)
+    return max(1, min(_TILE // block_c, 64, triton.next_power_of_2(B))), block_c  # rows, cols
+
+
+def _dec_block_k(K, max_block_k=_DEC_MAX_BLOCK_K):
+    # tl.dot tiles are powers of two >= 16. Up to 128 centroids take one tile, so the forward
+    # reads z once: K = 10 pads to 16 (bandwidth-bound there, so the padding moves no bytes) and
+    # K = 100 to 128 (22 % of the MMAs; seven 16-wide tiles would pad 12 % but stream z seven
+    # times: `--bench` times both). Wider K loops over 128-wide tiles.
+    return max(16, min(triton.next_power_of_2(K), max_block_k))
+
+
+def _dec_bwd_config(K, D):
+    block_k = min(triton.next_power_of_2(K), 1024)
+    block_n = max(1, min(_TILE // block_k, 64))
+    return block_n, block_k, max(16, min(triton.next_power_of_2(D), _TILE // block_n))
 
 if _HAS_TRITON:
 
@@ -360,8 +383,7 @@ class _MaskedPseudoLabelLoss(torch.autograd.Function):
         if weak_logits.shape != (B, C) or C < 1 or B < 1:
             raise ValueError(f"weak {tuple(weak_logits.shape)} and strong {(B, C)} must match")
         dev = strong_logits.device
-        block_c = min(triton.next_power_of_2(C), max_block_c)
-        block_r = max(1, min(_TILE // block_c, 64, triton.next_power_of_2(B)))  # rows/program
+        block_r, block_c = _pl_config(B, C, max_block_c)
         write_grad = ctx.needs_input_grad[1]
         grad = torch.empty((B, C), dtype=strong_logits.dtype, device=dev) if write_grad else None
         row_loss = torch.empty(B, dtype=torch.float32, device=dev)
@@ -375,7 +397,7 @@ class _MaskedPseudoLabelLoss(torch.autograd.Function):
             trusted.stride(0) if trusted is not None else 0, C,
             float(tau), float(alpha), float(beta) * float(A), 1.0 / B,
             HAS_TRUSTED=trusted is not None, SCE=sce, WRITE_GRAD=write_grad,
-            SINGLE_BLOCK=block_c >= C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+            SINGLE_BLOCK=block_c >= C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
         ctx.mark_non_differentiable(mask, target)
         ctx.save_for_backward(grad)
         return row_loss.sum() / B, mask, target
@@ -408,14 +430,6 @@ def _masked_pseudo_label_loss_triton(weak_logits, strong_logits, tau, trusted=No
 #   dL/dmu_j = -2 sum_i G_ij (z_i - mu_j) = 2 colsum(G)_j mc_j - 2 (G^T zc)_j
 # The kernel writes G (N x K) and the first terms; one addmm each adds the GEMM. N x K x D is
 # never formed, and dL/dz costs 4 N*D of traffic (read z, write; addmm reads and writes).
-def _dec_block_k(K, max_block_k=_DEC_MAX_BLOCK_K):
-    # tl.dot tiles are powers of two >= 16. Up to 128 centroids take one tile, so the forward
-    # reads z once: K = 10 pads to 16 (bandwidth-bound there, so the padding moves no bytes) and
-    # K = 100 to 128 (22 % of the MMAs; seven 16-wide tiles would pad 12 % but stream z seven
-    # times: `--bench` times both). Wider K loops over 128-wide tiles.
-    return max(16, min(triton.next_power_of_2(K), max_block_k))
-
-
 class _DecSoftAssign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, centroids, alpha, max_block_k):
@@ -427,14 +441,14 @@ class _DecSoftAssign(torch.autograd.Function):
         c = mu.mean(0)                                     # the shift, as in the reference
         mc = (mu - c).contiguous()
         block_k = _dec_block_k(K, max_block_k)
+        block_n, block_d, warps, stages = _DEC_FWD_TILES[block_k]
         q = torch.empty((N, K), dtype=torch.promote_types(z.dtype, centroids.dtype),
                         device=z.device)
         rowsum = torch.empty(N, dtype=torch.float32, device=z.device)
-        _dec_fwd_kernel[(triton.cdiv(N, _DEC_BLOCK_N),)](
+        _dec_fwd_kernel[(triton.cdiv(N, block_n),)](
             z, c, mc, (mc * mc).sum(1), q, rowsum, N, K, D, z.stride(0), z.stride(1),
             1.0 / alpha, -(alpha + 1) / 2, ALPHA_ONE=alpha == 1.0, SINGLE_K=block_k >= K,
-            BLOCK_N=_DEC_BLOCK_N, BLOCK_K=block_k, BLOCK_D=_DEC_BLOCK_D,
-            num_warps=8 if block_k >= 64 else 4)
+            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
         ctx.alpha, ctx.mu_dtype = alpha, centroids.dtype
         ctx.save_for_backward(z, q, rowsum, c, mc)
         return q
@@ -445,9 +459,7 @@ class _DecSoftAssign(torch.autograd.Function):
         (N, K), D, alpha = q.shape, z.shape[1], ctx.alpha
         need_z, need_mu = ctx.needs_input_grad[:2]
         p = (alpha + 1) / 2
-        block_k = min(triton.next_power_of_2(K), 1024)
-        block_n = max(1, min(_TILE // block_k, 64))
-        block_d = max(16, min(triton.next_power_of_2(D), _TILE // block_n))
+        block_n, block_k, block_d = _dec_bwd_config(K, D)
         f32 = dict(dtype=torch.float32, device=q.device)
         G = torch.empty((N, K), **f32)
         gz = torch.empty((N, D), **f32) if need_z else G      # G: an unused placeholder
@@ -455,7 +467,7 @@ class _DecSoftAssign(torch.autograd.Function):
         _dec_bwd_kernel[(triton.cdiv(N, block_n),)](
             q, g, rowsum, z, c, G, gz, zc, N, K, D, g.stride(0), g.stride(1), z.stride(0),
             z.stride(1), 1.0 / p, -p / alpha, ALPHA_ONE=alpha == 1.0, WRITE_GZ=need_z,
-            WRITE_ZC=need_mu, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=4)
+            WRITE_ZC=need_mu, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8)
         grad_z = gz.addmm_(G, mc, alpha=-2).to(z.dtype) if need_z else None
         grad_mu = (torch.addmm(mc * (2 * G.sum(0))[:, None], G.T, zc, alpha=-2).to(ctx.mu_dtype)
                    if need_mu else None)

@@ -147,6 +147,7 @@ def _dec_bwd_config(K, D):
     block_n = max(1, min(_TILE // block_k, 64))
     return block_n, block_k, max(16, min(triton.next_power_of_2(D), _TILE // block_n))
 
+
 if _HAS_TRITON:
 
     @triton.jit
@@ -587,6 +588,27 @@ def _cell(x, width, prec, suffix=""):
     return (f"{x:.{prec}f}{suffix}" if x is not None else "-").rjust(width)
 
 
+def _bench_row(r, copy_gbs):
+    """(table line and notes, goal or None) of one result."""
+    t, err, goal = r["t"], r.get("err"), None
+    e, c, tri = (t.get(k) for k in ("eager", "compile", "triton"))
+    sp = [None if x is None or tri is None else x / tri for x in (e, c)]
+    if r["large"]:
+        gbs = None if tri is None else r["bytes"] / tri / 1e6
+        pct = gbs and 100 * gbs / copy_gbs
+        extra = _cell(gbs, 12, 0) + _cell(pct, 8, 0)
+        if r["name"].startswith("loss") and None not in (pct, sp[1]):
+            goal = (f"{pct:.0f} % of copy, {sp[1]:.2f}x compile", pct >= 80 and sp[1] >= 1.3)
+        elif r["name"].startswith("dec") and sp[0] is not None:
+            goal = (f"{sp[0]:.2f}x eager", sp[0] >= 2)
+    else:
+        extra = "/".join(_cell(r["wall"].get(k), 0, 0) for k in ("eager", "compile", "triton"))
+    line = (f"{r['name']:<40}{_cell(e, 9, 1)}{_cell(c, 9, 1)}{_cell(tri, 9, 1)}"
+            f"{_cell(sp[0], 9, 2, 'x')}{_cell(sp[1], 8, 2, 'x')}{extra:>20}"
+            f"{'-' if err is None else f'{err:.1e}':>9}")
+    return "\n".join([line] + [f"    ! {n}" for n in r["notes"]]), goal
+
+
 def _bench_table(results, copy_gbs):
     """The two tables (small shapes in us, large in ms with GB/s) and the goals, as text."""
     lines, goals = [], []
@@ -598,31 +620,15 @@ def _bench_table(results, copy_gbs):
                   f"{'case':<40}{'eager':>9}{'compile':>9}{'triton':>9}{'vs eager':>9}"
                   f"{'vs comp':>8}{extra:>20}{'err':>9}"]
         for r in (r for r in results if r["large"] == large):
-            t, err = r["t"], r.get("err")
-            e, c, tri = (t.get(k) for k in ("eager", "compile", "triton"))
-            sp = [None if x is None or tri is None else x / tri for x in (e, c)]
-            if large:
-                gbs = None if tri is None else r["bytes"] / tri / 1e6
-                pct = gbs and 100 * gbs / copy_gbs
-                extra = _cell(gbs, 12, 0) + _cell(pct, 8, 0)
-                if r["name"].startswith("loss") and None not in (pct, sp[1]):
-                    goals.append((r["name"], f"{pct:.0f} % of copy, {sp[1]:.2f}x compile",
-                                  pct >= 80 and sp[1] >= 1.3))
-                elif r["name"].startswith("dec") and sp[0] is not None:
-                    goals.append((r["name"], f"{sp[0]:.2f}x eager", sp[0] >= 2))
-            else:
-                extra = "/".join(_cell(r["wall"].get(k), 0, 0)
-                                 for k in ("eager", "compile", "triton")).rjust(20)
-            lines.append(f"{r['name']:<40}{_cell(e, 9, 1)}{_cell(c, 9, 1)}{_cell(tri, 9, 1)}"
-                         f"{_cell(sp[0], 9, 2, 'x')}{_cell(sp[1], 8, 2, 'x')}{extra}"
-                         f"{'-' if err is None else f'{err:.1e}':>9}")
-            lines += [f"    ! {n}" for n in r["notes"]]
+            text, goal = _bench_row(r, copy_gbs)
+            lines.append(text)
+            if goal:
+                goals.append(f"  {r['name']}: {goal[0]}: {'met' if goal[1] else 'MISSED'}")
     lines.append("\ngoals (large shapes): loss >= 80 % of copy, >= 1.3x compile; DEC >= 2x eager")
-    lines += [f"  {name}: {what}: {'met' if ok else 'MISSED'}" for name, what, ok in goals]
-    return "\n".join(lines)
+    return "\n".join(lines + goals)
 
 
-def _bench(quick=False):
+def _bench(quick=False, only=None):
     if not torch.cuda.is_available():
         print("kernels.py --bench needs a CUDA device; none is available here.")
         sys.exit(2)
@@ -681,10 +687,11 @@ def _bench(quick=False):
     trusted = torch.randint(-1, C, (B,), device=dev)
     print(f"check_trusted (masked_pseudo_label_loss's check=True, one aminmax + sync): "
           f"{wall_us(lambda: check_trusted(trusted, C)):.0f} us wall per call", flush=True)
-    cases = [c for c in _BENCH_CASES if c[4] or not quick]
+    cases = [c for c in _BENCH_CASES if (c[4] or not quick) and only in (None, c[0])]
+    print("rows as they finish (columns as in the tables at the end):", flush=True)
     results = _bench_run(cases, dev, types.SimpleNamespace(graph=graph_us, wall=wall_us,
                                                           bench=bench_ms), compile_fn,
-                         log=lambda r: print(f"done: {r['name']}", flush=True))
+                         log=lambda r: print(_bench_row(r, copy_gbs)[0], flush=True))
     print(_bench_table(results, copy_gbs))
 
 
@@ -693,8 +700,9 @@ if __name__ == "__main__":
     parser.add_argument("--bench", action="store_true",
                         help="time the Triton kernels against eager and torch.compile (CUDA)")
     parser.add_argument("--quick", action="store_true", help="with --bench: four cases only")
+    parser.add_argument("--only", choices=("loss", "dec"), help="with --bench: one kernel's cases")
     args = parser.parse_args()
     if args.bench:
-        _bench(args.quick)
+        _bench(args.quick, args.only)
     else:
         parser.print_help()

@@ -9,19 +9,20 @@ PyTorch reference below otherwise (CPU, or KDFM_NO_TRITON=1). The references def
 The Triton paths:
     masked_pseudo_label_loss  one launch per call: weak softmax/argmax, Heuristic 1, mask, labels,
                               per-row CE/SCE and d loss/d strong_logits, stored so that backward
-                              only scales it by grad_output (Liger-style fused cross-entropy)
-    dec_soft_assign           forward fuses the distance GEMM (tl.dot, fp32), the Student-t kernel
-                              and the row normalisation; backward writes dL/d d2 with one kernel
-                              and leaves the two (N x K) x (K x D) GEMMs to torch
+                              only scales it by grad_output, in place (Liger-style fused CE)
+    dec_soft_assign           forward fuses the distance GEMM (tl.dot, 3xTF32), the Student-t
+                              kernel and the row normalisation; backward writes dL/d d2 and the
+                              centred, scaled z with one kernel, then one addmm per gradient
 
 python kernels.py --bench times both against eager and torch.compile (needs a CUDA device).
 """
 import argparse
 import os
 import sys
+import time
+import types
 
 import torch
-import torch.nn.functional as F
 
 
 def _use_triton(t):
@@ -47,16 +48,40 @@ def masked_pseudo_label_loss_torch(weak_logits, strong_logits, tau, trusted=None
     return row.mean(), mask.float(), target
 
 
+def check_trusted(trusted, num_classes):
+    """ValueError unless every outer label lies in [-1, num_classes). One aminmax and one
+    device-to-host copy: on a GPU that is a sync, so a training loop checks its whole trusted
+    vector once and then calls masked_pseudo_label_loss(..., check=False)."""
+    if trusted.is_floating_point() or trusted.is_complex():
+        raise ValueError(f"trusted must be an integer tensor, got {trusted.dtype}")
+    if trusted.numel():
+        lo, hi = torch.stack(torch.aminmax(trusted)).tolist()
+        bad = lo if lo < -1 else hi if hi >= num_classes else None
+        if bad is not None:
+            raise ValueError(f"trusted labels must lie in [-1, {num_classes}) (-1 = untrusted), "
+                             f"got {bad}")
+
+
 def masked_pseudo_label_loss(weak_logits, strong_logits, tau, trusted=None, loss="ce",
-                             alpha=0.1, beta=1.0, A=-4.0):
+                             alpha=0.1, beta=1.0, A=-4.0, *, check=True):
     """FixMatch's unlabeled loss, mean over ALL rows of mask * per-row loss.
 
     weak_logits (B, C) carry no gradient; strong_logits (B, C) do. trusted: int (B,) outer pseudo
     labels, -1 = not trusted (inner SNN only). loss: "ce" or "sce" (alpha, beta, A as in SCE).
+    check: validate trusted with check_trusted (ValueError naming a label outside [-1, C)); that
+    costs a GPU sync per call, so pass check=False for labels already checked.
     Returns (loss, mask float (B,), pseudo_labels (B,) = the target of each row).
+    A weak row with a NaN or +inf logit has a NaN softmax: confidence NaN, label 0 (torch.max's
+    first NaN), so it is masked unless trusted.
     """
     if loss not in ("ce", "sce"):
         raise ValueError(f"loss must be 'ce' or 'sce', got {loss!r}")
+    if trusted is not None:
+        if trusted.shape != strong_logits.shape[:1]:
+            raise ValueError(f"trusted {tuple(trusted.shape)} must have shape "
+                             f"({strong_logits.shape[0]},)")
+        if check:
+            check_trusted(trusted, strong_logits.shape[-1])
     if _use_triton(strong_logits):
         return _masked_pseudo_label_loss_triton(weak_logits, strong_logits, tau, trusted, loss,
                                                 alpha, beta, A)
@@ -67,8 +92,12 @@ def masked_pseudo_label_loss(weak_logits, strong_logits, tau, trusted=None, loss
 # ---------------------------------------------------------------------------------------------
 # DEC soft assignment: reference
 def dec_soft_assign_torch(z, centroids, alpha=1.0):
-    # |z - mu|^2 = |z|^2 + |mu|^2 - 2 z.mu: never materialises N x K x D
-    d2 = (z * z).sum(1, keepdim=True) + (centroids * centroids).sum(1) - 2 * z @ centroids.T
+    # |z - mu|^2 = |z|^2 + |mu|^2 - 2 z.mu never materialises N x K x D, but cancels when the
+    # features share a large offset; shifting z and mu by the centroids' mean c leaves every
+    # distance (and gradient: c is a constant) unchanged and keeps the terms small
+    c = centroids.detach().mean(0)
+    zc, mc = z - c, centroids - c
+    d2 = (zc * zc).sum(1, keepdim=True) + (mc * mc).sum(1) - 2 * zc @ mc.T
     q = (1 + d2.clamp_min(0) / alpha).pow(-(alpha + 1) / 2)
     return q / q.sum(1, keepdim=True)
 
@@ -82,7 +111,7 @@ def dec_soft_assign(z, centroids, alpha=1.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels. Every pointer offset is int64 (indices widened before any stride product).
 try:
     import triton
     import triton.language as tl
@@ -90,17 +119,41 @@ try:
 except Exception:  # no triton (or a broken install): the references serve
     _HAS_TRITON = False
 
-_TILE = 2048              # elements per (rows x columns) tile of the row-wise kernels
+# Launch configurations. Triton's ahead-of-time compile for sm_90 (test_kernels_compile_for_sm90)
+# gives every variant below no register spills.
+_TILE = 2048              # elements per (rows x columns) tile of the row-wise kernels (8 warps)
 _LOSS_MAX_BLOCK_C = 2048  # wider rows loop over column blocks (online max / sum-exp)
-# DEC tiles: the fp32 (FMA) dot is register-hungry; these compile without spills for sm_90
-_DEC_BLOCK_N, _DEC_BLOCK_D, _DEC_MAX_BLOCK_K = 64, 16, 128
+_DEC_MAX_BLOCK_K = 128
+# DEC forward, per centroid tile width: (rows, features per tl.dot step, warps, pipeline stages).
+# A 128-wide tile leaves no registers for software pipelining
+_DEC_FWD_TILES = {16: (64, 16, 4, 3), 32: (64, 16, 4, 3), 64: (64, 16, 8, 3), 128: (64, 16, 8, 1)}
+
+
+def _pl_config(B, C, max_block_c=_LOSS_MAX_BLOCK_C):
+    block_c = min(triton.next_power_of_2(C), max_block_c)
+    return max(1, min(_TILE // block_c, 64, triton.next_power_of_2(B))), block_c  # rows, cols
+
+
+def _dec_block_k(K, max_block_k=_DEC_MAX_BLOCK_K):
+    # tl.dot tiles are powers of two >= 16. Up to 128 centroids take one tile, so the forward
+    # reads z once: K = 10 pads to 16 (bandwidth-bound there, so the padding moves no bytes) and
+    # K = 100 to 128 (22 % of the MMAs; seven 16-wide tiles would pad 12 % but stream z seven
+    # times: `--bench` times both). Wider K loops over 128-wide tiles.
+    return max(16, min(triton.next_power_of_2(K), max_block_k))
+
+
+def _dec_bwd_config(K, D):
+    block_k = min(triton.next_power_of_2(K), 1024)
+    block_n = max(1, min(_TILE // block_k, 64))
+    return block_n, block_k, max(16, min(triton.next_power_of_2(D), _TILE // block_n))
+
 
 if _HAS_TRITON:
 
     @triton.jit
     def _load_logits(ptr, rows, cols, stride_r, stride_c, C):
         # padded columns read -inf: they drop out of every max and sum-exp
-        offs = rows[:, None] * stride_r + cols[None, :] * stride_c
+        offs = rows[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
         return tl.load(ptr + offs, mask=cols[None, :] < C, other=float("-inf")).to(tl.float32)
 
     @triton.jit
@@ -157,12 +210,18 @@ if _HAS_TRITON:
                 w_max, w_sum = _online_max_sumexp(w_max, w_sum, w)
                 s_max, s_sum = _online_max_sumexp(s_max, s_sum, s)
 
-        # -- Heuristic 1: confident inner label, else the trusted outer label, else masked
-        # max softmax prob = 1 / sum exp(w - max); an all -inf weak row is NaN in the reference
-        conf = tl.where(w_max == float("-inf"), float("nan"), 1.0 / w_sum)
+        # -- Heuristic 1: confident inner label, else the trusted outer label, else masked.
+        # conf = max softmax prob = 1 / sum exp(w - max), divided with round-to-nearest: GPU '/'
+        # (div.full) is approximate and could flip conf >= tau within an ulp of tau. The rule:
+        # mask = div_rn(1, sum) >= tau; exp is the hardware one, as torch's is, so a row whose
+        # terms are exact (0 or 1) decides exactly as the reference does. A NaN or +inf weak
+        # logit makes the sum NaN: conf NaN and label 0, torch's NaN softmax and first-NaN max
+        # (written out, not left to tl.max: the GPU's skips NaN, the interpreter's propagates it)
+        conf = tl.math.div_rn(tl.full([BLOCK_R], 1.0, tl.float32), w_sum)
+        conf = tl.where(w_max == float("-inf"), float("nan"), conf)  # all -inf: NaN in torch too
         keep = conf >= tau
-        target = w_arg.to(tl.int64)
-        if HAS_TRUSTED:
+        target = tl.where(w_sum != w_sum, 0, w_arg).to(tl.int64)
+        if HAS_TRUSTED:  # labels checked on the host (check_trusted): in [-1, C)
             trusted = tl.load(trusted_ptr + rows * st_r).to(tl.int64)
             outer = (keep == 0) & (trusted >= 0)
             target = tl.where(outer, trusted, target)
@@ -205,24 +264,37 @@ if _HAS_TRITON:
                              mask=row_ok[:, None] & ((c0 + cols)[None, :] < C))
 
     @triton.jit
-    def _dec_kernel_tile(z_ptr, mu_ptr, rows, ks, N, K, D, sz_n, sz_d, sm_k, sm_d, inv_alpha, neg_p,
-                         ALPHA_ONE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
+    def _scale_inplace_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+        # x *= scale. A scale of exactly 1 (loss.backward()) masks every load and store off: no
+        # data moves, and no host sync is needed to find that out
+        s = tl.load(scale_ptr + tl.zeros([BLOCK], tl.int32)).to(tl.float32)  # one value, BLOCK x
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = (offs < n) & (s != 1.0)
+        x = tl.load(x_ptr + offs, mask=ok).to(tl.float32)
+        tl.store(x_ptr + offs, (x * s).to(x_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _dec_kernel_tile(z_ptr, c_ptr, mc_ptr, mm_ptr, rows, ks, N, K, D, sz_n, sz_d, inv_alpha,
+                         neg_p, ALPHA_ONE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         # unnormalised Student-t kernel (1 + d2/alpha)^(-p) of a (rows x centroids) tile, with
-        # d2 = |z|^2 + |mu|^2 - 2 z.mu accumulated in fp32 over D blocks (ieee: no tf32)
+        # d2 = |zc|^2 + |mc|^2 - 2 zc.mc on the centred zc = z - c, mc = mu - c (the reference's
+        # shift), accumulated over D blocks. tf32x3 (3xTF32) keeps the dot fp32-accurate on
+        # tensor cores, and the centring keeps its rounding small against the distances
         zmu = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         zz = tl.zeros([BLOCK_N], tl.float32)
-        mm = tl.zeros([BLOCK_K], tl.float32)
-        ds = tl.arange(0, BLOCK_D)
+        ds = tl.arange(0, BLOCK_D).to(tl.int64)
         for d0 in range(0, D, BLOCK_D):
-            d_ok = (d0 + ds)[None, :] < D
-            zt = tl.load(z_ptr + rows[:, None] * sz_n + (d0 + ds)[None, :] * sz_d,
-                         mask=(rows < N)[:, None] & d_ok, other=0.0).to(tl.float32)
-            mt = tl.load(mu_ptr + ks[:, None] * sm_k + (d0 + ds)[None, :] * sm_d,
-                         mask=(ks < K)[:, None] & d_ok, other=0.0).to(tl.float32)
-            zmu = tl.dot(zt, tl.trans(mt), acc=zmu, input_precision="ieee")
+            d = d0 + ds
+            c = tl.load(c_ptr + d, mask=d < D, other=0.0)
+            zt = tl.load(z_ptr + rows[:, None] * sz_n + d[None, :] * sz_d,
+                         mask=(rows < N)[:, None] & (d < D)[None, :], other=0.0)
+            zt = zt.to(tl.float32) - c[None, :]
+            mt = tl.load(mc_ptr + ks[None, :] * D + d[:, None],  # (features x centroids)
+                         mask=(ks < K)[None, :] & (d < D)[:, None], other=0.0)
+            zmu = tl.dot(zt, mt, acc=zmu, input_precision="tf32x3")
             zz += tl.sum(zt * zt, 1)
-            mm += tl.sum(mt * mt, 1)
+        mm = tl.load(mm_ptr + ks, mask=ks < K, other=0.0)
         d2 = tl.maximum(zz[:, None] + mm[None, :] - 2.0 * zmu, 0.0)  # a difference: clamp at 0
         base = 1.0 + d2 * inv_alpha
         if ALPHA_ONE:
@@ -232,15 +304,15 @@ if _HAS_TRITON:
         return tl.where((ks < K)[None, :], u, 0.0)
 
     @triton.jit
-    def _dec_fwd_kernel(z_ptr, mu_ptr, q_ptr, rowsum_ptr, N, K, D, sz_n, sz_d, sm_k, sm_d,
+    def _dec_fwd_kernel(z_ptr, c_ptr, mc_ptr, mm_ptr, q_ptr, rowsum_ptr, N, K, D, sz_n, sz_d,
                         inv_alpha, neg_p, ALPHA_ONE: tl.constexpr, SINGLE_K: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < N
-        kk = tl.arange(0, BLOCK_K)
+        kk = tl.arange(0, BLOCK_K).to(tl.int64)
         rowsum = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            u = _dec_kernel_tile(z_ptr, mu_ptr, rows, k0 + kk, N, K, D, sz_n, sz_d, sm_k, sm_d,
+            u = _dec_kernel_tile(z_ptr, c_ptr, mc_ptr, mm_ptr, rows, k0 + kk, N, K, D, sz_n, sz_d,
                                  inv_alpha, neg_p, ALPHA_ONE, BLOCK_N, BLOCK_K, BLOCK_D)
             rowsum += tl.sum(u, 1)
             if SINGLE_K:  # all K in one tile: normalise in registers, write q once
@@ -257,14 +329,17 @@ if _HAS_TRITON:
         tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
 
     @triton.jit
-    def _dec_bwd_kernel(q_ptr, g_ptr, rowsum_ptr, G_ptr, G_rowsum_ptr, N, K, sg_n, sg_k,
-                        inv_p, coef, ALPHA_ONE: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+    def _dec_bwd_kernel(q_ptr, g_ptr, rowsum_ptr, z_ptr, c_ptr, G_ptr, gz_ptr, zc_ptr, N, K, D,
+                        sg_n, sg_k, sz_n, sz_d, inv_p, coef, ALPHA_ONE: tl.constexpr,
+                        WRITE_GZ: tl.constexpr, WRITE_ZC: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         # G = dL/d d2 = coef * t * q * (g - sum_k g q), coef = -(alpha+1)/(2 alpha), with
-        # t = 1/(1 + d2/alpha) recovered from q: t^p = q * rowsum (rowsum saved by the forward)
+        # t = 1/(1 + d2/alpha) recovered from q: t^p = q * rowsum (rowsum saved by the forward).
+        # Then the N x D inputs of the backward's addmm, from one read of z: 2 rowsum(G) zc
+        # (dL/dz before "- 2 G mc") and zc itself (for dL/dmu = -2 (G^T zc - colsum(G) mc))
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < N
-        kk = tl.arange(0, BLOCK_K)
+        kk = tl.arange(0, BLOCK_K).to(tl.int64)
         r = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ok = row_ok[:, None] & ((k0 + kk) < K)[None, :]
@@ -286,7 +361,18 @@ if _HAS_TRITON:
             G = coef * t * q * (g - r[:, None])
             G_rowsum += tl.sum(G, 1)
             tl.store(G_ptr + rows[:, None] * K + (k0 + kk)[None, :], G, mask=ok)
-        tl.store(G_rowsum_ptr + rows, G_rowsum, mask=row_ok)
+        ds = tl.arange(0, BLOCK_D).to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):  # backward runs only when one of the two is wanted
+            d = d0 + ds
+            ok = row_ok[:, None] & (d < D)[None, :]
+            c = tl.load(c_ptr + d, mask=d < D, other=0.0)
+            zc = tl.load(z_ptr + rows[:, None] * sz_n + d[None, :] * sz_d, mask=ok,
+                         other=0.0).to(tl.float32) - c[None, :]
+            offs = rows[:, None] * D + d[None, :]
+            if WRITE_GZ:
+                tl.store(gz_ptr + offs, (2.0 * G_rowsum)[:, None] * zc, mask=ok)
+            if WRITE_ZC:
+                tl.store(zc_ptr + offs, zc, mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +384,7 @@ class _MaskedPseudoLabelLoss(torch.autograd.Function):
         if weak_logits.shape != (B, C) or C < 1 or B < 1:
             raise ValueError(f"weak {tuple(weak_logits.shape)} and strong {(B, C)} must match")
         dev = strong_logits.device
-        block_c = min(triton.next_power_of_2(C), max_block_c)
-        block_r = max(1, min(_TILE // block_c, 64, triton.next_power_of_2(B)))  # rows/program
+        block_r, block_c = _pl_config(B, C, max_block_c)
         write_grad = ctx.needs_input_grad[1]
         grad = torch.empty((B, C), dtype=strong_logits.dtype, device=dev) if write_grad else None
         row_loss = torch.empty(B, dtype=torch.float32, device=dev)
@@ -313,32 +398,39 @@ class _MaskedPseudoLabelLoss(torch.autograd.Function):
             trusted.stride(0) if trusted is not None else 0, C,
             float(tau), float(alpha), float(beta) * float(A), 1.0 / B,
             HAS_TRUSTED=trusted is not None, SCE=sce, WRITE_GRAD=write_grad,
-            SINGLE_BLOCK=block_c >= C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+            SINGLE_BLOCK=block_c >= C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
         ctx.mark_non_differentiable(mask, target)
         ctx.save_for_backward(grad)
         return row_loss.sum() / B, mask, target
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_mask, _grad_target):
+        # scaled in place, no B x C allocation; the saved buffer is spent (a second backward
+        # through the same graph fails autograd's version check rather than scaling it twice)
         (grad,) = ctx.saved_tensors
-        return None, grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None
+        _scale_inplace_kernel[(triton.cdiv(grad.numel(), 1024),)](
+            grad, grad_loss.float(), grad.numel(), BLOCK=1024, num_warps=4)
+        return None, grad, None, None, None, None, None, None, None
 
 
 def _masked_pseudo_label_loss_triton(weak_logits, strong_logits, tau, trusted=None, loss="ce",
                                      alpha=0.1, beta=1.0, A=-4.0, max_block_c=_LOSS_MAX_BLOCK_C):
-    """Fused Triton path of masked_pseudo_label_loss (one launch). The supervised CE is the special
-    case trusted=labels, tau > 1 (no row confident, every row takes its label): mean CE."""
+    """Fused Triton path of masked_pseudo_label_loss (one launch); trusted is not checked here.
+    The supervised CE is the special case trusted=labels, tau > 1 (no row confident, every row
+    takes its label): mean CE."""
     return _MaskedPseudoLabelLoss.apply(weak_logits.detach(), strong_logits, tau, trusted,
                                         loss == "sce", alpha, beta, A, max_block_c)
 
 
 # ---------------------------------------------------------------------------------------------
 # DEC soft assignment: autograd wrapper
-# Backward closed form, with p = (alpha+1)/2, t_ij = 1/(1 + d2_ij/alpha), q_ij = t_ij^p / S_i:
+# Backward closed form, with p = (alpha+1)/2, t_ij = 1/(1 + d2_ij/alpha), q_ij = t_ij^p / S_i and
+# the centred zc = z - c, mc = mu - c (distances, hence gradients, do not depend on c):
 #   G_ij = dL/d d2_ij = -(p/alpha) t_ij q_ij (g_ij - sum_k g_ik q_ik)
-#   dL/dz_i = 2 sum_j G_ij (z_i - mu_j) = 2 (rowsum(G)_i z_i - (G mu)_i)
-#   dL/dmu_j = -2 sum_i G_ij (z_i - mu_j) = -2 ((G^T z)_j - colsum(G)_j mu_j)
-# The kernel writes G (N x K); the two GEMMs go to torch, so N x K x D is never formed.
+#   dL/dz_i = 2 sum_j G_ij (z_i - mu_j) = 2 rowsum(G)_i zc_i - 2 (G mc)_i
+#   dL/dmu_j = -2 sum_i G_ij (z_i - mu_j) = 2 colsum(G)_j mc_j - 2 (G^T zc)_j
+# The kernel writes G (N x K) and the first terms; one addmm each adds the GEMM. N x K x D is
+# never formed, and dL/dz costs 4 N*D of traffic (read z, write; addmm reads and writes).
 class _DecSoftAssign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, centroids, alpha, max_block_k):
@@ -346,37 +438,40 @@ class _DecSoftAssign(torch.autograd.Function):
         if D != D2:
             raise ValueError(f"z {tuple(z.shape)}, centroids {tuple(centroids.shape)}: D differs")
         alpha = float(alpha)
-        block_k = max(16, min(triton.next_power_of_2(K), max_block_k))  # tl.dot needs >= 16
+        mu = centroids.detach().float()
+        c = mu.mean(0)                                     # the shift, as in the reference
+        mc = (mu - c).contiguous()
+        block_k = _dec_block_k(K, max_block_k)
+        block_n, block_d, warps, stages = _DEC_FWD_TILES[block_k]
         q = torch.empty((N, K), dtype=torch.promote_types(z.dtype, centroids.dtype),
                         device=z.device)
         rowsum = torch.empty(N, dtype=torch.float32, device=z.device)
-        _dec_fwd_kernel[(triton.cdiv(N, _DEC_BLOCK_N),)](
-            z, centroids, q, rowsum, N, K, D, z.stride(0), z.stride(1),
-            centroids.stride(0), centroids.stride(1), 1.0 / alpha, -(alpha + 1) / 2,
-            ALPHA_ONE=alpha == 1.0, SINGLE_K=block_k >= K, BLOCK_N=_DEC_BLOCK_N,
-            BLOCK_K=block_k, BLOCK_D=_DEC_BLOCK_D, num_warps=8 if block_k >= 64 else 4)
-        ctx.alpha = alpha
-        ctx.save_for_backward(z, centroids, q, rowsum)
+        _dec_fwd_kernel[(triton.cdiv(N, block_n),)](
+            z, c, mc, (mc * mc).sum(1), q, rowsum, N, K, D, z.stride(0), z.stride(1),
+            1.0 / alpha, -(alpha + 1) / 2, ALPHA_ONE=alpha == 1.0, SINGLE_K=block_k >= K,
+            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+        ctx.alpha, ctx.mu_dtype = alpha, centroids.dtype
+        ctx.save_for_backward(z, q, rowsum, c, mc)
         return q
 
     @staticmethod
     def backward(ctx, g):
-        z, centroids, q, rowsum = ctx.saved_tensors
-        (N, K), alpha = q.shape, ctx.alpha
+        z, q, rowsum, c, mc = ctx.saved_tensors
+        (N, K), D, alpha = q.shape, z.shape[1], ctx.alpha
+        need_z, need_mu = ctx.needs_input_grad[:2]
         p = (alpha + 1) / 2
-        block_k = min(triton.next_power_of_2(K), 1024)
-        block_n = max(1, min(_TILE // block_k, 64))
-        G = torch.empty((N, K), dtype=torch.float32, device=q.device)
-        G_rowsum = torch.empty(N, dtype=torch.float32, device=q.device)
+        block_n, block_k, block_d = _dec_bwd_config(K, D)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        G = torch.empty((N, K), **f32)
+        gz = torch.empty((N, D), **f32) if need_z else G      # G: an unused placeholder
+        zc = torch.empty((N, D), **f32) if need_mu else G
         _dec_bwd_kernel[(triton.cdiv(N, block_n),)](
-            q, g, rowsum, G, G_rowsum, N, K, g.stride(0), g.stride(1), 1.0 / p, -p / alpha,
-            ALPHA_ONE=alpha == 1.0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
-        z32, mu32 = z.float(), centroids.float()
-        grad_z = grad_mu = None
-        if ctx.needs_input_grad[0]:
-            grad_z = (2 * (G_rowsum[:, None] * z32 - G @ mu32)).to(z.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_mu = (-2 * (G.T @ z32 - G.sum(0)[:, None] * mu32)).to(centroids.dtype)
+            q, g, rowsum, z, c, G, gz, zc, N, K, D, g.stride(0), g.stride(1), z.stride(0),
+            z.stride(1), 1.0 / p, -p / alpha, ALPHA_ONE=alpha == 1.0, WRITE_GZ=need_z,
+            WRITE_ZC=need_mu, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8)
+        grad_z = gz.addmm_(G, mc, alpha=-2).to(z.dtype) if need_z else None
+        grad_mu = (torch.addmm(mc * (2 * G.sum(0))[:, None], G.T, zc, alpha=-2).to(ctx.mu_dtype)
+                   if need_mu else None)
         return grad_z, grad_mu, None, None
 
 
@@ -385,123 +480,229 @@ def _dec_soft_assign_triton(z, centroids, alpha=1.0, max_block_k=_DEC_MAX_BLOCK_
 
 
 # ---------------------------------------------------------------------------------------------
-# Benchmark: python kernels.py --bench (needs a CUDA device)
+# Benchmark: python kernels.py --bench [--quick] (needs a CUDA device)
+# Small shapes (one training step's calls) are timed in microseconds with CUDA graphs (launches
+# removed) and as wall time per step (launches included): their GB/s would be meaningless. Large
+# shapes are timed with do_bench (L2 flushed) and also report GB/s of the bytes the operation must
+# move, against a device-to-device copy measured in the same run.
+# (kind, dtype, shape, large, quick); loss shape (B, C), B = mu*64 = 448 in training; DEC shape
+# (N, K, D, z needs grad, max_block_k): N = 256 is one DEC step on the centroids of fixed features
+_BENCH_CASES = [
+    ("loss", "float32", (448, 10), False, True), ("loss", "float32", (448, 100), False, False),
+    ("loss", "bfloat16", (448, 101), False, False),
+    ("loss", "float32", (7168, 1000), True, True), ("loss", "bfloat16", (7168, 1000), True, False),
+    ("dec", "float32", (256, 10, 1280, False, 128), False, True),
+    ("dec", "float32", (256, 100, 1280, False, 128), False, False),
+    ("dec", "float32", (1_000_000, 10, 1280, True, 128), True, True),
+    ("dec", "float32", (1_000_000, 100, 1280, True, 128), True, False),
+    ("dec", "float32", (1_000_000, 100, 1280, True, 16), True, False),  # K as 7 tiles of 16
+]
+
+
 def _max_rel_err(outs, refs):
     # worst max|a - b| / max|b| over the outputs (forward value and gradients)
     return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-               for a, b in zip(outs, refs))
+               for a, b in zip(outs, refs) if b is not None)
 
 
-def _bench_dec_case(dev, dtype, N, K, D, timer, compiled):
-    z = torch.randn(N, D, device=dev, dtype=dtype).requires_grad_()
-    mu = torch.randn(K, D, device=dev, dtype=dtype).requires_grad_()
-    g = torch.randn(N, K, device=dev, dtype=dtype)
-    outs = []
-    for f in (dec_soft_assign_torch, _dec_soft_assign_triton):
-        z.grad = mu.grad = None
-        q = f(z, mu)
-        q.backward(g)
-        outs.append((q.detach(), z.grad, mu.grad))
-    err = _max_rel_err(outs[1], outs[0])
-    del outs, q
-    ms = [timer(lambda f=f: f(z, mu).backward(g), [z, mu])
-          for f in (dec_soft_assign_torch, compiled, _dec_soft_assign_triton)]
-    return ms, err
-
-
-def _bench_rows(dev, loss_cases, dec_cases, timer):
-    """Yield one table row per case: (name, eager ms, compile ms, triton ms, bytes, flops, err).
-    timer(fn, grads) -> median ms of fn() (forward + backward), grads reset to None each run."""
-    compiled_loss = torch.compile(masked_pseudo_label_loss_torch)
-    compiled_dec = torch.compile(dec_soft_assign_torch)
-    for dtype, B, C in loss_cases:
+def _bench_case(kind, dtype, shape, dev, compile_fn):
+    """(name, bytes, {impl: f}, step(f) -> outputs) of one case. step runs forward + backward."""
+    dtype = getattr(torch, dtype)
+    if kind == "loss":
+        B, C = shape
         weak = (3 * torch.randn(B, C, device=dev)).to(dtype)
         strong = torch.randn(B, C, device=dev).to(dtype).requires_grad_()
         trusted = torch.randint(-1, C, (B,), device=dev)
 
         def step(f):
+            strong.grad = None
             loss = f(weak, strong, 0.95, trusted, "ce")[0]
             loss.backward()
-            return loss
+            return loss.detach(), strong.grad
 
-        outs = []
-        for f in (masked_pseudo_label_loss_torch, _masked_pseudo_label_loss_triton):
-            strong.grad = None
-            outs.append((step(f).detach(), strong.grad))
-        err = _max_rel_err(outs[1], outs[0])
-        ms = [timer(lambda f=f: step(f), [strong])
-              for f in (masked_pseudo_label_loss_torch, compiled_loss,
-                        _masked_pseudo_label_loss_triton)]
-        # must move: read weak + strong, write d strong; per row read trusted, write loss/mask/label
+        impls = dict(eager=masked_pseudo_label_loss_torch,
+                     compile=compile_fn(masked_pseudo_label_loss_torch),
+                     triton=_masked_pseudo_label_loss_triton)
+        # read weak and strong, write d strong (backward at grad 1 moves nothing more); per row
+        # read trusted (int64), write loss, mask (fp32) and label (int64)
         nbytes = 3 * B * C * strong.element_size() + B * (8 + 4 + 4 + 8)
-        yield (f"loss ce {str(dtype)[6:]} B={B} C={C}", *ms, nbytes, 0, err)
-        del weak, strong, trusted, outs
-    for dtype, N, K, D in dec_cases:
-        name = f"dec {str(dtype)[6:]} N={N} K={K} D={D}"
+        return f"loss {str(dtype)[6:]} B={B} C={C}", nbytes, impls, step
+    N, K, D, grad_z, block_k = shape
+    z = torch.randn(N, D, device=dev, dtype=dtype).requires_grad_(grad_z)
+    mu = torch.randn(K, D, device=dev, dtype=dtype).requires_grad_()
+    g = torch.randn(N, K, device=dev, dtype=dtype)
+
+    def step(f):
+        z.grad = mu.grad = None
+        q = f(z, mu)
+        q.backward(g)
+        return q.detach(), z.grad, mu.grad
+
+    impls = dict(triton=lambda a, b: _dec_soft_assign_triton(a, b, 1.0, block_k))
+    if block_k == _DEC_MAX_BLOCK_K:  # the variant row times the kernel alone
+        impls = dict(eager=dec_soft_assign_torch, compile=compile_fn(dec_soft_assign_torch),
+                     **impls)
+    # forward reads z and writes q; backward reads g and z and writes dz (if z needs it)
+    nbytes = z.element_size() * (N * D * (3 if grad_z else 2) + 2 * N * K)
+    name = (f"dec {str(dtype)[6:]} N={N} K={K} D={D}" + (" +dz" if grad_z else "")
+            + ("" if block_k == _DEC_MAX_BLOCK_K else f" BLOCK_K={block_k}"))
+    return name, nbytes, impls, step
+
+
+def _bench_run(cases, dev, timers, compile_fn, log=print):
+    """One result dict per case; a case or implementation that fails (OOM, compile error) is
+    noted and the run goes on. timers: graph(fn) -> us, wall(fn) -> us, bench(fn) -> ms."""
+    results = []
+    for kind, dtype, shape, large, _ in cases:
+        res = dict(name=f"{kind} {dtype} {shape}", large=large, t={}, wall={}, notes=[])
         try:
-            ms, err = _bench_dec_case(dev, dtype, N, K, D, timer, compiled_dec)
-        except torch.cuda.OutOfMemoryError:
-            ms = None
+            res["name"], res["bytes"], impls, step = _bench_case(kind, dtype, shape, dev,
+                                                                 compile_fn)
+            outs = {}
+            for key, f in impls.items():
+                try:
+                    out = step(f)  # warm-up (compiles) and the values compared in "err"
+                    if key != "compile":
+                        outs[key] = out
+                    del out
+                    if large:
+                        res["t"][key] = timers.bench(lambda f=f: step(f))
+                    else:
+                        res["t"][key] = timers.graph(lambda f=f: step(f))
+                        res["wall"][key] = timers.wall(lambda f=f: step(f))
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    res["notes"].append(f"{key}: {type(e).__name__}: {str(e).strip()[:120]}")
+            if "eager" in outs and "triton" in outs:
+                res["err"] = _max_rel_err(outs["triton"], outs["eager"])
+            del outs, impls, step
+        except Exception as e:  # noqa: BLE001
+            res["notes"].append(f"{type(e).__name__}: {str(e).strip()[:120]}")
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        if ms is None:
-            yield (f"{name}: skipped (out of memory)",)
-            continue
-        # must move: read z, write q (fwd); read g, q, z, write d z (bwd); the centroids are small
-        es = torch.empty((), dtype=dtype).element_size()
-        nbytes = es * (2 * N * D + 3 * N * K + 2 * K * D)
-        yield (name, *ms, nbytes, 6 * N * K * D, err)
+        results.append(res)
+        log(res)
+    return results
 
 
-def _print_table(rows, copy_gbs):
-    print(f"{'case':<32}{'eager':>9}{'compile':>9}{'triton':>9}{'vs eager':>9}{'GB/s':>8}"
-          f"{'% copy':>8}{'TFLOP/s':>9}{'err':>9}")
-    for row in rows:
-        if len(row) == 1:
-            print(row[0], flush=True)
-            continue
-        name, eager, comp, trit, nbytes, flops, err = row
-        gbs = nbytes / trit / 1e6
-        tflops = f"{flops / trit / 1e9:9.1f}" if flops else f"{'':>9}"
-        print(f"{name:<32}{eager:9.3f}{comp:9.3f}{trit:9.3f}{eager / trit:8.1f}x{gbs:8.0f}"
-              f"{100 * gbs / copy_gbs:7.0f}%{tflops}{err:9.1e}", flush=True)
+def _cell(x, width, prec, suffix=""):
+    return (f"{x:.{prec}f}{suffix}" if x is not None else "-").rjust(width)
 
 
-def _bench():
+def _bench_row(r, copy_gbs):
+    """(table line and notes, goal or None) of one result."""
+    t, err, goal = r["t"], r.get("err"), None
+    e, c, tri = (t.get(k) for k in ("eager", "compile", "triton"))
+    sp = [None if x is None or tri is None else x / tri for x in (e, c)]
+    if r["large"]:
+        gbs = None if tri is None else r["bytes"] / tri / 1e6
+        pct = gbs and 100 * gbs / copy_gbs
+        extra = _cell(gbs, 12, 0) + _cell(pct, 8, 0)
+        if r["name"].startswith("loss") and None not in (pct, sp[1]):
+            goal = (f"{pct:.0f} % of copy, {sp[1]:.2f}x compile", pct >= 80 and sp[1] >= 1.3)
+        elif r["name"].startswith("dec") and sp[0] is not None:
+            goal = (f"{sp[0]:.2f}x eager", sp[0] >= 2)
+    else:
+        extra = "/".join(_cell(r["wall"].get(k), 0, 0) for k in ("eager", "compile", "triton"))
+    line = (f"{r['name']:<40}{_cell(e, 9, 1)}{_cell(c, 9, 1)}{_cell(tri, 9, 1)}"
+            f"{_cell(sp[0], 9, 2, 'x')}{_cell(sp[1], 8, 2, 'x')}{extra:>20}"
+            f"{'-' if err is None else f'{err:.1e}':>9}")
+    return "\n".join([line] + [f"    ! {n}" for n in r["notes"]]), goal
+
+
+def _bench_table(results, copy_gbs):
+    """The two tables (small shapes in us, large in ms with GB/s) and the goals, as text."""
+    lines, goals = [], []
+    for large in (False, True):
+        title = ("large shapes (ms" if large else
+                 "small shapes (us: CUDA graph; wall: per step, launches included")
+        extra = "GB/s  % copy" if large else "wall e/c/t us"
+        lines += [f"\n{title}; forward + backward)",
+                  f"{'case':<40}{'eager':>9}{'compile':>9}{'triton':>9}{'vs eager':>9}"
+                  f"{'vs comp':>8}{extra:>20}{'err':>9}"]
+        for r in (r for r in results if r["large"] == large):
+            text, goal = _bench_row(r, copy_gbs)
+            lines.append(text)
+            if goal:
+                goals.append(f"  {r['name']}: {goal[0]}: {'met' if goal[1] else 'MISSED'}")
+    lines.append("\ngoals (large shapes): loss >= 80 % of copy, >= 1.3x compile; DEC >= 2x eager")
+    return "\n".join(lines + goals)
+
+
+def _bench(quick=False, only=None):
     if not torch.cuda.is_available():
         print("kernels.py --bench needs a CUDA device; none is available here.")
         sys.exit(2)
     if not _HAS_TRITON:
         print("kernels.py --bench needs triton; it does not import here.")
         sys.exit(2)
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
 
-    def timer(fn, grads):
-        return do_bench(fn, grad_to_none=grads, return_mode="median")
+    # pinned: eager and compiled GEMMs in full fp32, as accurate as the kernels' 3xTF32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+    def graph_us(fn):
+        return 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+    def wall_us(fn, n=100):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        return 1e6 * (time.perf_counter() - t0) / n
+
+    def bench_ms(fn):  # at least ~25 timed repetitions, however long one takes
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        est = 1e3 * (time.perf_counter() - t0)
+        return do_bench(fn, warmup=max(25, 3 * est), rep=min(max(100, 25 * est), 5000),
+                        return_mode="median")
+
+    def compile_fn(f):  # a fresh compile per shape: no recompiles or dynamic shapes timed
+        torch._dynamo.reset()
+        return torch.compile(f, dynamic=False)
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)  # 1 GiB: far beyond L2
     dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() / timer(lambda: dst.copy_(src), None) / 1e6
+    copy_gbs = 2 * src.numel() / bench_ms(lambda: dst.copy_(src)) / 1e6
     del src, dst
-    print(f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}, "
-          f"triton {triton.__version__}")
-    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write), the 100% of '% copy'")
-    print("times: median ms of forward + backward; GB/s: bytes the op must move / triton time;"
-          " err: max |triton - eager| / max |eager| over value and grads")
-    loss_cases = [(dt, B, C) for dt in (torch.float32, torch.bfloat16) for B in (448, 7168)
-                  for C in (10, 100, 101, 1000)]
-    dec_cases = [(torch.float32, N, K, D) for N in (50_000, 1_000_000) for K in (10, 100)
-                 for D in (128, 1280)]
-    _print_table(_bench_rows(dev, loss_cases, dec_cases, timer), copy_gbs)
+    print(f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}, triton "
+          f"{triton.__version__}; allow_tf32 matmul/cudnn: "
+          f"{torch.backends.cuda.matmul.allow_tf32}/{torch.backends.cudnn.allow_tf32}, "
+          f"float32_matmul_precision {torch.get_float32_matmul_precision()}")
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write), the 100 % of '% copy'")
+    print("GB/s counts the bytes the op must move: loss = read weak + strong, write d strong, "
+          "per-row labels/mask/loss;\nDEC = read z, write q, read g and z, write dz (if z needs "
+          "it). vs eager / vs comp: their time / Triton's. err: max |triton - eager| / max |eager| "
+          "over value and grads")
+    B, C = 448, 100
+    trusted = torch.randint(-1, C, (B,), device=dev)
+    print(f"check_trusted (masked_pseudo_label_loss's check=True, one aminmax + sync): "
+          f"{wall_us(lambda: check_trusted(trusted, C)):.0f} us wall per call", flush=True)
+    cases = [c for c in _BENCH_CASES if (c[4] or not quick) and only in (None, c[0])]
+    print("rows as they finish (columns as in the tables at the end):", flush=True)
+    results = _bench_run(cases, dev, types.SimpleNamespace(graph=graph_us, wall=wall_us,
+                                                          bench=bench_ms), compile_fn,
+                         log=lambda r: print(_bench_row(r, copy_gbs)[0], flush=True))
+    print(_bench_table(results, copy_gbs))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true",
                         help="time the Triton kernels against eager and torch.compile (CUDA)")
-    if parser.parse_args().bench:
-        _bench()
+    parser.add_argument("--quick", action="store_true", help="with --bench: four cases only")
+    parser.add_argument("--only", choices=("loss", "dec"), help="with --bench: one kernel's cases")
+    args = parser.parse_args()
+    if args.bench:
+        _bench(args.quick, args.only)
     else:
         parser.print_help()

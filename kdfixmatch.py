@@ -444,8 +444,9 @@ def fixmatch_step(model, x_l, y_l, x_w=None, x_s=None, tau=0.95, lambda_u=1.0, t
     if x_w is None:
         return loss_s, dict(loss_s=loss_s.detach())
     logits_w, logits_s = logits[B:].chunk(2)
-    loss_u, mask, pseudo = kernels.masked_pseudo_label_loss(
-        logits_w.detach(), logits_s, tau, trusted, loss, alpha, beta, A)   # no gradient via weak
+    loss_u, mask, pseudo = kernels.masked_pseudo_label_loss(      # no gradient via the weak view;
+        logits_w.detach(), logits_s, tau, trusted, loss, alpha, beta, A, check=False)  # train_snn
+    # range-checks `trusted` once: a check per step would be a GPU sync per step
     return loss_s + lambda_u * loss_u, dict(loss_s=loss_s.detach(), loss_u=loss_u.detach(),
                                             mask=mask, pseudo=pseudo)
 
@@ -662,7 +663,9 @@ def train_snn(args, data, stage, split, trusted=None):
         st = _restore(ckpt, model, ema, opt, sched)
     trim_metrics(args, stage, st["step"])
     fwd = torch.compile(model) if args.compile else model
-    trusted = None if trusted is None else trusted.to(args.dev)
+    if trusted is not None:                           # checked once here, not once per step
+        kernels.check_trusted(trusted, data["classes"])
+        trusted = trusted.to(args.dev)
     bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)   # a log file: a line per 30 s
     window, t0 = [], time.time()

@@ -580,7 +580,8 @@ def make_model(args, data, suave=False, imagenet=True):
 
 
 def to_device(t, dev):        # a host -> GPU copy from pinned memory does not wait for the GPU
-    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t.to(dev)
+    cuda = dev.type == "cuda" and not t.is_cuda
+    return t.pin_memory().to(dev, non_blocking=True) if cuda else t.to(dev)
 
 
 def to_input(x, args):
@@ -605,8 +606,8 @@ def make_batch(data, split, step, seed, args, unlabeled=True):
         while len(idx) < size:                        # a batch may straddle two epochs
             epoch, off = divmod(pos + len(idx), n)
             idx += _epoch_perm(n, s, epoch)[off:off + size - len(idx)].tolist()
-        idx = to_device(pool[idx], args.dev)
-        x = data["x"][idx] if data["x"].is_cuda else to_device(data["x"][idx.cpu()], args.dev)
+        idx, host = to_device(pool[idx], args.dev), pool[idx]
+        x = data["x"][idx] if data["x"].is_cuda else to_device(data["x"][host], args.dev)
         b.update({"x_" + kind: augment(x, data["flip"], False, g), "y_" + kind: data["y"][idx]})
         if kind == "l" and not unlabeled:
             return b
@@ -878,6 +879,7 @@ def main(argv=None):
         die(f"--device {args.device}: CUDA is not available here; use --device cpu")
     args.bf16 = args.precision == "bf16" or (args.precision == "auto" and args.dev.type == "cuda")
     torch.set_flush_denormal(True)                    # CPU: confident nets make denormals, 1.5x slower
+    torch.backends.cudnn.benchmark = True             # fixed shapes: cuDNN picks its fastest convs
     t0 = time.time()
     data = load_dataset(args)
     split = (labeled_split(data["train_y"], args.labels, data["classes"], args.seed) if args.bench

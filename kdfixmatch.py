@@ -111,7 +111,7 @@ def get_args(argv=None):
       "training set lives in GPU memory if it takes < 1/4 of the free memory, else in pinned host "
       "memory (each batch's raw images are copied over); the run says which")
     a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
-    a("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    a("--compile", action="store_true", help="torch.compile the model; on a GPU with CUDA graphs")
     a("--bench", action="store_true", help="print images/s of augment, of the training step on a "
       "fixed batch (the ceiling) and of the real loop, then exit; trains and writes nothing")
     args = p.parse_args(argv)
@@ -257,8 +257,8 @@ def draw_plan(N, H, W, flip=True, strong=False, generator=None):
 
 def slot_params(op, level, sign, H, W):
     """One op slot's per-sample parameters, in float64 as torchvision computes them from Python
-    floats: enhance factor f and 1 - f, posterize bit mask, solarize threshold, and TF.affine's
-    inverse matrix (torchvision's _get_inverse_affine_matrix, about the centre)."""
+    floats: pt = (enhance factor f, 1 - f, posterize bit mask, solarize threshold), and TF.affine's
+    inverse matrix theta (torchvision's _get_inverse_affine_matrix, about the centre)."""
     m = level.double() / 10
     sm, f = m * sign, 0.1 + 1.8 * m                   # official code's enhance span 0.1..1.9
     pick = lambda name, v: torch.where(op == RA_OPS.index(name), v, torch.zeros_like(m))
@@ -269,7 +269,7 @@ def slot_params(op, level, sign, H, W):
     a, c = torch.cos(rot - sy) / torch.cos(sy), torch.sin(rot - sy) / torch.cos(sy)
     b, d = -(a * torch.tan(sx) + torch.sin(rot)), torch.cos(rot) - c * torch.tan(sx)
     bits = 8 - (4 * level + 5) // 10                  # posterize 8..4 bits: the paper's table
-    return dict(f=f, g=1 - f, mask=(255 << (8 - bits)) & 255, thr=256 * (1 - m),
+    return dict(pt=torch.stack([f, 1 - f, (255 << (8 - bits)) & 255, 256 * (1 - m)], 1),
                 theta=torch.stack([d, -b, b * ty - d * tx, -c, a, c * tx - a * ty], 1))
 
 
@@ -292,8 +292,7 @@ def apply_plan(x, plan):
         for k in range(1, GEOMETRIC):
             if e[k + 1] > e[k]:
                 i = order[e[k]:e[k + 1]]
-                out[i] = point_op(RA_OPS[k], out[i], *(p[n + str(j)][i].view(-1, 1, 1, 1)
-                                                       for n in ("f", "g", "mask", "thr")))
+                out[i] = point_op(RA_OPS[k], out[i], *p[f"pt{j}"][i].T[..., None, None, None])
         if e[-1] > e[GEOMETRIC]:
             i = order[e[GEOMETRIC]:]
             out[i] = affine(out[i], p[f"theta{j}"][i])
@@ -334,8 +333,9 @@ def point_op(name, x, f, g, mask, thr):
     elif name == "solarize":
         return torch.where(x >= thr, 255 - x, x)
     elif name == "sharpness":      # blend with the 3x3-smoothed image; the border is kept
-        k = torch.tensor([[1 / 13] * 3, [1 / 13, 5 / 13, 1 / 13], [1 / 13] * 3], device=x.device)
-        blur = F.conv2d(xf, k.expand(x.shape[1], 1, 3, 3), groups=x.shape[1]).round()
+        k = torch.full((x.shape[1], 1, 3, 3), 1 / 13, device=x.device)   # (torch.tensor(...,
+        k[:, :, 1, 1] = 5 / 13                                             # device=) would sync)
+        blur = F.conv2d(xf, k, groups=x.shape[1]).round()
         out, inner = xf, xf[..., 1:-1, 1:-1]
         out[..., 1:-1, 1:-1] = fma(inner, blur - inner, g)
     elif name == "color" and x.shape[1] == 1:
@@ -354,8 +354,10 @@ def affine(x, theta):
     base = torch.ones(1, H, W, 3, device=x.device)
     base[..., 0] = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=x.device)
     base[..., 1] = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=x.device)[:, None]
-    scale = torch.tensor([0.5 * W, 0.5 * H], device=x.device)
-    grid = base.view(1, H * W, 3).expand(n, -1, -1).bmm(theta.view(n, 2, 3).transpose(1, 2) / scale)
+    t = theta.view(n, 2, 3).transpose(1, 2)           # (n, 3, 2) / (W/2, H/2), column by column:
+    t[..., 0] /= 0.5 * W                              # a tensor made on the host would cost a sync
+    t[..., 1] /= 0.5 * H
+    grid = base.view(1, H * W, 3).expand(n, -1, -1).bmm(t)
     img = torch.cat([x.float(), torch.ones_like(x[:, :1], dtype=torch.float32)], 1)   # + mask
     img = F.grid_sample(img, grid.view(n, H, W, 2), "nearest", "zeros", align_corners=False)
     return torch.where(img[:, -1:] < 0.5, 128.0, img[:, :-1]).round().to(torch.uint8)
@@ -579,6 +581,11 @@ def make_model(args, data, suave=False, imagenet=True):
     return model, copy.deepcopy(model).eval().requires_grad_(False), opt, sched   # + the EMA
 
 
+def compiled(model, args):    # --compile: on a GPU with CUDA graphs, which remove the launch costs
+    mode = "reduce-overhead" if args.dev.type == "cuda" else None
+    return torch.compile(model, mode=mode) if args.compile else model
+
+
 def to_device(t, dev):        # a host -> GPU copy from pinned memory does not wait for the GPU
     cuda = dev.type == "cuda" and not t.is_cuda
     return t.pin_memory().to(dev, non_blocking=True) if cuda else t.to(dev)
@@ -620,6 +627,8 @@ STAGES = ("outer", "inner", "supervised", "suave")
 def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
     """One SGD update of the stage's loss, and the EMA. Returns (loss, mask rate, right and used
     pseudo labels) as one device tensor: nothing here waits for the GPU."""
+    if args.compile and args.dev.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()    # the last step's graph outputs are done
     x_l, y_l = to_input(b["x_l"], args), b["y_l"]
     with torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
         if stage == "supervised":
@@ -663,7 +672,7 @@ def train_snn(args, data, stage, split, trusted=None):
     if os.path.exists(ckpt):
         st = _restore(ckpt, model, ema, opt, sched)
     trim_metrics(args, stage, st["step"])
-    fwd = torch.compile(model) if args.compile else model
+    fwd = compiled(model, args)
     if trusted is not None:                           # checked once here, not once per step
         kernels.check_trusted(trusted, data["classes"])
         trusted = trusted.to(args.dev)
@@ -729,7 +738,7 @@ def bench(args, data, split):
     """--bench: images/s of (1) augment alone, (2) the training step on one batch already on the
     device (the ceiling), (3) the real loop; (3)/(2) is what the data path leaves of the ceiling."""
     model, ema, opt, sched = make_model(args, data)
-    fwd = torch.compile(model) if args.compile else model
+    fwd = compiled(model, args)
     n, images = (200 if args.dev.type == "cuda" else 20), args.batch_size * (1 + 2 * args.mu)
     sync = torch.cuda.synchronize if args.dev.type == "cuda" else lambda: None
     fixed, rates = make_batch(data, split, 0, 0, args), []

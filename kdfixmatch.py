@@ -18,11 +18,11 @@ from collections import OrderedDict
 from functools import lru_cache, partial
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms.v2 as TV2
 import torchvision.transforms.v2.functional as TF
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
@@ -140,18 +140,28 @@ def load_dataset(args):
         from sklearn.datasets import load_digits
         d = load_digits()
         x = torch.tensor(d.images * (255 / 16)).round().to(torch.uint8)[:, None]
+        x = TF.resize(x, [args.image_size] * 2, antialias=True) if args.image_size else x
         y = torch.tensor(d.target)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
         test, train = perm[:297], perm[297:]
         return dict(train_x=x[train], train_y=y[train], test_x=x[test], test_y=y[test],
                     classes=10, flip=False)
     if name == "folder":
-        splits = [torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "test")]
-        if splits[0].classes != splits[1].classes:
-            die(f"--data-dir {root}: train/ and test/ must hold the same class folders")
+        try:
+            splits = [torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "test")]
+        except FileNotFoundError as e:                # no class folder, or one without images
+            die(f"--data-dir {root}: {e}")
+        if splits[0].classes != splits[1].classes or len(splits[0].classes) < 2:
+            die(f"--data-dir {root}: train/ and test/ must hold the same class folders, at least "
+                f"2 (they hold {len(splits[0].classes)} and {len(splits[1].classes)})")
     else:
         splits = [_torchvision_split(name, root, train) for train in (True, False)]
-    (trx, tr_y), (tex, te_y) = [_to_uint8(ds, args) for ds in splits]
+    parts = [_to_uint8(ds, args) for ds in splits]   # per split: (x, y) batches, or what failed
+    err = next((p for ps in parts for p in ps if isinstance(p, str)), None)
+    sizes = sorted({tuple(p[0].shape[2:]) for ps in parts for p in ps if not isinstance(p, str)})
+    if err or len(sizes) > 1:                         # also train/ against test/
+        die(f"--data-dir {root}: {err or f'images differ in size {sizes}; pass --image-size N'}")
+    (trx, tr_y), (tex, te_y) = [[torch.cat(t) for t in zip(*ps)] for ps in parts]
     classes = len(splits[0].classes) if hasattr(splits[0], "classes") else int(tr_y.max()) + 1
     return dict(train_x=trx, train_y=tr_y, test_x=tex, test_y=te_y, classes=classes,
                 flip=name != "svhn")                  # FixMatch: no flip on digit datasets
@@ -185,21 +195,36 @@ def _to_uint8(ds, args):
         y = torch.tensor(ds.targets if hasattr(ds, "targets") else ds.labels)
         if size:
             x = torch.cat([TF.resize(c, [size, size], antialias=True) for c in x.split(4096)])
-        return x.contiguous(), y
-    tf = [TV2.Resize(size), TV2.CenterCrop(size)] if size else []
-    ds.transform = TV2.Compose(tf + [TV2.PILToTensor()])        # the loaders give RGB PIL images
+        return [(x.contiguous(), y)]
+    ds.loader = partial(_decode, size=size)
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=args.workers,
                                          collate_fn=_stack)  # one shared tensor per batch, not
-    parts = list(tqdm(loader, desc="decode", leave=False))    # one per image: fds run out
-    if any(p is None for p in parts) or len({p[0].shape[1:] for p in parts}) > 1:
-        die(f"--data-dir {args.data_dir}: images differ in size; pass --image-size N to resize them")
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return list(tqdm(loader, desc="decode", leave=False, disable=None))  # per image: fds run out
+
+
+def _decode(path, size=None):
+    """An image file -> uint8 RGB (3, H, W), or why not (a str naming the file). Alpha is dropped
+    (as torchvision's loader does), 16 bits ('I;16', 'I') become round(v / 257), floats ('F', as
+    [0, 1]) round(255 v), other modes (P, 1, CMYK, YCbCr, LAB, HSV) PIL's conversion to RGB."""
+    try:
+        with PIL.Image.open(path) as im:
+            if im.mode == "F" or im.mode.startswith("I"):    # more than 8 bits: scale, not clip
+                a, top = np.asarray(im, np.float64), 1 if im.mode == "F" else 65535
+                if not 0 <= a.min() <= a.max() <= top:        # NaN fails too
+                    return f"{path}: {im.mode} pixels outside [0, {top}]; convert it to 8 bits"
+                im = PIL.Image.fromarray(np.rint(a * (255 / top)).astype(np.uint8))
+            im = (im.convert("LA") if im.mode == "La" else im).convert("RGB")
+            return TF.pil_to_tensor(TF.center_crop(TF.resize(im, size), size) if size else im)
+    except Exception as e:                            # corrupt, truncated, empty, not an image
+        return f"cannot decode {path} ({type(e).__name__}: {e}); replace or remove it"
 
 
 def _stack(batch):
+    """One tensor per batch; a decoding error (a str) goes on to the main process."""
     ims = [im for im, _ in batch]
-    if len({im.shape for im in ims}) > 1:
-        return None
+    bad = [im for im in ims if isinstance(im, str)]
+    if bad or len({im.shape for im in ims}) > 1:
+        return bad[0] if bad else "images differ in size; pass --image-size N"
     return torch.stack(ims), torch.tensor([t for _, t in batch])
 
 

@@ -419,6 +419,114 @@ def test_cifar10_jpeg_copy_through_folder(tmp_path):
     assert _results(tmp_path / "run")["dataset"] == "folder"
 
 
+# ---- reliability: bad input, records, faults
+# Every fault ends in one line (exit 2, 130 for Ctrl-C) and loses nothing already written. Tiny
+# in-process runs where a subprocess is not the point; torch is imported once per test process.
+from PIL import Image  # noqa: E402
+
+
+def _img(path, mode, rows, **save):
+    """An image file in `mode` with these pixel values (rows of pixels, a pixel a value or bands)."""
+    a = np.array(rows, dtype={"F": "<f4", "I": "<i4", "I;16": "<u2"}.get(mode, "u1"))
+    Image.frombytes(mode, a.shape[1::-1], a.tobytes()).save(path, **save)
+    return str(path)
+
+
+def test_decode_every_mode_to_the_right_rgb_pixels(tmp_path, monkeypatch):
+    def rgb(path):
+        x = kd._decode(path)
+        assert not isinstance(x, str), x
+        assert x.dtype == torch.uint8 and x.shape[0] == 3
+        return x.permute(1, 2, 0).reshape(-1, 3).tolist()
+    grey = lambda *vs: [[v] * 3 for v in vs]
+    assert rgb(_img(tmp_path / "l.png", "L", [[0, 7, 200, 255]])) == grey(0, 7, 200, 255)
+    im = Image.new("1", (2, 1))
+    im.putpixel((1, 0), 1)
+    im.save(tmp_path / "1.png")
+    assert rgb(str(tmp_path / "1.png")) == grey(0, 255)
+    im = Image.new("P", (3, 1))                          # palette colours, transparency ignored
+    im.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90])
+    im.putdata([0, 1, 2])
+    im.save(tmp_path / "p.png", transparency=1)
+    assert rgb(str(tmp_path / "p.png")) == [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
+    # alpha is dropped: the colour under it is kept, whatever the alpha
+    assert rgb(_img(tmp_path / "rgba.png", "RGBA", [[[1, 2, 3, 0], [4, 5, 6, 128]]])) == [[1, 2, 3],
+                                                                                         [4, 5, 6]]
+    assert rgb(_img(tmp_path / "la.png", "LA", [[[9, 0], [99, 255]]])) == grey(9, 99)
+    # 16 bits: round(v / 257), so an 8-bit value widened as v * 257 comes back exactly
+    assert rgb(_img(tmp_path / "i16.png", "I;16", [[0, 257 * 100, 65535, 1000]])) == grey(0, 100, 255, 4)
+    assert rgb(_img(tmp_path / "i32.tif", "I", [[0, 257 * 3, 65535]])) == grey(0, 3, 255)
+    assert rgb(_img(tmp_path / "f.tif", "F", [[0.0, 0.5, 1.0, 0.1]])) == grey(0, 128, 255, 26)
+    assert rgb(_img(tmp_path / "cmyk.tif", "CMYK", [[[0, 255, 255, 0], [0, 0, 0, 255]]])) == [
+        [255, 0, 0], [0, 0, 0]]
+    lab = rgb(_img(tmp_path / "lab.tif", "LAB", [[[255, 0, 0], [0, 0, 0]]]))   # a*, b* signed
+    assert min(lab[0]) >= 250 and max(lab[1]) <= 5      # white and black
+    ycc = rgb(_img(tmp_path / "ycc.tif", "YCbCr", [[[76, 85, 255]]]))[0]     # BT.601 red
+    assert ycc[0] >= 250 and max(ycc[1:]) <= 3
+    # modes PIL opens but cannot write (TIFF's associated alpha, HSV): from memory
+    pa = Image.new("PA", (1, 1), (1, 7))
+    pa.putpalette([5, 6, 7, 50, 60, 70])
+    for im, want in ((Image.new("La", (1, 1), (100, 128)), grey(199)),       # un-premultiplied
+                     (Image.new("RGBa", (1, 1), (100, 50, 20, 128)), [[199, 99, 39]]),
+                     (Image.new("HSV", (1, 1), (0, 255, 255)), [[255, 0, 0]]), (pa, [[50, 60, 70]]),
+                     (Image.new("I;16B", (1, 1), 257 * 9), grey(9))):
+        monkeypatch.setattr(kd.PIL.Image, "open", lambda path, im=im: im)
+        assert rgb("in-memory") == want, im.mode
+    monkeypatch.undo()
+    # out of range or unreadable: refused, the file named
+    assert "outside [0, 1]" in kd._decode(_img(tmp_path / "f2.tif", "F", [[0.0, 2.0]]))
+    assert "outside [0, 65535]" in kd._decode(_img(tmp_path / "i2.tif", "I", [[-1, 0]]))
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    big = _img(tmp_path / "big.png", "L", np.random.default_rng(0).integers(0, 256, (64, 64)))
+    (tmp_path / "cut.png").write_bytes(Path(big).read_bytes()[:300])     # truncated
+    for f in ("empty.png", "junk.jpg", "cut.png"):
+        msg = kd._decode(str(tmp_path / f))
+        assert isinstance(msg, str) and msg.startswith(f"cannot decode {tmp_path / f} ("), msg
+
+
+def _folder(root, sizes, classes=("a", "b"), per=3):
+    for split, size in sizes.items():
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per):
+                Image.new("RGB", (size, size), (i, 0, 0)).save(root / split / c / f"{i}.png")
+    return str(root)
+
+
+def _folder_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        kd.load_dataset(kd.get_args(["--dataset", "folder", *argv]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_folder_refuses_bad_files_sizes_and_classes_in_one_line(tmp_path, capsys):
+    root = _folder(tmp_path / "d", {"train": 8, "test": 6})
+    err = _folder_error(["--data-dir", root, "--workers", "0"], capsys)
+    assert "images differ in size [(6, 6), (8, 8)]; pass --image-size N" in err
+    d = kd.load_dataset(kd.get_args(["--dataset", "folder", "--data-dir", root, "--image-size", "4",
+                                     "--workers", "0"]))
+    assert d["train_x"].shape == (6, 3, 4, 4) and d["test_x"].shape == (6, 3, 4, 4)
+    bad = tmp_path / "d" / "test" / "b" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])              # truncated, found by a decoding worker
+    err = _folder_error(["--data-dir", root, "--image-size", "4", "--workers", "1"], capsys)
+    assert f"cannot decode {bad} (" in err
+    one = _folder(tmp_path / "one", {"train": 8, "test": 8}, classes=("a",))
+    assert "at least 2" in _folder_error(["--data-dir", one, "--workers", "0"], capsys)
+    empty = _folder(tmp_path / "e", {"train": 8, "test": 8})
+    for f in (tmp_path / "e" / "train" / "b").iterdir():
+        f.unlink()
+    err = _folder_error(["--data-dir", empty, "--workers", "0"], capsys)
+    assert "Found no valid file for the classes b" in err
+
+
+def test_image_size_resizes_digits():
+    d = kd.load_dataset(kd.get_args(["--image-size", "16"]))
+    assert d["train_x"].shape[1:] == (1, 16, 16) and d["test_x"].shape[1:] == (1, 16, 16)
+
+
 # ---- kernels.py: Triton kernels against the PyTorch references (TRITON_INTERPRET=1 on CPU)
 # The Triton implementations are called directly; without a GPU they run on CPU tensors in the
 # interpreter (TRITON_INTERPRET is set at the top of this file), with a GPU on CUDA tensors.

@@ -12,23 +12,10 @@ Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.
             +5.81 (SVHN), +1.99 (CIFAR100), +3.88 (FOOD101) accuracy points. What we measured is in
             README.md, with commands and machines; results.json records every number a run makes.
 """
-import argparse, copy, json, math, os, random, shutil, sys, time
+import argparse, copy, fcntl, hashlib, json, math, os, random, re, shlex, shutil, socket, sys, time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU: idle OpenMP threads yield to workers
 from collections import OrderedDict
 from functools import lru_cache, partial
-
-import numpy as np
-import PIL.Image
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-import torchvision.transforms.v2.functional as TF
-from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
-from tqdm import tqdm
-
-import kernels
 
 
 def die(msg):
@@ -39,15 +26,24 @@ def die(msg):
 
 # =============================================================================================
 # Hyper-parameters: every default in one block, with the paper's symbol
-# per-dataset defaults: (labels, arch, steps K per SNN, batch B, eval-every)
+# per-dataset defaults: (labels, arch, steps K per SNN, batch B, eval-every, image size)
 DATASET_DEFAULTS = {
-    "digits":   (50, "small_cnn", 500, 32, 100),
-    "cifar10":  (4000, "wrn28_2", 2 ** 20, 64, 1024),
-    "cifar100": (4000, "wrn28_2", 2 ** 20, 64, 1024),
-    "svhn":     (4000, "wrn28_2", 2 ** 20, 64, 1024),
-    "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 1024),
-    "folder":   (4000, "wrn28_2", 2 ** 20, 64, 1024),
+    "digits":   (50, "small_cnn", 500, 32, 100, None),
+    "cifar10":  (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
+    "cifar100": (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
+    "svhn":     (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
+    "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 1024, 128),  # our choice: 75k images in memory
+    "folder":   (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
 }
+VALID = [  # (flags, is valid, the valid range): every numeric flag, checked before anything runs
+    ("labels steps batch_size mu eval_every dec_max_iters dec_batch kmeans_init sinkhorn_iters "
+     "suave_hidden suave_dim image_size", lambda v: v >= 1, "a positive integer"),
+    ("lr dec_lr suave_temperature sinkhorn_eps", lambda v: v > 0, "> 0"),
+    ("wd lambda_u sce_alpha sce_beta workers", lambda v: v >= 0, ">= 0"),
+    ("tau tau_select tau_inner ema dec_tol", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("momentum label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("sce_A", lambda v: v < 0, "< 0 (it stands for log 0)"),
+    ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)")]
 
 
 def get_args(argv=None):
@@ -108,27 +104,71 @@ def get_args(argv=None):
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
     a("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.error = die                                     # argparse's own errors: one line too
     args = p.parse_args(argv)
-    for key, default in zip(("labels", "arch", "steps", "batch_size", "eval_every"),
-                            DATASET_DEFAULTS[args.dataset]):
-        if getattr(args, key) is None:
-            setattr(args, key, default)
-    if args.image_size is None and args.dataset == "food101":
-        args.image_size = 128                         # our choice: 75k images held in memory
-    for flag in ("labels", "steps", "batch_size", "mu", "eval_every", "dec_max_iters", "dec_batch"):
-        if getattr(args, flag) < 1:
-            die(f"--{flag.replace('_', '-')} must be a positive integer")
-    args.eval_every = min(args.eval_every, args.steps)
-    for flag in ("tau", "tau_select", "tau_inner", "ema"):
-        if not 0 <= getattr(args, flag) <= 1:
-            die(f"--{flag.replace('_', '-')} must lie in [0, 1]")
-    if args.dataset == "folder" and not os.path.isdir(os.path.join(args.data_dir, "train")):
+    given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args)))))
+             .items() if v is not None}               # the flags on the command line
+    if not args.out.strip() or os.path.isfile(args.out):
+        die(f"--out {args.out!r} is not a directory; choose another --out")
+    cfg = os.path.join(args.out, "config.json")
+    if args.resume and not os.path.exists(cfg):
+        die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
+    old = json.load(open(cfg)) if args.resume else {}
+    for k in sorted(given & old.keys() - {"out", "resume", "workers", "device", "precision",
+                                          "compile", "data_dir"}):   # (these may change)
+        if old[k] != getattr(args, k):                # a run keeps its flags
+            die(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from {old[k]} in "
+                f"config.json; resume with the original flags (or none) or start a new --out")
+    vars(args).update({k: v for k, v in old.items() if k not in given | {"out", "resume"}})
+    if args.resume and os.path.exists(os.path.join(args.out, "results.json")):   # exit status 0
+        sys.exit(print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume"))
+    keys = ("labels", "arch", "steps", "batch_size", "eval_every", "image_size")
+    vars(args).update({k: v for k, v in zip(keys, DATASET_DEFAULTS[args.dataset])
+                       if getattr(args, k) is None})
+    for flags, ok, text in VALID:
+        for f in flags.split():
+            v = getattr(args, f)
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                die(f"--{f.replace('_', '-')} {v}: must be {text}")
+    m, M, kd = args.method, f"--method {args.method}", args.method == "kdfixmatch"
+    for flags, why in (                               # a flag that would do nothing is refused
+            ("mu", m == "supervised" and M), ("lambda_u tau", m in ("supervised", "suave") and M),
+            ("tau", args.outer_from and "--outer-from"),
+            ("tau_select tau_inner loss no_dec outer_from", not kd and M),
+            ("dec_tol dec_max_iters dec_lr dec_batch kmeans_init",
+             not kd and M or args.no_dec and "--no-dec"),
+            ("sce_alpha sce_beta sce_A", not kd and M or args.loss == "ce" and "--loss ce"),
+            ("suave_temperature sinkhorn_eps sinkhorn_iters label_smoothing suave_hidden suave_dim",
+             m != "suave" and M),
+            ("pretrained weights", args.arch != "efficientnet_b0" and f"--arch {args.arch}")):
+        for f in set(flags.split()) & given if why else ():
+            die(f"--{f.replace('_', '-')} does nothing with {why}; drop it")
+    missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(args.data_dir, s))]
+    if args.dataset == "folder" and missing:
         die(f"--dataset folder needs --data-dir DIR with DIR/train/<class>/ and DIR/test/<class>/ "
-            f"(no {os.path.join(args.data_dir, 'train')})")
-    if args.outer_from and args.method != "kdfixmatch":
-        die("--outer-from only applies to --method kdfixmatch")
+            f"(no {os.path.join(args.data_dir, missing[0])})")
+    if args.outer_from and not os.path.exists(os.path.join(args.outer_from, "outer.pt")):
+        die(f"--outer-from {args.outer_from}: no finished outer SNN (outer.pt) there")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        die(f"--device {args.device}: unknown; use auto, cpu, cuda or cuda:N")
     return args
 
+
+if __name__ == "__main__":                            # flags first: a typo costs no torch import
+    ARGS = get_args()
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+from tqdm import tqdm
+
+import kernels
 
 # =============================================================================================
 # Data: every set decoded once into a uint8 tensor (N, C, H, W) in memory
@@ -168,16 +208,14 @@ def load_dataset(args):
 
 
 def _torchvision_split(name, root, train):
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
-           "svhn": torchvision.datasets.SVHN, "food101": torchvision.datasets.Food101}[name]
+    cls = getattr(torchvision.datasets, dict(cifar10="CIFAR10", cifar100="CIFAR100", svhn="SVHN",
+                                             food101="Food101")[name])
     kw = dict(train=train) if name.startswith("cifar") else dict(split="train" if train else "test")
     try:
         return cls(root, download=False, **kw)
     except RuntimeError:                              # not on disk: download if online
-        pass
-    try:
-        import socket
         socket.setdefaulttimeout(30)
+    try:
         return cls(root, download=True, **kw)
     except Exception as e:
         die(f"--dataset {name}: not found in {os.path.abspath(root)} and the download failed "
@@ -647,32 +685,44 @@ def evaluate(model, x, y, args, features=False):
 # =============================================================================================
 # Bookkeeping: atomic writes, checkpoints, metrics
 def save(path, obj):
-    """Atomic write (temp file, then rename): a kill never leaves half a file. .pt via torch.save,
-    anything else as text (str) or JSON."""
+    """Atomic write (temp file, then rename): a kill never leaves half a file, a full disk never
+    costs the old one. .pt via torch.save, a list as JSON lines, else JSON; strict (no NaN)."""
     tmp = path + ".tmp"
-    if path.endswith(".pt"):
-        torch.save(obj, tmp)
-    else:
-        with open(tmp, "w") as f:
-            f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    try:
+        if path.endswith(".pt"):
+            torch.save(obj, tmp)
+        else:
+            with open(tmp, "w") as f:
+                f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in obj)
+                        if isinstance(obj, list) else json.dumps(obj, indent=2, allow_nan=False))
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, ValueError) as e:  # a full disk (RuntimeError from torch), NaN
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        die(f"cannot write {path} ({getattr(e, 'strerror', None) or e})")
 
 
 def log_metrics(args, row):
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """A strict JSON line per evaluation, with the wall time of all the run's pieces so far."""
+    _metrics(args, _metrics(args) + [dict(row, wall_s=round(time.time() - args.t0, 1))])
 
 
 def trim_metrics(args, stage, step):
     """A stage (re)starting at `step` drops the rows it logged after its last checkpoint."""
+    _metrics(args, [r for r in _metrics(args) if r["stage"] != stage or r["step"] <= step])
+
+
+def _metrics(args, rows=None):
+    """metrics.jsonl's rows (a last line cut short by a power loss is dropped), or write `rows`."""
     path = os.path.join(args.out, "metrics.jsonl")
-    if os.path.exists(path):
-        rows = [r for r in map(json.loads, open(path)) if r["stage"] != stage or r["step"] <= step]
-        save(path, "".join(json.dumps(r) + "\n" for r in rows))
+    if rows is not None:
+        return save(path, rows)
+    text = open(path).read() if os.path.exists(path) else ""
+    return [json.loads(line) for line in text.split("\n")[:-1]]
 
 
 def vars_of(args):
-    return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16")}
+    return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16", "t0")}
 
 
 def _rng_state():
@@ -699,38 +749,28 @@ def _load_final(args, data, path, stage):
 
 
 def prepare_out(args, data):
-    """Create --out, refuse to overwrite a run without --resume, persist/reload the labeled split."""
-    files = [f for f in ("split.json", "results.json") if os.path.exists(os.path.join(args.out, f))]
-    if files and not args.resume:
-        die(f"--out {args.out} already holds a run ({files[0]}); pass --resume to continue it "
-            f"or choose another --out")
-    if args.resume and not files:
-        die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
-    os.makedirs(args.out, exist_ok=True)
-    src = os.path.join(args.outer_from, "split.json") if args.outer_from else None
-    if src and not os.path.exists(os.path.join(args.outer_from, "outer.pt")):
-        die(f"--outer-from {args.outer_from}: no finished outer SNN (outer.pt) there")
-    path = os.path.join(args.out, "split.json")
-    for f in (path, src):                             # never redraw a persisted split
-        if f and os.path.exists(f):
+    """Persist or reload the labeled split, with what its indices point into. A fresh run writes
+    config.json and its code; a resumed one keeps them and counts its earlier pieces' wall time."""
+    y, path = data["train_y"], os.path.join(args.out, "split.json")
+    rec = dict(dataset=args.dataset, labels=args.labels, seed=args.seed, arch=args.arch,
+               data_dir=os.path.abspath(args.data_dir), train_images=len(y),
+               train_labels_sha256=hashlib.sha256(y.long().numpy().tobytes()).hexdigest())
+    for f in (args.resume and path, args.outer_from and os.path.join(args.outer_from, "split.json")):
+        if f and os.path.exists(f):                   # never redraw a persisted split
             s = json.load(open(f))
-            for key in ("dataset", "labels", "seed", "arch"):
-                if s[key] != getattr(args, key):
-                    die(f"--{key} {getattr(args, key)} differs from {s[key]} recorded in {f}")
+            bad = [k for k in sorted(set(s) & set(rec) - {"data_dir"}) if s[k] != rec[k]]
+            if bad:                                   # its indices would point into other data
+                die(f"{f} records {bad[0]} {s[bad[0]]} (data {s.get('data_dir')}), this run "
+                    f"{rec[bad[0]]}; use that data and those flags, or another --out")
             split = torch.tensor(s["labeled"])
             break
     else:
-        split = labeled_split(data["train_y"], args.labels, data["classes"], args.seed)
-    if not os.path.exists(path):
-        save(path, dict(dataset=args.dataset, labels=args.labels, seed=args.seed,
-                              arch=args.arch, labeled=split.tolist()))
-    old = os.path.join(args.out, "config.json")
-    if args.resume and os.path.exists(old):           # a resumed run keeps its schedule
-        for key, v in json.load(open(old)).items():
-            if key in ("method", "steps", "batch_size", "mu", "loss") and v != getattr(args, key):
-                die(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} differs from {v} "
-                    f"in {old}; resume with the original flags")
+        split = labeled_split(y, args.labels, data["classes"], args.seed)
+    if args.resume:
+        args.t0 -= max([r.get("wall_s", 0) for r in _metrics(args)], default=0)
+        return split
     save(os.path.join(args.out, "config.json"), vars_of(args))
+    save(path, dict(rec, labeled=split.tolist()))
     for f in (__file__, kernels.__file__):            # the code beside its results
         shutil.copy(f, os.path.join(args.out, os.path.basename(f)))
     return split
@@ -766,14 +806,26 @@ def trusted_subset(args, data, outer):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    args.dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                            else "cpu" if args.device == "auto" else args.device)
-    if args.dev.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    """The pipeline: data, split, the stages of --method, results.json."""
+    args = argv if isinstance(argv, argparse.Namespace) else get_args(argv)
+    args.dev = torch.device(args.device.replace("auto", "cuda" if torch.cuda.is_available() else "cpu"))
+    if args.dev.type == "cuda" and (args.dev.index or 0) >= torch.cuda.device_count():
+        die(f"--device {args.device}: not here ({torch.cuda.device_count()} GPUs); use --device cpu")
+    held = [f for f in os.listdir(args.out) if f.endswith(".pt") or f == "results.json"] if (
+        os.path.isdir(args.out) and not args.resume) else []   # (a start with no checkpoint: not)
+    if held:
+        die(f"--out {args.out} already holds a run ({held[0]}); pass --resume to continue it "
+            f"or choose another --out")
+    os.makedirs(args.out, exist_ok=True)
+    lock = open(os.path.join(args.out, ".lock"), "a+")   # one writer per run directory: a POSIX
+    try:                                              # lock, dropped by the kernel when we end
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        die(f"--out {args.out} is in use by process {lock.seek(0) or lock.read()}; wait or stop it")
+    lock.truncate(0), lock.write(str(os.getpid())), lock.flush()
+    args.t0 = time.time()
     args.bf16 = args.precision == "bf16" or (args.precision == "auto" and args.dev.type == "cuda")
     torch.set_flush_denormal(True)                    # CPU: confident nets make denormals, 1.5x slower
-    t0 = time.time()
     data = load_dataset(args)
     split = prepare_out(args, data)
     n = len(data["train_x"])                          # per-channel normalisation: a strided
@@ -785,21 +837,16 @@ def main(argv=None):
                versions=dict(torch=torch.__version__, torchvision=torchvision.__version__))
     if args.method in ("supervised", "suave"):
         _, res[args.method] = train_snn(args, data, args.method, split)
-        final = res[args.method]
-    else:
-        if args.outer_from:                           # reuse a finished FixMatch run's outer SNN
-            outer, res["outer"] = _load_final(args, data, os.path.join(args.outer_from, "outer.pt"),
-                                              "outer")
-        else:
-            outer, res["outer"] = train_snn(args, data, "outer", split)
-        final = res["outer"]
+    else:                                             # --outer-from: a finished run's outer SNN
+        outer, res["outer"] = (_load_final(args, data, os.path.join(args.outer_from, "outer.pt"),
+                               "outer") if args.outer_from else train_snn(args, data, "outer", split))
         if args.method == "kdfixmatch":
             kd = trusted_subset(args, data, outer)
             res["trusted"] = kd["stats"]
             _, res["inner"] = train_snn(args, data, "inner", split, trusted=kd["trusted"])
-            final = res["inner"]
+    final = res[dict(fixmatch="outer", kdfixmatch="inner").get(args.method, args.method)]
     res.update(test_acc=final["test_acc"], test_acc_median20=final["test_acc_median20"],
-               wall_s=time.time() - t0, config=vars_of(args))
+               wall_s=time.time() - args.t0, config=vars_of(args))
     save(os.path.join(args.out, "results.json"), res)
     report(res)
     return res
@@ -814,8 +861,7 @@ def report(res):
         if stage in res:
             print(f"  {name:24s} test acc {pct(res[stage]['test_acc'])} (median of last 20 evals "
                   f"{pct(res[stage]['test_acc_median20'])}), {res[stage]['images_per_s']:.0f} img/s")
-    t = res.get("trusted")
-    if t:
+    if t := res.get("trusted"):
         print(f"  outer pseudo labels, all {t['unlabeled']} unlabeled: precision "
               f"{pct(t['outer_pseudo_label_precision'])}\n  confident (>= tau_select): "
               f"{t['confident_size']}, precision {pct(t['confident_precision'])}\n  trusted subset "
@@ -823,4 +869,12 @@ def report(res):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main(ARGS)
+    except KeyboardInterrupt:                         # one line, and how to go on
+        go = os.path.exists(os.path.join(ARGS.out, "config.json"))
+        print(f"kdfixmatch.py: interrupted; " + (f"resume with: python {sys.argv[0]} --out "
+              f"{shlex.quote(ARGS.out)} --resume" if go else "nothing saved yet"), file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:                              # e.g. an --out we cannot write
+        die(f"cannot write {e.filename or ARGS.out} ({e.strerror or e}); choose another --out")

@@ -259,19 +259,51 @@ def test_labeled_split_bad_counts(n, msg, capsys):
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
-BAD_INPUT = [
+BAD_INPUT = [  # (argv, a piece of the one-line error); {tmp} is the test's temporary directory
     (["--labels", "55"], "--labels 55 is not divisible"),
     (["--labels", "5000"], "smallest class has"),
-    (["--steps", "0"], "--steps must be a positive integer"),
-    (["--tau", "1.5"], "--tau must lie in [0, 1]"),
+    (["--steps", "0"], "--steps 0: must be a positive integer"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--tau", "1.5"], "--tau 1.5: must be in [0, 1]"),
+    (["--ema", "nan"], "--ema nan: must be in [0, 1]"),
+    (["--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["--lr", "inf"], "--lr inf: must be > 0"),
+    (["--wd=-1e-4"], "--wd -0.0001: must be >= 0"),
+    (["--momentum", "1"], "--momentum 1.0: must be in [0, 1)"),
+    (["--method", "suave", "--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
+    (["--loss", "sce", "--sce-A", "4"], "--sce-A 4.0: must be < 0"),
+    (["--kmeans-init", "0"], "--kmeans-init 0: must be a positive integer"),
+    (["--dec-lr", "-1"], "--dec-lr -1.0: must be > 0"),
+    (["--seed", "-1"], "--seed -1: must be in [0, 2^31)"),
+    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--image-size", "0"], "--image-size 0: must be a positive integer"),
+    (["--method", "supervised", "--tau", "0.9"], "--tau does nothing with --method supervised"),
+    (["--method", "supervised", "--mu", "3"], "--mu does nothing with --method supervised"),
+    (["--method", "fixmatch", "--tau-inner", "0.9"], "--tau-inner does nothing with --method fix"),
+    (["--outer-from", "x", "--method", "fixmatch"], "--outer-from does nothing with --method fix"),
+    (["--no-dec", "--dec-lr", "0.1"], "--dec-lr does nothing with --no-dec"),
+    (["--sce-alpha", "0.5"], "--sce-alpha does nothing with --loss ce"),
+    (["--suave-dim", "64"], "--suave-dim does nothing with --method kdfixmatch"),
+    (["--pretrained"], "--pretrained does nothing with --arch small_cnn"),
+    (["--arch", "wrn28_2", "--weights", "w.pth"], "--weights does nothing with --arch wrn28_2"),
+    (["--outer-from", "{tmp}"], "no finished outer SNN (outer.pt)"),
     (["--dataset", "folder", "--data-dir", "/nonexistent"], "--dataset folder needs --data-dir"),
-    (["--outer-from", "x", "--method", "fixmatch"], "--outer-from only applies"),
+    (["--dataset", "folder", "--data-dir", "{tmp}/only-train"], "(no {tmp}/only-train/test)"),
+    (["--device", "gpu"], "--device gpu: unknown; use auto, cpu, cuda or cuda:N"),
+    (["--out", ""], "--out '' is not a directory"),
+    (["--out", "{tmp}/a-file"], "is not a directory; choose another --out"),
+    (["--out", "{tmp}/a-file/run", "--steps", "1"], "cannot write {tmp}/a-file/run (Not a dir"),
     (["--resume", "--out", "/nonexistent/kdfm"], "--resume: nothing to resume"),
-] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else [])
+] + ([(["--device", "cuda"], "--device cuda: not here (0 GPUs)")] if not torch.cuda.is_available()
+     else [])
 
 
 @pytest.mark.parametrize("argv, needle", BAD_INPUT)
 def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "only-train" / "train").mkdir(parents=True)
+    argv, needle = [a.replace("{tmp}", str(tmp_path)) for a in argv], needle.replace("{tmp}", str(tmp_path))
     r = run_cli(*argv, *([] if "--out" in argv else ["--out", str(tmp_path / "run")]), timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
@@ -422,7 +454,19 @@ def test_cifar10_jpeg_copy_through_folder(tmp_path):
 # ---- reliability: bad input, records, faults
 # Every fault ends in one line (exit 2, 130 for Ctrl-C) and loses nothing already written. Tiny
 # in-process runs where a subprocess is not the point; torch is imported once per test process.
+import errno  # noqa: E402
+
 from PIL import Image  # noqa: E402
+
+_TINY = ["--labels", "20", "--steps", "4", "--eval-every", "2", "--batch-size", "4", "--mu", "1",
+         "--workers", "0", "--method", "fixmatch"]
+
+
+def test_bad_flags_fail_before_torch_is_imported(tmp_path):
+    r = subprocess.run([sys.executable, "-X", "importtime", str(HERE / "kdfixmatch.py"), "--lr", "-1",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--lr -1.0: must be > 0" in r.stderr
+    assert not [ln for ln in r.stderr.splitlines() if ln.rstrip().endswith(("| torch", "| numpy"))]
 
 
 def _img(path, mode, rows, **save):
@@ -525,6 +569,135 @@ def test_folder_refuses_bad_files_sizes_and_classes_in_one_line(tmp_path, capsys
 def test_image_size_resizes_digits():
     d = kd.load_dataset(kd.get_args(["--image-size", "16"]))
     assert d["train_x"].shape[1:] == (1, 16, 16) and d["test_x"].shape[1:] == (1, 16, 16)
+
+
+def test_split_records_its_data_and_refuses_other_data(tmp_path, capsys):
+    args = kd.get_args(["--out", str(tmp_path), "--labels", "20"])
+    args.t0 = time.time()
+    data = dict(train_y=torch.arange(10).repeat(30), classes=10)
+    split = kd.prepare_out(args, data)
+    s = json.load(open(tmp_path / "split.json"))
+    assert s["train_images"] == 300 and len(s["train_labels_sha256"]) == 64
+    assert s["dataset"] == "digits" and s["labeled"] == split.tolist()
+    args.resume = True
+    assert torch.equal(kd.prepare_out(args, data), split)          # the same data: reused
+    data["train_y"] = data["train_y"].roll(1)                        # same size, other labels
+    with pytest.raises(SystemExit) as e:
+        kd.prepare_out(args, data)
+    assert e.value.code == 2 and "records train_labels_sha256" in capsys.readouterr().err
+    (tmp_path / "outer.pt").touch()
+    other = kd.get_args(["--out", str(tmp_path / "kd"), "--labels", "20", "--outer-from", str(tmp_path)])
+    other.t0 = time.time()
+    with pytest.raises(SystemExit):                                  # --outer-from: the same check
+        kd.prepare_out(other, dict(train_y=torch.arange(10).repeat(31), classes=10))
+    assert "records train_images 300" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_runs_flags(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "outer.pt").touch()
+    stored = vars(kd.get_args(["--out", str(out), "--method", "kdfixmatch", "--outer-from",
+                               str(tmp_path), "--tau-inner", "0.9", "--lr", "0.05"]))
+    (out / "config.json").write_text(json.dumps(stored))
+    args = kd.get_args(["--out", str(out), "--resume", "--workers", "1"])   # nothing re-asked
+    assert (args.outer_from, args.tau_inner, args.lr, args.workers) == (str(tmp_path), 0.9, 0.05, 1)
+    for flag, v in (("--lr", "0.03"), ("--tau", "0.9"), ("--steps", "600"), ("--loss", "sce")):
+        with pytest.raises(SystemExit) as e:
+            kd.get_args(["--out", str(out), "--resume", flag, v])
+        assert e.value.code == 2 and f"--resume: {flag} " in capsys.readouterr().err
+    kd.get_args(["--out", str(out), "--resume", "--lr", "0.05", "--device", "cpu"])  # the same: fine
+
+
+def test_metrics_survive_a_cut_line_and_refuse_nan(tmp_path):
+    args = kd.get_args(["--out", str(tmp_path)])
+    args.t0 = time.time() - 5
+    kd.log_metrics(args, dict(stage="outer", step=2, loss=1.0))
+    kd.log_metrics(args, dict(stage="outer", step=4, loss=0.5))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "outer", "st')                    # a power loss mid-line
+    assert [r["step"] for r in kd._metrics(args)] == [2, 4]
+    kd.trim_metrics(args, "outer", 2)
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+    assert kd._metrics(args)[0]["wall_s"] >= 5
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    for row in (dict(stage="outer", step=6, loss=float("nan")), dict(test_acc=float("inf"))):
+        with pytest.raises(SystemExit):                     # strict JSON: never a NaN number
+            kd.log_metrics(args, row)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["results.json", "ckpt_outer.pt"])
+def test_full_disk_names_the_file_and_keeps_the_old_one(name, tmp_path, capsys):
+    path = tmp_path / name
+    kd.save(str(path), {"old": 1} if name.endswith(".json") else {"w": torch.zeros(3)})
+    before = path.read_bytes()
+    os.symlink("/dev/full", str(path) + ".tmp")              # writes there fail with ENOSPC
+    with pytest.raises(SystemExit) as e:
+        kd.save(str(path), {"new": 2} if name.endswith(".json") else {"w": torch.ones(10 ** 5)})
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"cannot write {path} (" in err and len(err.splitlines()) == 1
+    if name.endswith(".json"):
+        assert os.strerror(errno.ENOSPC) in err
+    assert path.read_bytes() == before and not os.path.lexists(str(path) + ".tmp")
+
+
+def test_one_writer_per_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+        "f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)"), str(out / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit) as e:
+            kd.main([*_TINY, "--out", str(out)])
+        assert e.value.code == 2 and "in use by process 4242" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    res = kd.main([*_TINY, "--out", str(out)])              # its lock died with it: not stale
+    assert res["steps"] == 4 and (out / ".lock").read_text() == str(os.getpid())
+
+
+def test_a_failed_start_does_not_block_the_corrected_command(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit):                          # found after split.json was written
+        kd.main([*_TINY, "--arch", "efficientnet_b0", "--out", out])
+    assert "3-channel" in capsys.readouterr().err and os.path.exists(os.path.join(out, "split.json"))
+    assert kd.main([*_TINY, "--out", out])["arch"] == "small_cnn"
+
+
+def test_ctrl_c_then_resume_and_finished_runs_stay_as_they_are(tmp_path):
+    out = tmp_path / "run"
+    argv = [*_TINY, "--steps", "400", "--eval-every", "10", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, str(HERE / "kdfixmatch.py"), *argv], cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt_outer.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last == f"kdfixmatch.py: interrupted; resume with: python {HERE / 'kdfixmatch.py'} --out {out} --resume"
+    wall = max(r["wall_s"] for r in map(json.loads, open(out / "metrics.jsonl")))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "outer", "step"')                 # and a line cut short
+    assert run_cli("--out", str(out), "--resume", "--lr", "0.1").returncode == 2
+    config = (out / "config.json").read_bytes()
+    r = run_cli("--out", str(out), "--resume")              # the printed command, flags restored
+    assert r.returncode == 0, r.stderr[-2000:]
+    res, rows = _results(out), list(map(json.loads, open(out / "metrics.jsonl")))
+    assert res["steps"] == 400 and [r["step"] for r in rows] == list(range(10, 401, 10))
+    assert res["wall_s"] > wall and rows[-1]["wall_s"] > wall   # the pieces add up
+    assert (out / "config.json").read_bytes() == config
+    before = {f: (out / f).read_bytes() for f in ("results.json", "config.json")}
+    r = run_cli("--out", str(out), "--resume")
+    assert r.returncode == 0 and "is complete" in r.stdout
+    assert before == {f: (out / f).read_bytes() for f in before}
 
 
 # ---- kernels.py: Triton kernels against the PyTorch references (TRITON_INTERPRET=1 on CPU)

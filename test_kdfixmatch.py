@@ -700,6 +700,31 @@ def test_ctrl_c_then_resume_and_finished_runs_stay_as_they_are(tmp_path):
     assert before == {f: (out / f).read_bytes() for f in before}
 
 
+def test_run_all_sigterm_without_a_terminal_stops_its_cells(tmp_path):
+    out = str(tmp_path / "ra")
+    e = {k: v for k, v in os.environ.items() if k not in _RUN_ALL_ENV}
+    e.update(PYTHON=sys.executable, OUT_DIR=out, LABELS="50", SEEDS="1", STEPS="5000",
+             EVAL_EVERY="1000")
+    ra = subprocess.Popen(["setsid", "bash", _RUN_ALL, "--smoke"], env=e, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    cells = lambda: [p for p in os.listdir("/proc") if p.isdigit() and out in _cmdline(p)]
+    deadline = time.time() + 120
+    while len(cells()) < 3 and time.time() < deadline:   # a cell's python and its 2 workers
+        time.sleep(0.2)
+    assert len(cells()) >= 3
+    ra.send_signal(signal.SIGTERM)
+    assert ra.wait(timeout=60) == 130
+    time.sleep(0.5)
+    assert not [_cmdline(p) for p in cells()]
+
+
+def _cmdline(pid):
+    try:
+        return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+    except OSError:
+        return ""
+
+
 # ---- kernels.py: Triton kernels against the PyTorch references (TRITON_INTERPRET=1 on CPU)
 # The Triton implementations are called directly; without a GPU they run on CPU tensors in the
 # interpreter (TRITON_INTERPRET is set at the top of this file), with a GPU on CUDA tensors.

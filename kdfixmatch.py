@@ -188,12 +188,13 @@ def load_dataset(args):
                     classes=10, flip=False)
     if name == "folder":
         try:
-            splits = [torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "test")]
+            splits = [torchvision.datasets.ImageFolder(f"{root}/{s}") for s in ("train", "test")]
         except FileNotFoundError as e:                # no class folder, or one without images
             die(f"--data-dir {root}: {e}")
-        if splits[0].classes != splits[1].classes or len(splits[0].classes) < 2:
-            die(f"--data-dir {root}: train/ and test/ must hold the same class folders, at least "
-                f"2 (they hold {len(splits[0].classes)} and {len(splits[1].classes)})")
+        c = [ds.classes for ds in splits]
+        if c[0] != c[1] or len(c[0]) < 2:
+            die(f"--data-dir {root}: train/ and test/ need the same class folders, at least 2 (they"
+                f" hold {len(c[0])} and {len(c[1])}; in one only: {sorted(set(c[0]) ^ set(c[1]))})")
     else:
         splits = [_torchvision_split(name, root, train) for train in (True, False)]
     parts = [_to_uint8(ds, args) for ds in splits]   # per split: (x, y) batches, or what failed
@@ -689,14 +690,14 @@ def save(path, obj):
     costs the old one. .pt via torch.save, a list as JSON lines, else JSON; strict (no NaN)."""
     tmp = path + ".tmp"
     try:
-        if path.endswith(".pt"):
-            torch.save(obj, tmp)
-        else:
-            with open(tmp, "w") as f:
+        with open(tmp, "wb" if path.endswith(".pt") else "w") as f:   # (a file object: torch then
+            if path.endswith(".pt"):                  # reports a full disk as OSError, not
+                torch.save(obj, f)                    # RuntimeError)
+            else:
                 f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in obj)
                         if isinstance(obj, list) else json.dumps(obj, indent=2, allow_nan=False))
         os.replace(tmp, path)
-    except (OSError, RuntimeError, ValueError) as e:  # a full disk (RuntimeError from torch), NaN
+    except (OSError, ValueError) as e:                # a full disk; a NaN, which JSON cannot hold
         if os.path.lexists(tmp):
             os.remove(tmp)
         die(f"cannot write {path} ({getattr(e, 'strerror', None) or e})")
@@ -755,15 +756,14 @@ def prepare_out(args, data):
     rec = dict(dataset=args.dataset, labels=args.labels, seed=args.seed, arch=args.arch,
                data_dir=os.path.abspath(args.data_dir), train_images=len(y),
                train_labels_sha256=hashlib.sha256(y.long().numpy().tobytes()).hexdigest())
-    for f in (args.resume and path, args.outer_from and os.path.join(args.outer_from, "split.json")):
-        if f and os.path.exists(f):                   # never redraw a persisted split
-            s = json.load(open(f))
-            bad = [k for k in sorted(set(s) & set(rec) - {"data_dir"}) if s[k] != rec[k]]
-            if bad:                                   # its indices would point into other data
-                die(f"{f} records {bad[0]} {s[bad[0]]} (data {s.get('data_dir')}), this run "
-                    f"{rec[bad[0]]}; use that data and those flags, or another --out")
-            split = torch.tensor(s["labeled"])
-            break
+    f = path if args.resume else args.outer_from and os.path.join(args.outer_from, "split.json")
+    if f and os.path.exists(f):                       # never redraw a persisted split
+        s = json.load(open(f))
+        bad = [k for k in sorted(set(s) & set(rec) - {"data_dir"}) if s[k] != rec[k]]
+        if bad:                                       # its indices would point into other data
+            die(f"{f} records {bad[0]} {s[bad[0]]} (data {s.get('data_dir')}), this run "
+                f"{rec[bad[0]]}; use that data and those flags, or another --out")
+        split = torch.tensor(s["labeled"])
     else:
         split = labeled_split(y, args.labels, data["classes"], args.seed)
     if args.resume:
@@ -808,7 +808,8 @@ def trusted_subset(args, data, outer):
 def main(argv=None):
     """The pipeline: data, split, the stages of --method, results.json."""
     args = argv if isinstance(argv, argparse.Namespace) else get_args(argv)
-    args.dev = torch.device(args.device.replace("auto", "cuda" if torch.cuda.is_available() else "cpu"))
+    args.dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                            else "cpu" if args.device == "auto" else args.device)
     if args.dev.type == "cuda" and (args.dev.index or 0) >= torch.cuda.device_count():
         die(f"--device {args.device}: not here ({torch.cuda.device_count()} GPUs); use --device cpu")
     held = [f for f in os.listdir(args.out) if f.endswith(".pt") or f == "results.json"] if (
@@ -831,7 +832,7 @@ def main(argv=None):
     n = len(data["train_x"])                          # per-channel normalisation: a strided
     x = data["train_x"][::max(1, n // 10000)].float() / 255   # sample (folders are class-sorted)
     args.mean = x.mean((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)
-    args.std = x.std((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)
+    args.std = x.std((0, 2, 3)).clamp_min(1 / 255).view(1, -1, 1, 1).to(args.dev)  # 0: constant
     res = dict(method=args.method, dataset=args.dataset, labels=args.labels, seed=args.seed,
                arch=args.arch, steps=args.steps, device=str(args.dev),
                versions=dict(torch=torch.__version__, torchvision=torchvision.__version__))

@@ -813,8 +813,8 @@ def main(argv=None):
     if args.dev.type == "cuda" and (args.dev.index or 0) >= torch.cuda.device_count():
         die(f"--device {args.device}: not here ({torch.cuda.device_count()} GPUs); use --device cpu")
     held = [f for f in os.listdir(args.out) if f.endswith(".pt") or f == "results.json"] if (
-        os.path.isdir(args.out) and not args.resume) else []   # (a start with no checkpoint: not)
-    if held:
+        os.path.isdir(args.out) and not args.resume) else []
+    if held:                                          # (a start that saved no checkpoint can rerun)
         die(f"--out {args.out} already holds a run ({held[0]}); pass --resume to continue it "
             f"or choose another --out")
     os.makedirs(args.out, exist_ok=True)

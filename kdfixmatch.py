@@ -12,23 +12,10 @@ Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.
             +5.81 (SVHN), +1.99 (CIFAR100), +3.88 (FOOD101) accuracy points. What we measured is in
             README.md, with commands and machines; results.json records every number a run makes.
 """
-import argparse, copy, json, math, os, random, shutil, sys, time
+import argparse, copy, fcntl, hashlib, json, math, os, random, re, shlex, shutil, socket, sys, time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU: idle OpenMP threads yield to workers
 from collections import OrderedDict
-from functools import lru_cache
-
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-import torchvision.transforms.v2 as TV2
-import torchvision.transforms.v2.functional as TF
-from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
-from tqdm import tqdm
-
-import kernels
+from functools import lru_cache, partial
 
 
 def die(msg):
@@ -39,15 +26,24 @@ def die(msg):
 
 # =============================================================================================
 # Hyper-parameters: every default in one block, with the paper's symbol
-# per-dataset defaults: (labels, arch, steps K per SNN, batch B, eval-every)
+# per-dataset defaults: (labels, arch, steps K per SNN, batch B, eval-every, image size)
 DATASET_DEFAULTS = {
-    "digits":   (50, "small_cnn", 500, 32, 100),
-    "cifar10":  (4000, "wrn28_2", 2 ** 20, 64, 1024),
-    "cifar100": (4000, "wrn28_2", 2 ** 20, 64, 1024),
-    "svhn":     (4000, "wrn28_2", 2 ** 20, 64, 1024),
-    "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 1024),
-    "folder":   (4000, "wrn28_2", 2 ** 20, 64, 1024),
+    "digits":   (50, "small_cnn", 500, 32, 100, None),
+    "cifar10":  (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
+    "cifar100": (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
+    "svhn":     (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
+    "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 1024, 128),  # our choice: 75k images in memory
+    "folder":   (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
 }
+VALID = [  # (flags, is valid, the valid range): every numeric flag, checked before anything runs
+    ("labels steps batch_size mu eval_every dec_max_iters dec_batch kmeans_init sinkhorn_iters "
+     "suave_hidden suave_dim image_size", lambda v: v >= 1, "a positive integer"),
+    ("lr dec_lr suave_temperature sinkhorn_eps", lambda v: v > 0, "> 0"),
+    ("wd lambda_u sce_alpha sce_beta workers", lambda v: v >= 0, ">= 0"),
+    ("tau tau_select tau_inner ema dec_tol", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("momentum label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("sce_A", lambda v: v < 0, "< 0 (it stands for log 0)"),
+    ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)")]
 
 
 def get_args(argv=None):
@@ -114,29 +110,76 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model; on a GPU with CUDA graphs")
     a("--bench", action="store_true", help="print images/s of augment, of the training step on a "
       "fixed batch (the ceiling) and of the real loop, then exit; trains and writes nothing")
+    p.error = die                                     # argparse's own errors: one line too
     args = p.parse_args(argv)
-    for key, default in zip(("labels", "arch", "steps", "batch_size", "eval_every"),
-                            DATASET_DEFAULTS[args.dataset]):
-        if getattr(args, key) is None:
-            setattr(args, key, default)
-    if args.image_size is None and args.dataset == "food101":
-        args.image_size = 128                         # our choice: 75k images held in memory
-    for flag in ("labels", "steps", "batch_size", "mu", "eval_every", "dec_max_iters", "dec_batch"):
-        if getattr(args, flag) < 1:
-            die(f"--{flag.replace('_', '-')} must be a positive integer")
+    given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args)))))
+             .items() if v is not None}               # the flags on the command line
+    if not args.out.strip() or os.path.isfile(args.out):
+        die(f"--out {args.out!r} is not a directory; choose another --out")
+    cfg = os.path.join(args.out, "config.json")
+    if args.resume and not os.path.exists(cfg):
+        die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
+    old = json.load(open(cfg)) if args.resume else {}
+    free = {"out", "resume", "workers", "device", "precision", "compile", "data_dir"}
+    if os.path.exists(os.path.join(args.out, "diverged.json")):   # after a NaN stop, also these
+        free |= {"lr", "wd", "momentum", "lambda_u", "ema", "ema_warmup"}
+    for k in sorted(given & old.keys() - free):
+        if old[k] != getattr(args, k):                # a run keeps its flags
+            die(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from {old[k]} in "
+                f"config.json; resume with the original flags (or none) or start a new --out")
+    vars(args).update({k: v for k, v in old.items() if k not in given | {"out", "resume"}})
+    if args.resume and os.path.exists(os.path.join(args.out, "results.json")):   # exit status 0
+        sys.exit(print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume"))
+    keys = ("labels", "arch", "steps", "batch_size", "eval_every", "image_size")
+    vars(args).update({k: v for k, v in zip(keys, DATASET_DEFAULTS[args.dataset])
+                       if getattr(args, k) is None})
+    for flags, ok, text in VALID:
+        for f in flags.split():
+            v = getattr(args, f)
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                die(f"--{f.replace('_', '-')} {v}: must be {text}")
     args.eval_every = min(args.eval_every, args.steps)
     if args.ema_warmup is None:
         args.ema_warmup = args.dataset == "digits"
-    for flag in ("tau", "tau_select", "tau_inner", "ema"):
-        if not 0 <= getattr(args, flag) <= 1:
-            die(f"--{flag.replace('_', '-')} must lie in [0, 1]")
-    if args.dataset == "folder" and not os.path.isdir(os.path.join(args.data_dir, "train")):
+    m, M, kd = args.method, f"--method {args.method}", args.method == "kdfixmatch"
+    for flags, why in (                               # a flag that would do nothing is refused
+            ("mu", m == "supervised" and M), ("lambda_u tau", m in ("supervised", "suave") and M),
+            ("tau", args.outer_from and "--outer-from"),
+            ("tau_select tau_inner loss no_dec outer_from", not kd and M),
+            ("dec_tol dec_max_iters dec_lr dec_batch kmeans_init",
+             not kd and M or args.no_dec and "--no-dec"),
+            ("sce_alpha sce_beta sce_A", not kd and M or args.loss == "ce" and "--loss ce"),
+            ("suave_temperature sinkhorn_eps sinkhorn_iters label_smoothing suave_hidden suave_dim",
+             m != "suave" and M),
+            ("pretrained weights", args.arch != "efficientnet_b0" and f"--arch {args.arch}")):
+        for f in set(flags.split()) & given if why else ():
+            die(f"--{f.replace('_', '-')} does nothing with {why}; drop it")
+    missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(args.data_dir, s))]
+    if args.dataset == "folder" and missing:
         die(f"--dataset folder needs --data-dir DIR with DIR/train/<class>/ and DIR/test/<class>/ "
-            f"(no {os.path.join(args.data_dir, 'train')})")
-    if args.outer_from and args.method != "kdfixmatch":
-        die("--outer-from only applies to --method kdfixmatch")
+            f"(no {os.path.join(args.data_dir, missing[0])})")
+    if args.outer_from and not os.path.exists(os.path.join(args.outer_from, "outer.pt")):
+        die(f"--outer-from {args.outer_from}: no finished outer SNN (outer.pt) there")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        die(f"--device {args.device}: unknown; use auto, cpu, cuda or cuda:N")
     return args
 
+
+if __name__ == "__main__":                            # flags first: a typo costs no torch import
+    ARGS = get_args()
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+from tqdm import tqdm
+
+import kernels
 
 # =============================================================================================
 # Data: every set decoded once into a uint8 tensor (N, C, H, W) in memory
@@ -148,34 +191,43 @@ def load_dataset(args):
         from sklearn.datasets import load_digits
         d = load_digits()
         x = torch.tensor(d.images * (255 / 16)).round().to(torch.uint8)[:, None]
+        x = TF.resize(x, [args.image_size] * 2, antialias=True) if args.image_size else x
         y = torch.tensor(d.target)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
         test, train = perm[:297], perm[297:]
         return dict(train_x=x[train], train_y=y[train], test_x=x[test], test_y=y[test],
                     classes=10, flip=False)
     if name == "folder":
-        splits = [torchvision.datasets.ImageFolder(os.path.join(root, s)) for s in ("train", "test")]
-        if splits[0].classes != splits[1].classes:
-            die(f"--data-dir {root}: train/ and test/ must hold the same class folders")
+        try:
+            splits = [torchvision.datasets.ImageFolder(f"{root}/{s}") for s in ("train", "test")]
+        except FileNotFoundError as e:                # no class folder, or one without images
+            die(f"--data-dir {root}: {e}")
+        c = [ds.classes for ds in splits]
+        if c[0] != c[1] or len(c[0]) < 2:
+            die(f"--data-dir {root}: train/ and test/ need the same class folders, at least 2 (they"
+                f" hold {len(c[0])} and {len(c[1])}; in one only: {sorted(set(c[0]) ^ set(c[1]))})")
     else:
         splits = [_torchvision_split(name, root, train) for train in (True, False)]
-    (trx, tr_y), (tex, te_y) = [_to_uint8(ds, args) for ds in splits]
+    parts = [_to_uint8(ds, args) for ds in splits]   # per split: (x, y) batches, or what failed
+    err = next((p for ps in parts for p in ps if isinstance(p, str)), None)
+    sizes = sorted({tuple(p[0].shape[2:]) for ps in parts for p in ps if not isinstance(p, str)})
+    if err or len(sizes) > 1:                         # also train/ against test/
+        die(f"--data-dir {root}: {err or f'images differ in size {sizes}; pass --image-size N'}")
+    (trx, tr_y), (tex, te_y) = [[torch.cat(t) for t in zip(*ps)] for ps in parts]
     classes = len(splits[0].classes) if hasattr(splits[0], "classes") else int(tr_y.max()) + 1
     return dict(train_x=trx, train_y=tr_y, test_x=tex, test_y=te_y, classes=classes,
                 flip=name != "svhn")                  # FixMatch: no flip on digit datasets
 
 
 def _torchvision_split(name, root, train):
-    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
-           "svhn": torchvision.datasets.SVHN, "food101": torchvision.datasets.Food101}[name]
+    cls = getattr(torchvision.datasets, dict(cifar10="CIFAR10", cifar100="CIFAR100", svhn="SVHN",
+                                             food101="Food101")[name])
     kw = dict(train=train) if name.startswith("cifar") else dict(split="train" if train else "test")
     try:
         return cls(root, download=False, **kw)
     except RuntimeError:                              # not on disk: download if online
-        pass
-    try:
-        import socket
         socket.setdefaulttimeout(30)
+    try:
         return cls(root, download=True, **kw)
     except Exception as e:
         die(f"--dataset {name}: not found in {os.path.abspath(root)} and the download failed "
@@ -193,21 +245,36 @@ def _to_uint8(ds, args):
         y = torch.tensor(ds.targets if hasattr(ds, "targets") else ds.labels)
         if size:
             x = torch.cat([TF.resize(c, [size, size], antialias=True) for c in x.split(4096)])
-        return x.contiguous(), y
-    tf = [TV2.Resize(size), TV2.CenterCrop(size)] if size else []
-    ds.transform = TV2.Compose(tf + [TV2.PILToTensor()])        # the loaders give RGB PIL images
+        return [(x.contiguous(), y)]
+    ds.loader = partial(_decode, size=size)
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=args.workers,
                                          collate_fn=_stack)  # one shared tensor per batch, not
-    parts = list(tqdm(loader, desc="decode", leave=False))    # one per image: fds run out
-    if any(p is None for p in parts) or len({p[0].shape[1:] for p in parts}) > 1:
-        die(f"--data-dir {args.data_dir}: images differ in size; pass --image-size N to resize them")
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return list(tqdm(loader, desc="decode", leave=False, disable=None))  # per image: fds run out
+
+
+def _decode(path, size=None):
+    """An image file -> uint8 RGB (3, H, W), or why not (a str naming the file). Alpha is dropped
+    (as torchvision's loader does), 16 bits ('I;16', 'I') become round(v / 257), floats ('F', as
+    [0, 1]) round(255 v), other modes (P, 1, CMYK, YCbCr, LAB, HSV) PIL's conversion to RGB."""
+    try:
+        with PIL.Image.open(path) as im:
+            if im.mode == "F" or im.mode.startswith("I"):    # more than 8 bits: scale, not clip
+                a, top = np.asarray(im, np.float64), 1 if im.mode == "F" else 65535
+                if not 0 <= a.min() <= a.max() <= top:        # NaN fails too
+                    return f"{path}: {im.mode} pixels outside [0, {top}]; convert it to 8 bits"
+                im = PIL.Image.fromarray(np.rint(a * (255 / top)).astype(np.uint8))
+            im = (im.convert("LA") if im.mode == "La" else im).convert("RGB")
+            return TF.pil_to_tensor(TF.center_crop(TF.resize(im, size), size) if size else im)
+    except Exception as e:                            # corrupt, truncated, empty, not an image
+        return f"cannot decode {path} ({type(e).__name__}: {e}); replace or remove it"
 
 
 def _stack(batch):
+    """One tensor per batch; a decoding error (a str) goes on to the main process."""
     ims = [im for im, _ in batch]
-    if len({im.shape for im in ims}) > 1:
-        return None
+    bad = [im for im in ims if isinstance(im, str)]
+    if bad or len({im.shape for im in ims}) > 1:
+        return bad[0] if bad else "images differ in size; pass --image-size N"
     return torch.stack(ims), torch.tensor([t for _, t in batch])
 
 
@@ -671,6 +738,9 @@ def train_snn(args, data, stage, split, trusted=None):
     st = dict(step=0, evals=[], train_s=0.0, images=0, pl_hit=0, pl_n=0)
     if os.path.exists(ckpt):
         st = _restore(ckpt, model, ema, opt, sched)
+        for g, wd in zip(opt.param_groups, (args.wd, 0.0)):   # the flags, not the checkpoint's:
+            g.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=wd)   # changed
+        sched.base_lrs = [args.lr] * len(opt.param_groups)    # after a NaN stop, they must act
     trim_metrics(args, stage, st["step"])
     fwd = compiled(model, args)
     if trusted is not None:                           # checked once here, not once per step
@@ -689,9 +759,11 @@ def train_snn(args, data, stage, split, trusted=None):
         if not w[:, 0].isfinite().all():              # never train on (or report) a NaN
             bar.close()
             bad = done - len(w) + int((~w[:, 0].isfinite()).nonzero()[0, 0]) + 1
-            print(f"kdfixmatch.py: error: {stage} SNN: non-finite loss at step {bad}. Stopped; "
-                  f"its checkpoint of step {st['step']} is kept: lower --lr (or --lambda-u, --wd) "
-                  f"or use --precision fp32, and --resume", file=sys.stderr)
+            save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad))
+            print(f"kdfixmatch.py: error: {stage} SNN: non-finite loss at step {bad}; stopped at "
+                  f"its checkpoint of step {st['step']}. Resume with a lower --lr (or --lambda-u, "
+                  f"--wd, --momentum, --ema, --precision fp32): python kdfixmatch.py --out "
+                  f"{shlex.quote(args.out)} --resume --lr ...", file=sys.stderr)
             sys.exit(1)
         st.update(step=done, train_s=st["train_s"] + time.time() - t0,
                   images=st["images"] + len(w) * (len(b["x_l"]) + 2 * len(b.get("x_u", []))),
@@ -762,32 +834,44 @@ def bench(args, data, split):
 # =============================================================================================
 # Bookkeeping: atomic writes, checkpoints, metrics
 def save(path, obj):
-    """Atomic write (temp file, then rename): a kill never leaves half a file. .pt via torch.save,
-    anything else as text (str) or JSON."""
+    """Atomic write (temp file, then rename): a kill never leaves half a file, a full disk never
+    costs the old one. .pt via torch.save, a list as JSON lines, else JSON; strict (no NaN)."""
     tmp = path + ".tmp"
-    if path.endswith(".pt"):
-        torch.save(obj, tmp)
-    else:
-        with open(tmp, "w") as f:
-            f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if path.endswith(".pt") else "w") as f:   # (a file object: torch then
+            if path.endswith(".pt"):                  # reports a full disk as OSError, not
+                torch.save(obj, f)                    # RuntimeError)
+            else:
+                f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in obj)
+                        if isinstance(obj, list) else json.dumps(obj, indent=2, allow_nan=False))
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:                # a full disk; a NaN, which JSON cannot hold
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        die(f"cannot write {path} ({getattr(e, 'strerror', None) or e})")
 
 
 def log_metrics(args, row):
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    """A strict JSON line per evaluation, with the wall time of all the run's pieces so far."""
+    _metrics(args, _metrics(args) + [dict(row, wall_s=round(time.time() - args.t0, 1))])
 
 
 def trim_metrics(args, stage, step):
     """A stage (re)starting at `step` drops the rows it logged after its last checkpoint."""
+    _metrics(args, [r for r in _metrics(args) if r["stage"] != stage or r["step"] <= step])
+
+
+def _metrics(args, rows=None):
+    """metrics.jsonl's rows (a last line cut short by a power loss is dropped), or write `rows`."""
     path = os.path.join(args.out, "metrics.jsonl")
-    if os.path.exists(path):
-        rows = [r for r in map(json.loads, open(path)) if r["stage"] != stage or r["step"] <= step]
-        save(path, "".join(json.dumps(r) + "\n" for r in rows))
+    if rows is not None:
+        return save(path, rows)
+    text = open(path).read() if os.path.exists(path) else ""
+    return [json.loads(line) for line in text.split("\n")[:-1]]
 
 
 def vars_of(args):
-    return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16")}
+    return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16", "t0", "lock")}
 
 
 def _rng_state():
@@ -813,39 +897,51 @@ def _load_final(args, data, path, stage):
     return ema.eval(), c["summary"]
 
 
-def prepare_out(args, data):
-    """Create --out, refuse to overwrite a run without --resume, persist/reload the labeled split."""
-    files = [f for f in ("split.json", "results.json") if os.path.exists(os.path.join(args.out, f))]
-    if files and not args.resume:
-        die(f"--out {args.out} already holds a run ({files[0]}); pass --resume to continue it "
+def claim_out(args):
+    """--out for this process alone: refused if it holds another run (a start that saved no
+    checkpoint can rerun) or if a live process holds its POSIX lock (the kernel drops it when its
+    owner ends, kill -9 included). Returns the locked file."""
+    held = [f for f in os.listdir(args.out) if f.endswith(".pt") or f == "results.json"] if (
+        os.path.isdir(args.out) and not args.resume) else []
+    if held:
+        die(f"--out {args.out} already holds a run ({held[0]}); pass --resume to continue it "
             f"or choose another --out")
-    if args.resume and not files:
-        die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
     os.makedirs(args.out, exist_ok=True)
-    src = os.path.join(args.outer_from, "split.json") if args.outer_from else None
-    if src and not os.path.exists(os.path.join(args.outer_from, "outer.pt")):
-        die(f"--outer-from {args.outer_from}: no finished outer SNN (outer.pt) there")
-    path = os.path.join(args.out, "split.json")
-    for f in (path, src):                             # never redraw a persisted split
-        if f and os.path.exists(f):
-            s = json.load(open(f))
-            for key in ("dataset", "labels", "seed", "arch"):
-                if s[key] != getattr(args, key):
-                    die(f"--{key} {getattr(args, key)} differs from {s[key]} recorded in {f}")
-            split = torch.tensor(s["labeled"])
-            break
+    lock = open(os.path.join(args.out, ".lock"), "a+")
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        die(f"--out {args.out} is in use by process {lock.seek(0) or lock.read()}; wait or stop it")
+    lock.truncate(0), lock.write(str(os.getpid())), lock.flush()
+    return lock
+
+
+def prepare_out(args, data):
+    """Persist or reload the labeled split, with what its indices point into. A fresh run writes
+    config.json and its code; a resumed one keeps them and counts its earlier pieces' wall time."""
+    y, path = data["train_y"], os.path.join(args.out, "split.json")
+    rec = dict(dataset=args.dataset, labels=args.labels, seed=args.seed, arch=args.arch,
+               data_dir=os.path.abspath(args.data_dir), train_images=len(y),
+               train_labels_sha256=hashlib.sha256(y.long().numpy().tobytes()).hexdigest())
+    f = path if args.resume else args.outer_from and os.path.join(args.outer_from, "split.json")
+    if f and os.path.exists(f):                       # never redraw a persisted split
+        s = json.load(open(f))
+        bad = [k for k in sorted(set(s) & set(rec) - {"data_dir"}) if s[k] != rec[k]]
+        if bad:                                       # its indices would point into other data
+            die(f"{f} records {bad[0]} {s[bad[0]]} (data {s.get('data_dir')}), this run "
+                f"{rec[bad[0]]}; use that data and those flags, or another --out")
+        split = torch.tensor(s["labeled"])
     else:
-        split = labeled_split(data["train_y"], args.labels, data["classes"], args.seed)
-    if not os.path.exists(path):
-        save(path, dict(dataset=args.dataset, labels=args.labels, seed=args.seed,
-                              arch=args.arch, labeled=split.tolist()))
-    old = os.path.join(args.out, "config.json")
-    if args.resume and os.path.exists(old):           # a resumed run keeps its schedule
-        for key, v in json.load(open(old)).items():
-            if key in ("method", "steps", "batch_size", "mu", "loss") and v != getattr(args, key):
-                die(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} differs from {v} "
-                    f"in {old}; resume with the original flags")
+        split = labeled_split(y, args.labels, data["classes"], args.seed)
+    if args.resume:
+        args.t0 -= max([r.get("wall_s", 0) for r in _metrics(args)], default=0)
+        div = os.path.join(args.out, "diverged.json")
+        if os.path.exists(div):                       # resumed after a NaN stop: the new flags
+            save(os.path.join(args.out, "config.json"), vars_of(args))
+            os.replace(div, os.path.join(args.out, f"diverged-{int(time.time())}.json"))
+        return split
     save(os.path.join(args.out, "config.json"), vars_of(args))
+    save(path, dict(rec, labeled=split.tolist()))
     for f in (__file__, kernels.__file__):            # the code beside its results
         shutil.copy(f, os.path.join(args.out, os.path.basename(f)))
     return split
@@ -881,22 +977,23 @@ def trusted_subset(args, data, outer):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    """The pipeline: data, split, the stages of --method, results.json."""
+    args = argv if isinstance(argv, argparse.Namespace) else get_args(argv)
     args.dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                             else "cpu" if args.device == "auto" else args.device)
-    if args.dev.type == "cuda" and not torch.cuda.is_available():
-        die(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.dev.type == "cuda" and (args.dev.index or 0) >= torch.cuda.device_count():
+        die(f"--device {args.device}: not here ({torch.cuda.device_count()} GPUs); use --device cpu")
+    args.t0, args.lock = time.time(), None if args.bench else claim_out(args)
     args.bf16 = args.precision == "bf16" or (args.precision == "auto" and args.dev.type == "cuda")
     torch.set_flush_denormal(True)                    # CPU: confident nets make denormals, 1.5x slower
     torch.backends.cudnn.benchmark = True             # fixed shapes: cuDNN picks its fastest convs
-    t0 = time.time()
     data = load_dataset(args)
     split = (labeled_split(data["train_y"], args.labels, data["classes"], args.seed) if args.bench
              else prepare_out(args, data))
     n = len(data["train_x"])                          # per-channel normalisation: a strided
     x = data["train_x"][::max(1, n // 10000)].float() / 255   # sample (folders are class-sorted)
     args.mean = x.mean((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)
-    args.std = x.std((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)
+    args.std = x.std((0, 2, 3)).clamp_min(1 / 255).view(1, -1, 1, 1).to(args.dev)  # 0: constant
     for k in ("x", "test_x"):                         # whole sets on the GPU when they fit
         x = data.get(k, data["train_x"])
         on_gpu = args.dev.type == "cuda" and x.numel() < torch.cuda.mem_get_info(args.dev)[0] // 4
@@ -911,21 +1008,16 @@ def main(argv=None):
                versions=dict(torch=torch.__version__, torchvision=torchvision.__version__))
     if args.method in ("supervised", "suave"):
         _, res[args.method] = train_snn(args, data, args.method, split)
-        final = res[args.method]
-    else:
-        if args.outer_from:                           # reuse a finished FixMatch run's outer SNN
-            outer, res["outer"] = _load_final(args, data, os.path.join(args.outer_from, "outer.pt"),
-                                              "outer")
-        else:
-            outer, res["outer"] = train_snn(args, data, "outer", split)
-        final = res["outer"]
+    else:                                             # --outer-from: a finished run's outer SNN
+        outer, res["outer"] = (_load_final(args, data, os.path.join(args.outer_from, "outer.pt"),
+                               "outer") if args.outer_from else train_snn(args, data, "outer", split))
         if args.method == "kdfixmatch":
             kd = trusted_subset(args, data, outer)
             res["trusted"] = kd["stats"]
             _, res["inner"] = train_snn(args, data, "inner", split, trusted=kd["trusted"])
-            final = res["inner"]
+    final = res[dict(fixmatch="outer", kdfixmatch="inner").get(args.method, args.method)]
     res.update(test_acc=final["test_acc"], test_acc_median20=final["test_acc_median20"],
-               wall_s=time.time() - t0, config=vars_of(args))
+               wall_s=time.time() - args.t0, config=vars_of(args))
     save(os.path.join(args.out, "results.json"), res)
     report(res)
     return res
@@ -940,8 +1032,7 @@ def report(res):
         if stage in res:
             print(f"  {name:24s} test acc {pct(res[stage]['test_acc'])} (median of last 20 evals "
                   f"{pct(res[stage]['test_acc_median20'])}), {res[stage]['images_per_s']:.0f} img/s")
-    t = res.get("trusted")
-    if t:
+    if t := res.get("trusted"):
         print(f"  outer pseudo labels, all {t['unlabeled']} unlabeled: precision "
               f"{pct(t['outer_pseudo_label_precision'])}\n  confident (>= tau_select): "
               f"{t['confident_size']}, precision {pct(t['confident_precision'])}\n  trusted subset "
@@ -949,4 +1040,12 @@ def report(res):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main(ARGS)
+    except KeyboardInterrupt:                         # one line, and how to go on
+        go = os.path.exists(os.path.join(ARGS.out, "config.json"))
+        print(f"kdfixmatch.py: interrupted; " + (f"resume with: python {sys.argv[0]} --out "
+              f"{shlex.quote(ARGS.out)} --resume" if go else "nothing saved yet"), file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:                              # e.g. an --out we cannot write
+        die(f"cannot write {e.filename or ARGS.out} ({e.strerror or e}); choose another --out")

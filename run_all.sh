@@ -391,7 +391,7 @@ run_cell() {  # index slot: runs in the background; the outcome is left in the c
 declare -A PID=() AT=()                     # slot -> running pid, slot -> cell index
 stop() {
     log "interrupted: stopping ${#PID[@]} running cell(s); run the same command again to resume"
-    for slot in "${!PID[@]}"; do kill "${PID[$slot]}" 2>/dev/null; done
+    for slot in "${!PID[@]}"; do kill -TERM -- "-${PID[$slot]}" 2>/dev/null; done
     wait
     exit 130
 }
@@ -433,8 +433,10 @@ while :; do
         [[ -n ${PID[$slot]-} ]] && continue
         next_cell
         ((NEXT >= 0)) || break
-        run_cell "$NEXT" "$slot" &
-        PID[$slot]=$! AT[$slot]=$NEXT
+        set -m                              # the cell in its own process group (python and its
+        run_cell "$NEXT" "$slot" &          # workers): stop() ends it whole, with or without a
+        PID[$slot]=$! AT[$slot]=$NEXT       # terminal (setsid, a scheduler)
+        set +m
     done
     ((${#PID[@]})) || break                 # nothing running and nothing can start
     wait -n

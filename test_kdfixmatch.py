@@ -360,19 +360,51 @@ def test_labeled_split_bad_counts(n, msg, capsys):
     assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
-BAD_INPUT = [
+BAD_INPUT = [  # (argv, a piece of the one-line error); {tmp} is the test's temporary directory
     (["--labels", "55"], "--labels 55 is not divisible"),
     (["--labels", "5000"], "smallest class has"),
-    (["--steps", "0"], "--steps must be a positive integer"),
-    (["--tau", "1.5"], "--tau must lie in [0, 1]"),
+    (["--steps", "0"], "--steps 0: must be a positive integer"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--tau", "1.5"], "--tau 1.5: must be in [0, 1]"),
+    (["--ema", "nan"], "--ema nan: must be in [0, 1]"),
+    (["--lr", "-1"], "--lr -1.0: must be > 0"),
+    (["--lr", "inf"], "--lr inf: must be > 0"),
+    (["--wd=-1e-4"], "--wd -0.0001: must be >= 0"),
+    (["--momentum", "1"], "--momentum 1.0: must be in [0, 1)"),
+    (["--method", "suave", "--label-smoothing", "1"], "--label-smoothing 1.0: must be in [0, 1)"),
+    (["--loss", "sce", "--sce-A", "4"], "--sce-A 4.0: must be < 0"),
+    (["--kmeans-init", "0"], "--kmeans-init 0: must be a positive integer"),
+    (["--dec-lr", "-1"], "--dec-lr -1.0: must be > 0"),
+    (["--seed", "-1"], "--seed -1: must be in [0, 2^31)"),
+    (["--workers", "-1"], "--workers -1: must be >= 0"),
+    (["--image-size", "0"], "--image-size 0: must be a positive integer"),
+    (["--method", "supervised", "--tau", "0.9"], "--tau does nothing with --method supervised"),
+    (["--method", "supervised", "--mu", "3"], "--mu does nothing with --method supervised"),
+    (["--method", "fixmatch", "--tau-inner", "0.9"], "--tau-inner does nothing with --method fix"),
+    (["--outer-from", "x", "--method", "fixmatch"], "--outer-from does nothing with --method fix"),
+    (["--no-dec", "--dec-lr", "0.1"], "--dec-lr does nothing with --no-dec"),
+    (["--sce-alpha", "0.5"], "--sce-alpha does nothing with --loss ce"),
+    (["--suave-dim", "64"], "--suave-dim does nothing with --method kdfixmatch"),
+    (["--pretrained"], "--pretrained does nothing with --arch small_cnn"),
+    (["--arch", "wrn28_2", "--weights", "w.pth"], "--weights does nothing with --arch wrn28_2"),
+    (["--outer-from", "{tmp}"], "no finished outer SNN (outer.pt)"),
     (["--dataset", "folder", "--data-dir", "/nonexistent"], "--dataset folder needs --data-dir"),
-    (["--outer-from", "x", "--method", "fixmatch"], "--outer-from only applies"),
+    (["--dataset", "folder", "--data-dir", "{tmp}/only-train"], "(no {tmp}/only-train/test)"),
+    (["--device", "gpu"], "--device gpu: unknown; use auto, cpu, cuda or cuda:N"),
+    (["--out", ""], "--out '' is not a directory"),
+    (["--out", "{tmp}/a-file"], "is not a directory; choose another --out"),
+    (["--out", "{tmp}/a-file/run", "--steps", "1"], "cannot write {tmp}/a-file/run (Not a dir"),
     (["--resume", "--out", "/nonexistent/kdfm"], "--resume: nothing to resume"),
-] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else [])
+] + ([(["--device", "cuda"], "--device cuda: not here (0 GPUs)")] if not torch.cuda.is_available()
+     else [])
 
 
 @pytest.mark.parametrize("argv, needle", BAD_INPUT)
 def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "only-train" / "train").mkdir(parents=True)
+    argv, needle = [a.replace("{tmp}", str(tmp_path)) for a in argv], needle.replace("{tmp}", str(tmp_path))
     r = run_cli(*argv, *([] if "--out" in argv else ["--out", str(tmp_path / "run")]), timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
@@ -519,6 +551,289 @@ def test_cifar10_jpeg_copy_through_folder(tmp_path):
                        timeout=180, cwd=HERE)                # the old bug hung after the error
     assert r.returncode == 0, r.stderr[-2000:]
     assert _results(tmp_path / "run")["dataset"] == "folder"
+
+
+# ---- reliability: bad input, records, faults
+# Every fault ends in one line (exit 2, 130 for Ctrl-C) and loses nothing already written. Tiny
+# in-process runs where a subprocess is not the point; torch is imported once per test process.
+import errno  # noqa: E402
+import shutil  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+_TINY = ["--labels", "20", "--steps", "4", "--eval-every", "2", "--batch-size", "4", "--mu", "1",
+         "--workers", "0", "--method", "fixmatch"]
+
+
+def test_bad_flags_fail_before_torch_is_imported(tmp_path):
+    r = subprocess.run([sys.executable, "-X", "importtime", str(HERE / "kdfixmatch.py"), "--lr", "-1",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--lr -1.0: must be > 0" in r.stderr
+    assert not [ln for ln in r.stderr.splitlines() if ln.rstrip().endswith(("| torch", "| numpy"))]
+
+
+def _img(path, mode, rows, **save):
+    """An image file in `mode` with these pixel values (rows of pixels, a pixel a value or bands)."""
+    a = np.array(rows, dtype={"F": "<f4", "I": "<i4", "I;16": "<u2"}.get(mode, "u1"))
+    Image.frombytes(mode, a.shape[1::-1], a.tobytes()).save(path, **save)
+    return str(path)
+
+
+def test_decode_every_mode_to_the_right_rgb_pixels(tmp_path, monkeypatch):
+    def rgb(path):
+        x = kd._decode(path)
+        assert not isinstance(x, str), x
+        assert x.dtype == torch.uint8 and x.shape[0] == 3
+        return x.permute(1, 2, 0).reshape(-1, 3).tolist()
+    grey = lambda *vs: [[v] * 3 for v in vs]
+    assert rgb(_img(tmp_path / "l.png", "L", [[0, 7, 200, 255]])) == grey(0, 7, 200, 255)
+    im = Image.new("1", (2, 1))
+    im.putpixel((1, 0), 1)
+    im.save(tmp_path / "1.png")
+    assert rgb(str(tmp_path / "1.png")) == grey(0, 255)
+    im = Image.new("P", (3, 1))                          # palette colours, transparency ignored
+    im.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90])
+    im.putdata([0, 1, 2])
+    im.save(tmp_path / "p.png", transparency=1)
+    assert rgb(str(tmp_path / "p.png")) == [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
+    # alpha is dropped: the colour under it is kept, whatever the alpha
+    assert rgb(_img(tmp_path / "rgba.png", "RGBA", [[[1, 2, 3, 0], [4, 5, 6, 128]]])) == [[1, 2, 3],
+                                                                                         [4, 5, 6]]
+    assert rgb(_img(tmp_path / "la.png", "LA", [[[9, 0], [99, 255]]])) == grey(9, 99)
+    # 16 bits: round(v / 257), so an 8-bit value widened as v * 257 comes back exactly
+    assert rgb(_img(tmp_path / "i16.png", "I;16", [[0, 257 * 100, 65535, 1000]])) == grey(0, 100, 255, 4)
+    assert rgb(_img(tmp_path / "i32.tif", "I", [[0, 257 * 3, 65535]])) == grey(0, 3, 255)
+    assert rgb(_img(tmp_path / "f.tif", "F", [[0.0, 0.5, 1.0, 0.1]])) == grey(0, 128, 255, 26)
+    assert rgb(_img(tmp_path / "cmyk.tif", "CMYK", [[[0, 255, 255, 0], [0, 0, 0, 255]]])) == [
+        [255, 0, 0], [0, 0, 0]]
+    lab = rgb(_img(tmp_path / "lab.tif", "LAB", [[[255, 0, 0], [0, 0, 0]]]))   # a*, b* signed
+    assert min(lab[0]) >= 250 and max(lab[1]) <= 5      # white and black
+    ycc = rgb(_img(tmp_path / "ycc.tif", "YCbCr", [[[76, 85, 255]]]))[0]     # BT.601 red
+    assert ycc[0] >= 250 and max(ycc[1:]) <= 3
+    # modes PIL opens but cannot write (TIFF's associated alpha, HSV): from memory
+    pa = Image.new("PA", (1, 1), (1, 7))
+    pa.putpalette([5, 6, 7, 50, 60, 70])
+    for im, want in ((Image.new("La", (1, 1), (100, 128)), grey(199)),       # un-premultiplied
+                     (Image.new("RGBa", (1, 1), (100, 50, 20, 128)), [[199, 99, 39]]),
+                     (Image.new("HSV", (1, 1), (0, 255, 255)), [[255, 0, 0]]), (pa, [[50, 60, 70]]),
+                     (Image.new("I;16B", (1, 1), 257 * 9), grey(9))):
+        monkeypatch.setattr(kd.PIL.Image, "open", lambda path, im=im: im)
+        assert rgb("in-memory") == want, im.mode
+    monkeypatch.undo()
+    # out of range or unreadable: refused, the file named
+    assert "outside [0, 1]" in kd._decode(_img(tmp_path / "f2.tif", "F", [[0.0, 2.0]]))
+    assert "outside [0, 65535]" in kd._decode(_img(tmp_path / "i2.tif", "I", [[-1, 0]]))
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    big = _img(tmp_path / "big.png", "L", np.random.default_rng(0).integers(0, 256, (64, 64)))
+    (tmp_path / "cut.png").write_bytes(Path(big).read_bytes()[:300])     # truncated
+    for f in ("empty.png", "junk.jpg", "cut.png"):
+        msg = kd._decode(str(tmp_path / f))
+        assert isinstance(msg, str) and msg.startswith(f"cannot decode {tmp_path / f} ("), msg
+
+
+def _folder(root, sizes, classes=("a", "b"), per=3):
+    for split, size in sizes.items():
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per):
+                Image.new("RGB", (size, size), (i, 0, 0)).save(root / split / c / f"{i}.png")
+    return str(root)
+
+
+def _folder_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        kd.load_dataset(kd.get_args(["--dataset", "folder", *argv]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_folder_refuses_bad_files_sizes_and_classes_in_one_line(tmp_path, capsys):
+    root = _folder(tmp_path / "d", {"train": 8, "test": 6})
+    err = _folder_error(["--data-dir", root, "--workers", "0"], capsys)
+    assert "images differ in size [(6, 6), (8, 8)]; pass --image-size N" in err
+    d = kd.load_dataset(kd.get_args(["--dataset", "folder", "--data-dir", root, "--image-size", "4",
+                                     "--workers", "0"]))
+    assert d["train_x"].shape == (6, 3, 4, 4) and d["test_x"].shape == (6, 3, 4, 4)
+    bad = tmp_path / "d" / "test" / "b" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])              # truncated, found by a decoding worker
+    err = _folder_error(["--data-dir", root, "--image-size", "4", "--workers", "1"], capsys)
+    assert f"cannot decode {bad} (" in err
+    one = _folder(tmp_path / "one", {"train": 8, "test": 8}, classes=("a",))
+    err = _folder_error(["--data-dir", one, "--workers", "0"], capsys)
+    assert "at least 2 (they hold 1 and 1; in one only: [])" in err
+    other = _folder(tmp_path / "other", {"train": 8, "test": 8})
+    (tmp_path / "other" / "test" / "b").rename(tmp_path / "other" / "test" / "c")
+    err = _folder_error(["--data-dir", other, "--workers", "0"], capsys)
+    assert "in one only: ['b', 'c']" in err
+    empty = _folder(tmp_path / "e", {"train": 8, "test": 8})
+    for f in (tmp_path / "e" / "train" / "b").iterdir():
+        f.unlink()
+    err = _folder_error(["--data-dir", empty, "--workers", "0"], capsys)
+    assert "Found no valid file for the classes b" in err
+
+
+def test_image_size_resizes_digits():
+    d = kd.load_dataset(kd.get_args(["--image-size", "16"]))
+    assert d["train_x"].shape[1:] == (1, 16, 16) and d["test_x"].shape[1:] == (1, 16, 16)
+
+
+def test_split_records_its_data_and_refuses_other_data(tmp_path, capsys):
+    args = kd.get_args(["--out", str(tmp_path), "--labels", "20"])
+    args.t0 = time.time()
+    data = dict(train_y=torch.arange(10).repeat(30), classes=10)
+    split = kd.prepare_out(args, data)
+    s = json.load(open(tmp_path / "split.json"))
+    assert s["train_images"] == 300 and len(s["train_labels_sha256"]) == 64
+    assert s["dataset"] == "digits" and s["labeled"] == split.tolist()
+    args.resume = True
+    assert torch.equal(kd.prepare_out(args, data), split)          # the same data: reused
+    data["train_y"] = data["train_y"].roll(1)                        # same size, other labels
+    with pytest.raises(SystemExit) as e:
+        kd.prepare_out(args, data)
+    assert e.value.code == 2 and "records train_labels_sha256" in capsys.readouterr().err
+    (tmp_path / "outer.pt").touch()
+    other = kd.get_args(["--out", str(tmp_path / "kd"), "--labels", "20", "--outer-from", str(tmp_path)])
+    other.t0 = time.time()
+    with pytest.raises(SystemExit):                                  # --outer-from: the same check
+        kd.prepare_out(other, dict(train_y=torch.arange(10).repeat(31), classes=10))
+    assert "records train_images 300" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_runs_flags(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (tmp_path / "outer.pt").touch()
+    stored = vars(kd.get_args(["--out", str(out), "--method", "kdfixmatch", "--outer-from",
+                               str(tmp_path), "--tau-inner", "0.9", "--lr", "0.05"]))
+    (out / "config.json").write_text(json.dumps(stored))
+    args = kd.get_args(["--out", str(out), "--resume", "--workers", "1"])   # nothing re-asked
+    assert (args.outer_from, args.tau_inner, args.lr, args.workers) == (str(tmp_path), 0.9, 0.05, 1)
+    for flag, v in (("--lr", "0.03"), ("--tau", "0.9"), ("--steps", "600"), ("--loss", "sce")):
+        with pytest.raises(SystemExit) as e:
+            kd.get_args(["--out", str(out), "--resume", flag, v])
+        assert e.value.code == 2 and f"--resume: {flag} " in capsys.readouterr().err
+    kd.get_args(["--out", str(out), "--resume", "--lr", "0.05", "--device", "cpu"])  # the same: fine
+
+
+def test_metrics_survive_a_cut_line_and_refuse_nan(tmp_path):
+    args = kd.get_args(["--out", str(tmp_path)])
+    args.t0 = time.time() - 5
+    kd.log_metrics(args, dict(stage="outer", step=2, loss=1.0))
+    kd.log_metrics(args, dict(stage="outer", step=4, loss=0.5))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "outer", "st')                    # a power loss mid-line
+    assert [r["step"] for r in kd._metrics(args)] == [2, 4]
+    kd.trim_metrics(args, "outer", 2)
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
+    assert kd._metrics(args)[0]["wall_s"] >= 5
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    for row in (dict(stage="outer", step=6, loss=float("nan")), dict(test_acc=float("inf"))):
+        with pytest.raises(SystemExit):                     # strict JSON: never a NaN number
+            kd.log_metrics(args, row)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["results.json", "ckpt_outer.pt"])
+def test_full_disk_names_the_file_and_keeps_the_old_one(name, tmp_path, capsys):
+    path = tmp_path / name
+    kd.save(str(path), {"old": 1} if name.endswith(".json") else {"w": torch.zeros(3)})
+    before = path.read_bytes()
+    os.symlink("/dev/full", str(path) + ".tmp")              # writes there fail with ENOSPC
+    with pytest.raises(SystemExit) as e:
+        kd.save(str(path), {"new": 2} if name.endswith(".json") else {"w": torch.ones(10 ** 5)})
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"cannot write {path} (" in err and len(err.splitlines()) == 1
+    assert os.strerror(errno.ENOSPC) in err
+    assert path.read_bytes() == before and not os.path.lexists(str(path) + ".tmp")
+
+
+def test_one_writer_per_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+        "f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)"), str(out / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit) as e:
+            kd.main([*_TINY, "--out", str(out)])
+        assert e.value.code == 2 and "in use by process 4242" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    res = kd.main([*_TINY, "--out", str(out)])              # its lock died with it: not stale
+    assert res["steps"] == 4 and (out / ".lock").read_text() == str(os.getpid())
+
+
+def test_a_failed_start_does_not_block_the_corrected_command(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit):                          # found after split.json was written
+        kd.main([*_TINY, "--arch", "efficientnet_b0", "--out", out])
+    assert "3-channel" in capsys.readouterr().err and os.path.exists(os.path.join(out, "split.json"))
+    assert kd.main([*_TINY, "--out", out])["arch"] == "small_cnn"
+
+
+def test_ctrl_c_then_resume_and_finished_runs_stay_as_they_are(tmp_path):
+    out = tmp_path / "run"
+    argv = [*_TINY, "--steps", "400", "--eval-every", "10", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, str(HERE / "kdfixmatch.py"), *argv], cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt_outer.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+    ours = [ln for ln in err.replace("\r", "\n").splitlines() if "kdfixmatch.py:" in ln]
+    assert ours == [f"kdfixmatch.py: interrupted; resume with: python {HERE / 'kdfixmatch.py'} "
+                    f"--out {out} --resume"]             # (the progress bar may redraw after it)
+    wall = max(r["wall_s"] for r in map(json.loads, open(out / "metrics.jsonl")))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "outer", "step"')                 # and a line cut short
+    assert run_cli("--out", str(out), "--resume", "--lr", "0.1").returncode == 2
+    config = (out / "config.json").read_bytes()
+    r = run_cli("--out", str(out), "--resume")              # the printed command, flags restored
+    assert r.returncode == 0, r.stderr[-2000:]
+    res, rows = _results(out), list(map(json.loads, open(out / "metrics.jsonl")))
+    assert res["steps"] == 400 and [r["step"] for r in rows] == list(range(10, 401, 10))
+    assert res["wall_s"] > wall and rows[-1]["wall_s"] > wall   # the pieces add up
+    assert (out / "config.json").read_bytes() == config
+    before = {f: (out / f).read_bytes() for f in ("results.json", "config.json")}
+    r = run_cli("--out", str(out), "--resume")
+    assert r.returncode == 0 and "is complete" in r.stdout
+    assert before == {f: (out / f).read_bytes() for f in before}
+
+
+@pytest.mark.skipif(not shutil.which("setsid") or not os.path.isdir("/proc/self"),
+                    reason="needs setsid and /proc (Linux)")
+def test_run_all_sigterm_without_a_terminal_stops_its_cells(tmp_path):
+    out = str(tmp_path / "ra")
+    e = {k: v for k, v in os.environ.items() if k not in _RUN_ALL_ENV}
+    e.update(PYTHON=sys.executable, OUT_DIR=out, LABELS="50", SEEDS="1", STEPS="5000",
+             EVAL_EVERY="1000")
+    ra = subprocess.Popen(["setsid", "bash", _RUN_ALL, "--smoke"], env=e, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    cells = lambda: [p for p in os.listdir("/proc") if p.isdigit() and out in _cmdline(p)]
+    deadline = time.time() + 120
+    while not cells() and time.time() < deadline:       # a cell's python (run_all.sh starts it
+        time.sleep(0.2)                                  # in its own process group)
+    time.sleep(3)
+    assert cells()
+    ra.send_signal(signal.SIGTERM)
+    assert ra.wait(timeout=60) == 130
+    time.sleep(0.5)
+    assert not [_cmdline(p) for p in cells()]
+
+
+def _cmdline(pid):
+    try:
+        return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+    except OSError:
+        return ""
 
 
 # ---- kernels.py: Triton kernels against the PyTorch references (TRITON_INTERPRET=1 on CPU)

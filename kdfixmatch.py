@@ -4,30 +4,25 @@
 Paper:      KD-FixMatch: Knowledge Distillation Siamese Neural Networks, Wang et al., ICIP 2023,
             arXiv 2309.05826 (no public code; where its text is not available we say "our reading").
 Built on:   FixMatch (Sohn et al. 2020), DEC (Xie et al. 2016), symmetric CE (Wang et al. 2019).
-
-Run:        python kdfixmatch.py                          # digits, CPU, about 2 minutes
+Run:        python kdfixmatch.py                          # digits, CPU, about a minute
             python kdfixmatch.py --dataset cifar10 --labels 4000 --arch wrn28_2 --steps 1048576
             python kdfixmatch.py --dataset folder --data-dir cifar10   # any ImageFolder train/ test/
 Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.44 (CIFAR10),
             +5.81 (SVHN), +1.99 (CIFAR100), +3.88 (FOOD101) accuracy points. What we measured is in
             README.md, with commands and machines; results.json records every number a run makes.
 """
-import argparse, copy, fcntl, hashlib, json, math, os, random, re, shlex, shutil, socket, sys, time
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU: idle OpenMP threads yield to workers
+import argparse, copy, fcntl, hashlib, json, math, os, re, shlex, shutil, socket, sys, time
 from collections import OrderedDict
 from functools import lru_cache, partial
 
-
 def die(msg):
     """Bad input: one line, exit status 2, no traceback."""
-    print(f"kdfixmatch.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(print(f"kdfixmatch.py: error: {msg}", file=sys.stderr) or 2)
 
 
 # =============================================================================================
 # Hyper-parameters: every default in one block, with the paper's symbol
-# per-dataset defaults: (labels, arch, steps K per SNN, batch B, eval-every, image size)
-DATASET_DEFAULTS = {
+DATASET_DEFAULTS = {  # labels, arch, steps K per SNN, batch B, eval every, image size (px)
     "digits":   (50, "small_cnn", 500, 32, 100, None),
     "cifar10":  (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
     "cifar100": (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
@@ -45,22 +40,18 @@ VALID = [  # (flags, is valid, the valid range): every numeric flag, checked bef
     ("sce_A", lambda v: v < 0, "< 0 (it stands for log 0)"),
     ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)")]
 
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--method", default="kdfixmatch", choices=["supervised", "fixmatch", "kdfixmatch", "suave"],
-      help="supervised: labeled data only (the floor); fixmatch: the outer SNN alone (the "
-           "baseline); kdfixmatch: outer -> select_confident -> dec_cluster -> inner; suave")
-    # data
+      help="supervised: labeled data only (the floor); fixmatch: the outer SNN alone; kdfixmatch")
     a("--dataset", default="digits", choices=list(DATASET_DEFAULTS),
       help="digits: scikit-learn's (offline); folder: ImageFolder train/ test/ under --data-dir")
     a("--data-dir", default="data", help="torchvision root, or the ImageFolder root with train/ test/")
     a("--labels", type=int, help="labeled examples, class-balanced [digits 50, else 4000]")
     a("--image-size", type=int, help="resize images once at load [native; food101 128]")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-folder decoding workers")
-    # model
     a("--arch", choices=["small_cnn", "wrn28_2", "efficientnet_b0"],
       help="[digits small_cnn; food101 efficientnet_b0 (the paper's); else wrn28_2 (FixMatch's)]")
     a("--pretrained", action="store_true", help="ImageNet weights for efficientnet_b0 (the paper)")
@@ -90,6 +81,7 @@ def get_args(argv=None):
     a("--dec-lr", type=float, default=0.01, help="DEC centroid SGD learning rate (momentum 0.9)")
     a("--dec-batch", type=int, default=256, help="DEC batch size")
     a("--kmeans-init", type=int, default=20, help="k-means restarts initialising DEC")
+    a("--outer-from", help="reuse the outer SNN of a finished fixmatch/kdfixmatch run in this dir")
     # Suave (Fini et al. 2023; defaults from its code)
     a("--suave-temperature", type=float, default=0.1, help="temperature of the cosine scores")
     a("--sinkhorn-eps", type=float, default=0.05, help="Sinkhorn-Knopp epsilon")
@@ -97,15 +89,13 @@ def get_args(argv=None):
     a("--label-smoothing", type=float, default=0.01, help="on the labeled term")
     a("--suave-hidden", type=int, default=2048, help="projector hidden units")
     a("--suave-dim", type=int, default=128, help="projector output (prototype) dimension")
-    a("--outer-from", help="reuse the outer SNN of a finished fixmatch/kdfixmatch run in this dir")
-    # run
+    # the run
     a("--seed", type=int, default=0, help="draws the labeled split, init and augmentation")
     a("--eval-every", type=int, help="evaluate the EMA model (and checkpoint) every N steps")
     a("--out", default="runs/latest", help="output dir: metrics.jsonl, results.json, checkpoints")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N. On a GPU the "
-      "training set lives in GPU memory if it takes < 1/4 of the free memory, else in pinned host "
-      "memory (each batch's raw images are copied over); the run says which")
+    a("--device", default="auto", help="auto (cuda if there), cpu, cuda, cuda:N. On a GPU the "
+      "training set lives in its memory if under 1/4 of it is free, else in pinned host memory")
     a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
     a("--compile", action="store_true", help="torch.compile the model; on a GPU with CUDA graphs")
     a("--bench", action="store_true", help="print images/s of augment, of the training step on a "
@@ -123,10 +113,9 @@ def get_args(argv=None):
     free = {"out", "resume", "workers", "device", "precision", "compile", "data_dir"}
     if os.path.exists(os.path.join(args.out, "diverged.json")):   # after a NaN stop, also these
         free |= {"lr", "wd", "momentum", "lambda_u", "ema", "ema_warmup"}
-    for k in sorted(given & old.keys() - free):
-        if old[k] != getattr(args, k):                # a run keeps its flags
-            die(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from {old[k]} in "
-                f"config.json; resume with the original flags (or none) or start a new --out")
+    for k in sorted(k for k in given & old.keys() - free if old[k] != getattr(args, k)):
+        die(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from {old[k]} in "
+            f"config.json; resume with the original flags (or none) or start a new --out")
     vars(args).update({k: v for k, v in old.items() if k not in given | {"out", "resume"}})
     if args.resume and os.path.exists(os.path.join(args.out, "results.json")):   # exit status 0
         sys.exit(print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume"))
@@ -134,13 +123,11 @@ def get_args(argv=None):
     vars(args).update({k: v for k, v in zip(keys, DATASET_DEFAULTS[args.dataset])
                        if getattr(args, k) is None})
     for flags, ok, text in VALID:
-        for f in flags.split():
-            v = getattr(args, f)
+        for f, v in ((f, getattr(args, f)) for f in flags.split()):
             if v is not None and not (math.isfinite(v) and ok(v)):
                 die(f"--{f.replace('_', '-')} {v}: must be {text}")
     args.eval_every = min(args.eval_every, args.steps)
-    if args.ema_warmup is None:
-        args.ema_warmup = args.dataset == "digits"
+    args.ema_warmup = args.dataset == "digits" if args.ema_warmup is None else args.ema_warmup
     m, M, kd = args.method, f"--method {args.method}", args.method == "kdfixmatch"
     for flags, why in (                               # a flag that would do nothing is refused
             ("mu", m == "supervised" and M), ("lambda_u tau", m in ("supervised", "suave") and M),
@@ -192,11 +179,10 @@ def load_dataset(args):
         d = load_digits()
         x = torch.tensor(d.images * (255 / 16)).round().to(torch.uint8)[:, None]
         x = TF.resize(x, [args.image_size] * 2, antialias=True) if args.image_size else x
-        y = torch.tensor(d.target)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(12345))
-        test, train = perm[:297], perm[297:]
-        return dict(train_x=x[train], train_y=y[train], test_x=x[test], test_y=y[test],
-                    classes=10, flip=False)
+        y, g = torch.tensor(d.target), torch.Generator().manual_seed(12345)
+        perm = torch.randperm(len(y), generator=g)
+        return dict(train_x=x[perm[297:]], train_y=y[perm[297:]], test_x=x[perm[:297]],
+                    test_y=y[perm[:297]], classes=10, flip=False)
     if name == "folder":
         try:
             splits = [torchvision.datasets.ImageFolder(f"{root}/{s}") for s in ("train", "test")]
@@ -218,22 +204,19 @@ def load_dataset(args):
     return dict(train_x=trx, train_y=tr_y, test_x=tex, test_y=te_y, classes=classes,
                 flip=name != "svhn")                  # FixMatch: no flip on digit datasets
 
-
 def _torchvision_split(name, root, train):
     cls = getattr(torchvision.datasets, dict(cifar10="CIFAR10", cifar100="CIFAR100", svhn="SVHN",
                                              food101="Food101")[name])
     kw = dict(train=train) if name.startswith("cifar") else dict(split="train" if train else "test")
-    try:
-        return cls(root, download=False, **kw)
-    except RuntimeError:                              # not on disk: download if online
-        socket.setdefaulttimeout(30)
-    try:
-        return cls(root, download=True, **kw)
-    except Exception as e:
-        die(f"--dataset {name}: not found in {os.path.abspath(root)} and the download failed "
-            f"({type(e).__name__}); fetch it on a connected machine with torchvision.datasets."
-            f"{cls.__name__}('{root}', download=True) and copy {root}/ here, or pass --data-dir")
-
+    for download in (False, True):                    # not on disk: download if online
+        try:
+            return cls(root, download=download, **kw)
+        except Exception as e:
+            socket.setdefaulttimeout(30)
+            err = type(e).__name__
+    die(f"--dataset {name}: not found in {os.path.abspath(root)} and the download failed "
+        f"({err}); fetch it on a connected machine with torchvision.datasets."
+        f"{cls.__name__}('{root}', download=True) and copy {root}/ here, or pass --data-dir")
 
 def _to_uint8(ds, args):
     """Decode once: array-backed sets (CIFAR, SVHN) directly, file-backed ones (Food-101, folders)
@@ -251,7 +234,6 @@ def _to_uint8(ds, args):
                                          collate_fn=_stack)  # one shared tensor per batch, not
     return list(tqdm(loader, desc="decode", leave=False, disable=None))  # per image: fds run out
 
-
 def _decode(path, size=None):
     """An image file -> uint8 RGB (3, H, W), or why not (a str naming the file). Alpha is dropped
     (as torchvision's loader does), 16 bits ('I;16', 'I') become round(v / 257), floats ('F', as
@@ -268,26 +250,21 @@ def _decode(path, size=None):
     except Exception as e:                            # corrupt, truncated, empty, not an image
         return f"cannot decode {path} ({type(e).__name__}: {e}); replace or remove it"
 
-
 def _stack(batch):
     """One tensor per batch; a decoding error (a str) goes on to the main process."""
     ims = [im for im, _ in batch]
-    bad = [im for im in ims if isinstance(im, str)]
-    if bad or len({im.shape for im in ims}) > 1:
-        return bad[0] if bad else "images differ in size; pass --image-size N"
-    return torch.stack(ims), torch.tensor([t for _, t in batch])
-
+    bad = [im for im in ims if isinstance(im, str)] or len({im.shape for im in ims}) > 1 and [
+        "images differ in size; pass --image-size N"]
+    return bad[0] if bad else (torch.stack(ims), torch.tensor([t for _, t in batch]))
 
 def labeled_split(train_y, n_labels, classes, seed):
     """Class-balanced labeled indices drawn by seed (the unlabeled set is all training images)."""
-    per_class, rest = divmod(n_labels, classes)
+    (per_class, rest) = divmod(n_labels, classes)
     smallest = int(torch.bincount(train_y, minlength=classes).min())
-    if rest:
-        die(f"--labels {n_labels} is not divisible by the {classes} classes; "
-            f"use a multiple of {classes}")
-    if per_class > smallest:
-        die(f"--labels {n_labels} asks for {per_class} per class but the smallest class has "
-            f"{smallest}; use at most {smallest * classes}")
+    if rest or per_class > smallest:
+        die(f"--labels {n_labels} is not divisible by the {classes} classes; use a multiple of "
+            f"{classes}" if rest else f"--labels {n_labels} asks for {per_class} per class but the "
+            f"smallest class has {smallest}; use at most {smallest * classes}")
     g = torch.Generator().manual_seed(seed)
     idx = [torch.nonzero(train_y == c).squeeze(1) for c in range(classes)]
     return torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in idx]).sort()[0]
@@ -302,12 +279,10 @@ RA_OPS = ("identity", "autocontrast", "equalize", "brightness", "color", "contra
           "posterize", "solarize", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 GEOMETRIC = 9                                         # RA_OPS[9:]: one affine resampling per slot
 
-
 def augment(x, flip=True, strong=False, generator=None):
     """uint8 batch (N, C, H, W) on any device -> its weak views (flip + shift up to 12.5 %, reflect
     padding) or strong views (weak, 2 RandAugment ops, Cutout); same shape and dtype."""
     return apply_plan(x, draw_plan(len(x), *x.shape[-2:], flip, strong, generator))
-
 
 def draw_plan(N, H, W, flip=True, strong=False, generator=None):
     """The per-sample random draws of `augment`, as CPU tensors."""
@@ -320,7 +295,6 @@ def draw_plan(N, H, W, flip=True, strong=False, generator=None):
                     sign=torch.randint(2, (N, 2), **g) * 2 - 1,       # of the geometric ops
                     cy=torch.randint(H, (N,), **g), cx=torch.randint(W, (N,), **g))   # Cutout
     return plan
-
 
 def slot_params(op, level, sign, H, W):
     """One op slot's per-sample parameters, in float64 as torchvision computes them from Python
@@ -338,7 +312,6 @@ def slot_params(op, level, sign, H, W):
     bits = 8 - (4 * level + 5) // 10                  # posterize 8..4 bits: the paper's table
     return dict(pt=torch.stack([f, 1 - f, (255 << (8 - bits)) & 255, 256 * (1 - m)], 1),
                 theta=torch.stack([d, -b, b * ty - d * tx, -c, a, c * tx - a * ty], 1))
-
 
 def apply_plan(x, plan):
     """Apply drawn (or given) per-sample parameters to the uint8 batch x, on x's device."""
@@ -364,13 +337,11 @@ def apply_plan(x, plan):
             i = order[e[GEOMETRIC]:]
             out[i] = affine(out[i], p[f"theta{j}"][i])
     if "cy" in p:      # Cutout: half the side, gray, always; clipped at both edges (official)
-        y0, x0 = p["cy"].long() - H // 4, p["cx"].long() - W // 4
-        iy = torch.arange(H, device=x.device) - y0[:, None]
-        ix = torch.arange(W, device=x.device) - x0[:, None]
+        iy = torch.arange(H, device=x.device) - p["cy"].long()[:, None] + H // 4
+        ix = torch.arange(W, device=x.device) - p["cx"].long()[:, None] + W // 4
         box = ((iy >= 0) & (iy < H // 2))[:, :, None] & ((ix >= 0) & (ix < W // 2))[:, None]
         out = out.masked_fill(box[:, None], 127)
     return out
-
 
 def flip_translate(x, flip, dy, dx):
     """Weak view: horizontal flip, then a shift by (dy, dx) px with reflect padding, as one gather
@@ -383,7 +354,6 @@ def flip_translate(x, flip, dy, dx):
     idx = (ys[:, :, None] * W + xs[:, None, :]).view(N, 1, H * W).expand(-1, C, -1)
     return x.reshape(N, C, H * W).gather(2, idx).view(N, C, H, W)
 
-
 def point_op(name, x, f, g, mask, thr):
     """One pixel-value RandAugment op on uint8 x (n, C, H, W) with per-sample parameters
     (n, 1, 1, 1); every value equals torchvision's op applied image by image."""
@@ -393,15 +363,12 @@ def point_op(name, x, f, g, mask, thr):
         lo, hi = xf.amin((-2, -1), keepdim=True), xf.amax((-2, -1), keepdim=True)   # GPU sync:
         flat = hi == lo
         out = (xf - torch.where(flat, 0.0, lo)) / torch.where(flat, 1.0, (hi - lo) * (1 / 255))
-    elif name == "equalize":
-        return TF.equalize(x)
-    elif name == "posterize":
-        return x & mask.to(torch.uint8)
-    elif name == "solarize":
-        return torch.where(x >= thr, 255 - x, x)
+    elif name in ("equalize", "posterize", "solarize"):
+        return dict(equalize=TF.equalize, posterize=lambda x: x & mask.to(torch.uint8),
+                    solarize=lambda x: torch.where(x >= thr, 255 - x, x))[name](x)
     elif name == "sharpness":      # blend with the 3x3-smoothed image; the border is kept
-        k = torch.full((x.shape[1], 1, 3, 3), 1 / 13, device=x.device)   # (torch.tensor(...,
-        k[:, :, 1, 1] = 5 / 13                                             # device=) would sync)
+        k = torch.full((x.shape[1], 1, 3, 3), 1 / 13, device=x.device)   # (a tensor made on the
+        k[:, :, 1, 1] = 5 / 13                                             # host would sync)
         blur = F.conv2d(xf, k, groups=x.shape[1]).round()
         out, inner = xf, xf[..., 1:-1, 1:-1]
         out[..., 1:-1, 1:-1] = fma(inner, blur - inner, g)
@@ -413,7 +380,6 @@ def point_op(name, x, f, g, mask, thr):
                                contrast=gray.mean((-3, -2, -1), keepdim=True))[name], g)
     return out.clamp(0, 255).to(torch.uint8)
 
-
 def affine(x, theta):
     """Per-sample affine resampling of uint8 x (n, C, H, W), nearest, gray fill (128): TF.affine's
     grid for inverse matrices theta (n, 6), built for the whole batch in one bmm."""
@@ -421,9 +387,8 @@ def affine(x, theta):
     base = torch.ones(1, H, W, 3, device=x.device)
     base[..., 0] = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=x.device)
     base[..., 1] = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=x.device)[:, None]
-    t = theta.view(n, 2, 3).transpose(1, 2)           # (n, 3, 2) / (W/2, H/2), column by column:
-    t[..., 0] /= 0.5 * W                              # a tensor made on the host would cost a sync
-    t[..., 1] /= 0.5 * H
+    t = theta.view(n, 2, 3).transpose(1, 2)           # / (W/2, H/2) per column (a tensor made
+    t[..., 0], t[..., 1] = t[..., 0] / (0.5 * W), t[..., 1] / (0.5 * H)   # on the host: a sync)
     grid = base.view(1, H * W, 3).expand(n, -1, -1).bmm(t)
     img = torch.cat([x.float(), torch.ones_like(x[:, :1], dtype=torch.float32)], 1)   # + mask
     img = F.grid_sample(img, grid.view(n, H, W, 2), "nearest", "zeros", align_corners=False)
@@ -434,8 +399,7 @@ def affine(x, theta):
 # Models: nn.Sequential(body -> features, head -> logits); DEC reads body(x)
 def build_model(arch, in_ch, classes, pretrained=False, weights=None):
     if arch == "small_cnn":                           # for CPU runs: 4 conv layers, 128 features
-        def conv(i, o):
-            return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+        conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
         body = nn.Sequential(*conv(in_ch, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64),
                              *conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         return nn.Sequential(OrderedDict(body=body, head=nn.Linear(128, classes)))
@@ -449,7 +413,6 @@ def build_model(arch, in_ch, classes, pretrained=False, weights=None):
     body = nn.Sequential(m.features, m.avgpool, nn.Flatten(), nn.Dropout(0.2))
     return nn.Sequential(OrderedDict(body=body, head=nn.Linear(1280, classes)))
 
-
 def _imagenet_weights(path):
     if path:
         if not os.path.isfile(path):
@@ -459,10 +422,8 @@ def _imagenet_weights(path):
     try:
         return w.get_state_dict(progress=False)
     except Exception as e:
-        hub = os.path.join(torch.hub.get_dir(), "checkpoints")
         die(f"--pretrained: cannot download the ImageNet weights ({type(e).__name__}); place "
-            f"{w.url.rsplit('/', 1)[-1]} in {hub}/ or pass --weights FILE")
-
+            f"{w.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints/ or pass --weights FILE")
 
 class WideBlock(nn.Module):
     """Pre-activation residual block of WRN-28 as FixMatch uses it (BN momentum 0.001, LeakyReLU)."""
@@ -476,11 +437,9 @@ class WideBlock(nn.Module):
 
     def forward(self, x0):                            # as the official TF code's residual()
         x = F.leaky_relu(self.bn1(x0), 0.1)
-        if self.abr:
-            x0 = x
+        x0 = x if self.abr else x0
         y = self.conv2(F.leaky_relu(self.bn2(self.conv1(x)), 0.1))
         return y + (x0 if self.short is None else self.short(x0))
-
 
 def wrn28(in_ch, classes, width=2):
     c, n = [16, 16 * width, 32 * width, 64 * width], 4      # 28 = 6 * 4 + 4 layers
@@ -512,10 +471,9 @@ def fixmatch_step(model, x_l, y_l, x_w=None, x_s=None, tau=0.95, lambda_u=1.0, t
     loss_s = F.cross_entropy(logits[:B], y_l)
     if x_w is None:
         return loss_s, dict(loss_s=loss_s.detach())
-    logits_w, logits_s = logits[B:].chunk(2)
-    loss_u, mask, pseudo = kernels.masked_pseudo_label_loss(      # no gradient via the weak view;
-        logits_w.detach(), logits_s, tau, trusted, loss, alpha, beta, A, check=False)  # train_snn
-    # range-checks `trusted` once: a check per step would be a GPU sync per step
+    logits_w, logits_s = logits[B:].chunk(2)          # no gradient through the weak view; train_snn
+    loss_u, mask, pseudo = kernels.masked_pseudo_label_loss(   # range-checks `trusted` once (a
+        logits_w.detach(), logits_s, tau, trusted, loss, alpha, beta, A, check=False)  # GPU sync)
     return loss_s + lambda_u * loss_u, dict(loss_s=loss_s.detach(), loss_u=loss_u.detach(),
                                             mask=mask, pseudo=pseudo)
 
@@ -528,15 +486,13 @@ def select_confident(probs, tau_select=0.80):
     idx = torch.nonzero(conf >= tau_select).squeeze(1)
     return idx, labels[idx]
 
-
 def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=0.001, n_init=20,
                 seed=0):
     """DEC (Xie et al. 2016) on fixed features z (N, D): k-means init, then SGD on the centroids of
     KL(P || Q), P re-estimated once per pass, until < tol of the hard assignments move. Clusters map
     to classes by Hungarian matching on the cluster x pseudo-label table. Returns (keep, info):
     keep[i] is True where sample i's cluster agrees with its pseudo label (the trusted subset)."""
-    z = z.float()
-    n, k = len(z), classes
+    z, (n, k) = z.float(), (len(z), classes)
     if n < k:                                         # too few candidates to cluster into K
         return torch.zeros(n, dtype=torch.bool), dict(iters=0, moved=0.0)
     km = KMeans(k, n_init=n_init, random_state=seed).fit(z.cpu().numpy())
@@ -549,12 +505,10 @@ def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=0.00
             with torch.no_grad():
                 q = kernels.dec_soft_assign(z, mu)
                 p = q ** 2 / q.sum(0)                 # target: p_ij = (q_ij^2 / f_j), normalised
-                p = p / p.sum(1, keepdim=True)
-                new = q.argmax(1)
-            if assign is not None:
-                moved = (new != assign).float().mean().item()
-                if moved < tol:
-                    break
+                p, new = p / p.sum(1, keepdim=True), q.argmax(1)
+            moved = 1.0 if assign is None else (new != assign).float().mean().item()
+            if moved < tol:
+                break
             assign = new
         i = torch.randint(n, (min(batch, n),), generator=g, device=z.device)
         qb = kernels.dec_soft_assign(z[i], mu)
@@ -563,15 +517,12 @@ def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=0.00
         kl.backward()
         opt.step()
     with torch.no_grad():
-        clusters = kernels.dec_soft_assign(z, mu).argmax(1).cpu()
-    pseudo = pseudo.cpu()
+        clusters, pseudo = kernels.dec_soft_assign(z, mu).argmax(1).cpu(), pseudo.cpu()
     table = torch.zeros(k, k, dtype=torch.long).index_put_((clusters, pseudo),
                                                            torch.ones(n, dtype=torch.long), True)
     rows, cols = linear_sum_assignment(table.numpy(), maximize=True)
     to_class = torch.tensor(cols)[torch.tensor(rows).argsort()]
-    keep = to_class[clusters] == pseudo
-    return keep, dict(iters=it, moved=moved, cluster_to_class=to_class.tolist())
-
+    return to_class[clusters] == pseudo, dict(iters=it, moved=moved, cluster_to_class=to_class.tolist())
 
 def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0, reduction="mean"):
     """Symmetric cross-entropy (Wang et al. 2019): alpha * CE(q, p) + beta * RCE, where RCE =
@@ -595,11 +546,9 @@ class Prototypes(nn.Linear):
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(F.normalize(x.float(), dim=1), self.weight)
 
-
 def suave_head(in_dim, classes, hidden=2048, dim=128):
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
                          nn.Linear(hidden, dim), Prototypes(dim, classes, bias=False))
-
 
 @torch.no_grad()
 def sinkhorn(scores, eps=0.05, iters=3):
@@ -612,7 +561,6 @@ def sinkhorn(scores, eps=0.05, iters=3):
         q /= K * q.sum(1, keepdim=True)               # each prototype gets mass 1/K
         q /= B * q.sum(0, keepdim=True)               # each sample gets mass 1/B
     return (q * B).T
-
 
 def suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, eps=0.05, iters=3, smoothing=0.01):
     """Labeled: CE(label, smoothed). Unlabeled: each view predicts the Sinkhorn assignment of the
@@ -633,41 +581,36 @@ def suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, eps=0.05, iters=3, sm
 # =============================================================================================
 # Training one siamese network (outer, inner, or the supervised floor)
 def make_model(args, data, suave=False, imagenet=True):
+    """-> (model, its forward: compiled with --compile, with CUDA graphs on a GPU, EMA copy, SGD
+    with Nesterov momentum and wd on conv/linear weights only, schedule lr * cos(7 pi k / 16 K))."""
     model = build_model(args.arch, data["train_x"].shape[1], data["classes"],
                         imagenet and args.pretrained, args.weights if imagenet else None)
     if suave:                                         # projector + cosine prototypes (Suave)
         model.head = suave_head(model.head.in_features, data["classes"], args.suave_hidden,
                                 args.suave_dim)
     model = model.to(args.dev, memory_format=torch.channels_last)
-    protos = [p for m in model.modules() if isinstance(m, Prototypes) for p in m.parameters()]
-    decay = [p for p in model.parameters() if p.ndim > 1 and all(p is not q for q in protos)]
-    rest = [p for p in model.parameters() if all(p is not q for q in decay)]   # wd: conv/linear
+    protos = {id(p) for m in model.modules() if isinstance(m, Prototypes) for p in m.parameters()}
+    decay = [p for p in model.parameters() if p.ndim > 1 and id(p) not in protos]
+    rest = [p for p in model.parameters() if p.ndim <= 1 or id(p) in protos]
     opt = torch.optim.SGD([dict(params=decay, weight_decay=args.wd), dict(params=rest, weight_decay=0)],
                           lr=args.lr, momentum=args.momentum, nesterov=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * args.steps)))
-    return model, copy.deepcopy(model).eval().requires_grad_(False), opt, sched   # + the EMA
-
-
-def compiled(model, args):    # --compile: on a GPU with CUDA graphs, which remove the launch costs
-    mode = "reduce-overhead" if args.dev.type == "cuda" else None
-    return torch.compile(model, mode=mode) if args.compile else model
-
+    K, cuda = args.steps, args.dev.type == "cuda"
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * K)))
+    fwd = torch.compile(model, mode="reduce-overhead" if cuda else None) if args.compile else model
+    return model, fwd, copy.deepcopy(model).eval().requires_grad_(False), opt, sched
 
 def to_device(t, dev):        # a host -> GPU copy from pinned memory does not wait for the GPU
     cuda = dev.type == "cuda" and not t.is_cuda
     return t.pin_memory().to(dev, non_blocking=True) if cuda else t.to(dev)
-
 
 def to_input(x, args):
     """uint8 images -> normalised float on the device, channels_last."""
     x = (to_device(x, args.dev).float() / 255 - args.mean) / args.std
     return x.contiguous(memory_format=torch.channels_last)
 
-
 @lru_cache(maxsize=4)                                 # drawn once per epoch, not once per batch
 def _epoch_perm(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-
 
 def make_batch(data, split, step, seed, args, unlabeled=True):
     """Batch `step`: B labeled and mu*B unlabeled images from streams of reshuffled epochs,
@@ -687,9 +630,7 @@ def make_batch(data, split, step, seed, args, unlabeled=True):
             return b
     return dict(b, x_s=augment(x, data["flip"], True, g), idx_u=idx)    # + the strong views
 
-
 STAGES = ("outer", "inner", "supervised", "suave")
-
 
 def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
     """One SGD update of the stage's loss, and the EMA. Returns (loss, mask rate, right and used
@@ -697,19 +638,16 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
     if args.compile and args.dev.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()    # the last step's graph outputs are done
     x_l, y_l = to_input(b["x_l"], args), b["y_l"]
+    x_w, x_s = [to_input(b[k], args) if k in b else None for k in ("x_u", "x_s")]
     with torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
-        if stage == "supervised":
-            loss, s = fixmatch_step(model, x_l, y_l)
-        elif stage == "suave":
-            loss, s = suave_step(model, x_l, y_l, to_input(b["x_u"], args), to_input(b["x_s"], args),
-                                 args.suave_temperature, args.sinkhorn_eps, args.sinkhorn_iters,
-                                 args.label_smoothing)
-        else:                                         # FixMatch = the outer SNN, or the inner one
+        if stage == "suave":
+            loss, s = suave_step(model, x_l, y_l, x_w, x_s, args.suave_temperature,
+                                 args.sinkhorn_eps, args.sinkhorn_iters, args.label_smoothing)
+        else:                                         # FixMatch: outer or inner SNN, or the floor
             inner = trusted is not None
-            loss, s = fixmatch_step(model, x_l, y_l, to_input(b["x_u"], args), to_input(b["x_s"], args),
-                                    args.tau_inner if inner else args.tau, args.lambda_u,
-                                    trusted[b["idx_u"]] if inner else None, args.loss,
-                                    args.sce_alpha, args.sce_beta, args.sce_A)
+            loss, s = fixmatch_step(model, x_l, y_l, x_w, x_s, args.tau_inner if inner else args.tau,
+                                    args.lambda_u, trusted[b["idx_u"]] if inner else None,
+                                    args.loss, args.sce_alpha, args.sce_beta, args.sce_A)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -724,7 +662,6 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
         return torch.stack([loss.detach(), s["mask"].mean(), (used & (s["pseudo"] == b["y_u"])).sum(),
                             used.sum()]).float()
 
-
 def train_snn(args, data, stage, split, trusted=None):
     """One siamese-network run of K steps; stage is one of STAGES. With `trusted` (int over the
     training set, -1 = untrusted) it is KD-FixMatch's inner SNN. Returns (ema_model, summary).
@@ -734,7 +671,7 @@ def train_snn(args, data, stage, split, trusted=None):
         return _load_final(args, data, final, stage)
     K, seed = args.steps, args.seed * 1000 + STAGES.index(stage)
     torch.manual_seed(seed)                           # initial weights; dropout continues from here
-    model, ema, opt, sched = make_model(args, data, stage == "suave")
+    model, fwd, ema, opt, sched = make_model(args, data, stage == "suave")
     st = dict(step=0, evals=[], train_s=0.0, images=0, pl_hit=0, pl_n=0)
     if os.path.exists(ckpt):
         st = _restore(ckpt, model, ema, opt, sched)
@@ -742,7 +679,6 @@ def train_snn(args, data, stage, split, trusted=None):
             g.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=wd)   # changed
         sched.base_lrs = [args.lr] * len(opt.param_groups)    # after a NaN stop, they must act
     trim_metrics(args, stage, st["step"])
-    fwd = compiled(model, args)
     if trusted is not None:                           # checked once here, not once per step
         kernels.check_trusted(trusted, data["classes"])
         trusted = trusted.to(args.dev)
@@ -789,7 +725,6 @@ def train_snn(args, data, stage, split, trusted=None):
     os.remove(ckpt)
     return ema, summary
 
-
 def evaluate(model, x, y, args, features=False):
     """Accuracy of `model` on uint8 images x; with features=True returns (logits, features)."""
     model.eval()
@@ -798,19 +733,14 @@ def evaluate(model, x, y, args, features=False):
         for i in range(0, len(x), 1024):
             f = model.body(to_input(x[i:i + 1024], args))
             outs.append(model.head(f).float().cpu())
-            if features:                              # only DEC needs them
-                feats.append(f.float().cpu())
+            feats += [f.float().cpu()] if features else []   # only DEC needs them
     logits = torch.cat(outs)
-    if features:
-        return logits, torch.cat(feats)
-    return (logits.argmax(1) == y).float().mean().item()
-
+    return (logits, torch.cat(feats)) if features else (logits.argmax(1) == y).float().mean().item()
 
 def bench(args, data, split):
     """--bench: images/s of (1) augment alone, (2) the training step on one batch already on the
     device (the ceiling), (3) the real loop; (3)/(2) is what the data path leaves of the ceiling."""
-    model, ema, opt, sched = make_model(args, data)
-    fwd = compiled(model, args)
+    model, fwd, ema, opt, sched = make_model(args, data)
     n, images = (200 if args.dev.type == "cuda" else 20), args.batch_size * (1 + 2 * args.mu)
     sync = torch.cuda.synchronize if args.dev.type == "cuda" else lambda: None
     fixed, rates = make_batch(data, split, 0, 0, args), []
@@ -832,7 +762,7 @@ def bench(args, data, split):
 
 
 # =============================================================================================
-# Bookkeeping: atomic writes, checkpoints, metrics
+# Bookkeeping: atomic writes, checkpoints, metrics, one writer per run directory
 def save(path, obj):
     """Atomic write (temp file, then rename): a kill never leaves half a file, a full disk never
     costs the old one. .pt via torch.save, a list as JSON lines, else JSON; strict (no NaN)."""
@@ -850,16 +780,13 @@ def save(path, obj):
             os.remove(tmp)
         die(f"cannot write {path} ({getattr(e, 'strerror', None) or e})")
 
-
 def log_metrics(args, row):
     """A strict JSON line per evaluation, with the wall time of all the run's pieces so far."""
     _metrics(args, _metrics(args) + [dict(row, wall_s=round(time.time() - args.t0, 1))])
 
-
 def trim_metrics(args, stage, step):
     """A stage (re)starting at `step` drops the rows it logged after its last checkpoint."""
     _metrics(args, [r for r in _metrics(args) if r["stage"] != stage or r["step"] <= step])
-
 
 def _metrics(args, rows=None):
     """metrics.jsonl's rows (a last line cut short by a power loss is dropped), or write `rows`."""
@@ -869,38 +796,32 @@ def _metrics(args, rows=None):
     text = open(path).read() if os.path.exists(path) else ""
     return [json.loads(line) for line in text.split("\n")[:-1]]
 
-
 def vars_of(args):
     return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16", "t0", "lock")}
 
-
-def _rng_state():
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
+def _rng_state():             # the global RNG serves only initialisation and dropout
+    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all()
+                if torch.cuda.is_available() else None)
 
 def _restore(path, model, ema, opt, sched):
     c = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(c["model"]), ema.load_state_dict(c["ema"])
     opt.load_state_dict(c["opt"]), sched.load_state_dict(c["sched"])
-    torch.set_rng_state(c["rng"]["torch"]), np.random.set_state(c["rng"]["numpy"])
-    random.setstate(c["rng"]["python"])
+    torch.set_rng_state(c["rng"]["torch"])
     if c["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(c["rng"]["cuda"])
     return c["st"]
 
-
 def _load_final(args, data, path, stage):
     c = torch.load(path, map_location="cpu", weights_only=False)
-    ema = make_model(args, data, stage == "suave", imagenet=False)[1]
+    ema = make_model(args, data, stage == "suave", imagenet=False)[2]
     ema.load_state_dict(c["ema"])
     return ema.eval(), c["summary"]
 
-
 def claim_out(args):
     """--out for this process alone: refused if it holds another run (a start that saved no
-    checkpoint can rerun) or if a live process holds its POSIX lock (the kernel drops it when its
-    owner ends, kill -9 included). Returns the locked file."""
+    checkpoint may rerun) or if a live process holds its POSIX lock, which the kernel drops when
+    its owner ends (kill -9 included). Returns the locked file."""
     held = [f for f in os.listdir(args.out) if f.endswith(".pt") or f == "results.json"] if (
         os.path.isdir(args.out) and not args.resume) else []
     if held:
@@ -914,7 +835,6 @@ def claim_out(args):
         die(f"--out {args.out} is in use by process {lock.seek(0) or lock.read()}; wait or stop it")
     lock.truncate(0), lock.write(str(os.getpid())), lock.flush()
     return lock
-
 
 def prepare_out(args, data):
     """Persist or reload the labeled split, with what its indices point into. A fresh run writes
@@ -955,15 +875,11 @@ def trusted_subset(args, data, outer):
     if os.path.exists(path):
         return torch.load(path, weights_only=False)
     logits, feats = evaluate(outer, data["x"], data["train_y"], args, features=True)
-    y = data["train_y"]
-    pseudo = logits.argmax(1)
+    y, pseudo = data["train_y"], logits.argmax(1)
     idx, labels = select_confident(logits.softmax(1), args.tau_select)
-    if args.no_dec:
-        keep, info = torch.ones(len(idx), dtype=torch.bool), dict(iters=0)
-    else:
-        keep, info = dec_cluster(feats[idx].to(args.dev), labels, data["classes"],
-                                 args.dec_max_iters, args.dec_lr, args.dec_batch, args.dec_tol,
-                                 args.kmeans_init, args.seed)
+    keep, info = (torch.ones(len(idx), dtype=torch.bool), dict(iters=0)) if args.no_dec else \
+        dec_cluster(feats[idx].to(args.dev), labels, data["classes"], args.dec_max_iters,
+                    args.dec_lr, args.dec_batch, args.dec_tol, args.kmeans_init, args.seed)
     trusted = torch.full_like(y, -1)
     trusted[idx[keep]] = labels[keep]
     prec = lambda sel, lab: (lab == y[sel]).float().mean().item() if len(sel) else None
@@ -975,30 +891,29 @@ def trusted_subset(args, data, outer):
     save(path, out)
     return out
 
-
 def main(argv=None):
     """The pipeline: data, split, the stages of --method, results.json."""
     args = argv if isinstance(argv, argparse.Namespace) else get_args(argv)
     args.dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                             else "cpu" if args.device == "auto" else args.device)
-    if args.dev.type == "cuda" and (args.dev.index or 0) >= torch.cuda.device_count():
+    cuda = args.dev.type == "cuda"
+    if cuda and (args.dev.index or 0) >= torch.cuda.device_count():
         die(f"--device {args.device}: not here ({torch.cuda.device_count()} GPUs); use --device cpu")
     args.t0, args.lock = time.time(), None if args.bench else claim_out(args)
-    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and args.dev.type == "cuda")
+    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     torch.set_flush_denormal(True)                    # CPU: confident nets make denormals, 1.5x slower
     torch.backends.cudnn.benchmark = True             # fixed shapes: cuDNN picks its fastest convs
     data = load_dataset(args)
     split = (labeled_split(data["train_y"], args.labels, data["classes"], args.seed) if args.bench
              else prepare_out(args, data))
-    n = len(data["train_x"])                          # per-channel normalisation: a strided
-    x = data["train_x"][::max(1, n // 10000)].float() / 255   # sample (folders are class-sorted)
-    args.mean = x.mean((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)
-    args.std = x.std((0, 2, 3)).clamp_min(1 / 255).view(1, -1, 1, 1).to(args.dev)  # 0: constant
+    x = data["train_x"][::max(1, len(data["train_x"]) // 10000)].float() / 255  # normalisation
+    args.mean = x.mean((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)   # from a strided sample (folders
+    args.std = x.std((0, 2, 3)).clamp_min(1 / 255).view(1, -1, 1, 1).to(args.dev)  # are class-sorted)
     for k in ("x", "test_x"):                         # whole sets on the GPU when they fit
         x = data.get(k, data["train_x"])
-        on_gpu = args.dev.type == "cuda" and x.numel() < torch.cuda.mem_get_info(args.dev)[0] // 4
-        data[k] = x.to(args.dev) if on_gpu else x.pin_memory() if args.dev.type == "cuda" else x
-        if args.dev.type == "cuda":
+        on_gpu = cuda and x.numel() < torch.cuda.mem_get_info(args.dev)[0] // 4
+        data[k] = x.to(args.dev) if on_gpu else x.pin_memory() if cuda else x
+        if cuda:
             print(f"{k}: {x.numel() / 2 ** 20:.0f} MiB in {'GPU' if on_gpu else 'pinned host'} memory")
     data["y"] = data["train_y"].to(args.dev)
     if args.bench:
@@ -1017,21 +932,23 @@ def main(argv=None):
             _, res["inner"] = train_snn(args, data, "inner", split, trusted=kd["trusted"])
     final = res[dict(fixmatch="outer", kdfixmatch="inner").get(args.method, args.method)]
     res.update(test_acc=final["test_acc"], test_acc_median20=final["test_acc_median20"],
-               wall_s=time.time() - args.t0, config=vars_of(args))
+               evals=final["evals"], wall_s=time.time() - args.t0, config=vars_of(args))
     save(os.path.join(args.out, "results.json"), res)
     report(res)
     return res
 
-
 def report(res):
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
     print(f"\n{res['method']} on {res['dataset']} ({res['labels']} labels, {res['arch']}, "
-          f"{res['steps']} steps/SNN, seed {res['seed']}), wall time {res['wall_s']:.0f} s:")
+          f"{res['steps']} steps/SNN, seed {res['seed']}), wall time {res['wall_s']:.0f} s; test "
+          f"accuracy of the final EMA model (FixMatch's median of the last 20 evaluations is "
+          f"given only when a stage made 20):")
     for stage, name in (("supervised", "supervised floor"), ("outer", "FixMatch (outer SNN)"),
                         ("inner", "KD-FixMatch (inner SNN)"), ("suave", "Suave")):
-        if stage in res:
-            print(f"  {name:24s} test acc {pct(res[stage]['test_acc'])} (median of last 20 evals "
-                  f"{pct(res[stage]['test_acc_median20'])}), {res[stage]['images_per_s']:.0f} img/s")
+        if r := res.get(stage):
+            print(f"  {name:24s} test acc {pct(r['test_acc'])}" + (f", median of last 20 "
+                  f"{pct(r['test_acc_median20'])}" if r["test_acc_median20"] is not None else
+                  f" ({r['evals']} evaluations)") + f", {r['images_per_s']:.0f} img/s")
     if t := res.get("trusted"):
         print(f"  outer pseudo labels, all {t['unlabeled']} unlabeled: precision "
               f"{pct(t['outer_pseudo_label_precision'])}\n  confident (>= tau_select): "

@@ -174,7 +174,7 @@ def test_suave_prototypes_renormalised_in_place_fp32_and_without_weight_decay():
     args = kd.get_args(["--method", "suave", "--device", "cpu"])
     args.dev = torch.device("cpu")
     data = dict(train_x=torch.zeros(1, 1, 8, 8, dtype=torch.uint8), classes=10)
-    model, _, opt, _ = kd.make_model(args, data, suave=True)
+    model, _, _, opt, _ = kd.make_model(args, data, suave=True)   # model, forward, EMA, opt, lr
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(model.head[-1].weight) not in decayed and id(model.head[0].weight) in decayed
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))

@@ -15,6 +15,7 @@ import argparse, copy, fcntl, hashlib, json, math, os, re, shlex, shutil, socket
 from collections import OrderedDict
 from functools import lru_cache, partial
 
+
 def die(msg):
     """Bad input: one line, exit status 2, no traceback."""
     sys.exit(print(f"kdfixmatch.py: error: {msg}", file=sys.stderr) or 2)
@@ -28,8 +29,7 @@ DATASET_DEFAULTS = {  # labels, arch, steps K per SNN, batch B, eval every, imag
     "cifar100": (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
     "svhn":     (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
     "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 1024, 128),  # our choice: 75k images in memory
-    "folder":   (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
-}
+    "folder":   (4000, "wrn28_2", 2 ** 20, 64, 1024, None)}
 VALID = [  # (flags, is valid, the valid range): every numeric flag, checked before anything runs
     ("labels steps batch_size mu eval_every dec_max_iters dec_batch kmeans_init sinkhorn_iters "
      "suave_hidden suave_dim image_size", lambda v: v >= 1, "a positive integer"),
@@ -40,20 +40,18 @@ VALID = [  # (flags, is valid, the valid range): every numeric flag, checked bef
     ("sce_A", lambda v: v < 0, "< 0 (it stands for log 0)"),
     ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)")]
 
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--method", default="kdfixmatch", choices=["supervised", "fixmatch", "kdfixmatch", "suave"],
-      help="supervised: labeled data only (the floor); fixmatch: the outer SNN alone; kdfixmatch")
-    a("--dataset", default="digits", choices=list(DATASET_DEFAULTS),
-      help="digits: scikit-learn's (offline); folder: ImageFolder train/ test/ under --data-dir")
+    a("--method", default="kdfixmatch", choices=["supervised", "fixmatch", "kdfixmatch", "suave"])
+    a("--dataset", default="digits", choices=list(DATASET_DEFAULTS), help="folder: see --data-dir")
     a("--data-dir", default="data", help="torchvision root, or the ImageFolder root with train/ test/")
     a("--labels", type=int, help="labeled examples, class-balanced [digits 50, else 4000]")
     a("--image-size", type=int, help="resize images once at load [native; food101 128]")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-folder decoding workers")
-    a("--arch", choices=["small_cnn", "wrn28_2", "efficientnet_b0"],
-      help="[digits small_cnn; food101 efficientnet_b0 (the paper's); else wrn28_2 (FixMatch's)]")
+    a("--arch", choices=["small_cnn", "wrn28_2", "efficientnet_b0"], help="[see DATASET_DEFAULTS]")
     a("--pretrained", action="store_true", help="ImageNet weights for efficientnet_b0 (the paper)")
     a("--weights", help="a local efficientnet_b0 ImageNet state_dict file (offline --pretrained)")
     # FixMatch (Sohn et al. 2020) = the outer SNN, and the inner SNN's recipe
@@ -66,8 +64,8 @@ def get_args(argv=None):
     a("--momentum", type=float, default=0.9, help="beta, Nesterov momentum")
     a("--wd", type=float, default=5e-4, help="weight decay on conv/linear weights (1e-3 CIFAR-100)")
     a("--ema", type=float, default=0.999, help="EMA decay of the weights used to evaluate and label")
-    a("--ema-warmup", action=argparse.BooleanOptionalAction,
-      help="our choice, not FixMatch's: decay min(ema, (1+k)/(10+k)) [on for digits' short runs]")
+    a("--ema-warmup", action=argparse.BooleanOptionalAction, help="decay min(ema, (1+k)/(10+k)), "
+      "our choice, not FixMatch's [on for digits' short runs]")
     # KD-FixMatch
     a("--tau-select", type=float, default=0.80, help="tau_select, outer confidence to be a candidate")
     a("--tau-inner", type=float, default=0.95, help="tau_inner, inner confidence threshold")
@@ -94,8 +92,8 @@ def get_args(argv=None):
     a("--eval-every", type=int, help="evaluate the EMA model (and checkpoint) every N steps")
     a("--out", default="runs/latest", help="output dir: metrics.jsonl, results.json, checkpoints")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--device", default="auto", help="auto (cuda if there), cpu, cuda, cuda:N. On a GPU the "
-      "training set lives in its memory if under 1/4 of it is free, else in pinned host memory")
+    a("--device", default="auto", help="auto, cpu, cuda, cuda:N. On a GPU the training set lives in "
+      "its memory if under 1/4 of it is free, else in pinned host memory (the run says which)")
     a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
     a("--compile", action="store_true", help="torch.compile the model; on a GPU with CUDA graphs")
     a("--bench", action="store_true", help="print images/s of augment, of the training step on a "
@@ -106,13 +104,13 @@ def get_args(argv=None):
              .items() if v is not None}               # the flags on the command line
     if not args.out.strip() or os.path.isfile(args.out):
         die(f"--out {args.out!r} is not a directory; choose another --out")
-    cfg = os.path.join(args.out, "config.json")
+    cfg, free = os.path.join(args.out, "config.json"), {"out", "resume", "workers", "device",
+                                                         "precision", "compile", "data_dir"}
     if args.resume and not os.path.exists(cfg):
         die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
-    old = json.load(open(cfg)) if args.resume else {}
-    free = {"out", "resume", "workers", "device", "precision", "compile", "data_dir"}
     if os.path.exists(os.path.join(args.out, "diverged.json")):   # after a NaN stop, also these
         free |= {"lr", "wd", "momentum", "lambda_u", "ema", "ema_warmup"}
+    old = json.load(open(cfg)) if args.resume else {}
     for k in sorted(k for k in given & old.keys() - free if old[k] != getattr(args, k)):
         die(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from {old[k]} in "
             f"config.json; resume with the original flags (or none) or start a new --out")
@@ -168,6 +166,7 @@ from tqdm import tqdm
 
 import kernels
 
+
 # =============================================================================================
 # Data: every set decoded once into a uint8 tensor (N, C, H, W) in memory
 def load_dataset(args):
@@ -208,15 +207,14 @@ def _torchvision_split(name, root, train):
     cls = getattr(torchvision.datasets, dict(cifar10="CIFAR10", cifar100="CIFAR100", svhn="SVHN",
                                              food101="Food101")[name])
     kw = dict(train=train) if name.startswith("cifar") else dict(split="train" if train else "test")
-    for download in (False, True):                    # not on disk: download if online
+    for download in (False, True):                    # not on disk: a download if online
         try:
             return cls(root, download=download, **kw)
         except Exception as e:
-            socket.setdefaulttimeout(30)
-            err = type(e).__name__
-    die(f"--dataset {name}: not found in {os.path.abspath(root)} and the download failed "
-        f"({err}); fetch it on a connected machine with torchvision.datasets."
-        f"{cls.__name__}('{root}', download=True) and copy {root}/ here, or pass --data-dir")
+            err = socket.setdefaulttimeout(30) or type(e).__name__
+    die(f"--dataset {name}: not found in {os.path.abspath(root)} and the download failed ({err}); "
+        f"fetch it on a connected machine with torchvision.datasets.{cls.__name__}('{root}', "
+        f"download=True) and copy {root}/ here, or pass --data-dir")
 
 def _to_uint8(ds, args):
     """Decode once: array-backed sets (CIFAR, SVHN) directly, file-backed ones (Food-101, folders)
@@ -225,14 +223,12 @@ def _to_uint8(ds, args):
     if isinstance(getattr(ds, "data", None), np.ndarray):
         x = torch.from_numpy(ds.data)
         x = x if x.shape[1] in (1, 3) else x.permute(0, 3, 1, 2)     # SVHN is NCHW, CIFAR NHWC
-        y = torch.tensor(ds.targets if hasattr(ds, "targets") else ds.labels)
-        if size:
-            x = torch.cat([TF.resize(c, [size, size], antialias=True) for c in x.split(4096)])
-        return [(x.contiguous(), y)]
-    ds.loader = partial(_decode, size=size)
+        x = torch.cat([TF.resize(c, [size] * 2, antialias=True) for c in x.split(4096)] if size else [x])
+        return [(x.contiguous(), torch.tensor(ds.targets if hasattr(ds, "targets") else ds.labels))]
+    ds.loader = partial(_decode, size=size)           # one shared tensor per batch, not per image
     loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=args.workers,
-                                         collate_fn=_stack)  # one shared tensor per batch, not
-    return list(tqdm(loader, desc="decode", leave=False, disable=None))  # per image: fds run out
+                                         collate_fn=_stack)   # (file descriptors would run out)
+    return list(tqdm(loader, desc="decode", leave=False, disable=None))
 
 def _decode(path, size=None):
     """An image file -> uint8 RGB (3, H, W), or why not (a str naming the file). Alpha is dropped
@@ -250,8 +246,7 @@ def _decode(path, size=None):
     except Exception as e:                            # corrupt, truncated, empty, not an image
         return f"cannot decode {path} ({type(e).__name__}: {e}); replace or remove it"
 
-def _stack(batch):
-    """One tensor per batch; a decoding error (a str) goes on to the main process."""
+def _stack(batch):                # one tensor per batch; a decoding error (a str) goes on as it is
     ims = [im for im, _ in batch]
     bad = [im for im in ims if isinstance(im, str)] or len({im.shape for im in ims}) > 1 and [
         "images differ in size; pass --image-size N"]
@@ -259,12 +254,12 @@ def _stack(batch):
 
 def labeled_split(train_y, n_labels, classes, seed):
     """Class-balanced labeled indices drawn by seed (the unlabeled set is all training images)."""
-    (per_class, rest) = divmod(n_labels, classes)
+    per_class, rest = divmod(n_labels, classes)
     smallest = int(torch.bincount(train_y, minlength=classes).min())
     if rest or per_class > smallest:
         die(f"--labels {n_labels} is not divisible by the {classes} classes; use a multiple of "
-            f"{classes}" if rest else f"--labels {n_labels} asks for {per_class} per class but the "
-            f"smallest class has {smallest}; use at most {smallest * classes}")
+            f"{classes}" if rest else f"--labels {n_labels} asks for {per_class} per class but "
+            f"the smallest class has {smallest}; use at most {smallest * classes}")
     g = torch.Generator().manual_seed(seed)
     idx = [torch.nonzero(train_y == c).squeeze(1) for c in range(classes)]
     return torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in idx]).sort()[0]
@@ -297,9 +292,9 @@ def draw_plan(N, H, W, flip=True, strong=False, generator=None):
     return plan
 
 def slot_params(op, level, sign, H, W):
-    """One op slot's per-sample parameters, in float64 as torchvision computes them from Python
-    floats: pt = (enhance factor f, 1 - f, posterize bit mask, solarize threshold), and TF.affine's
-    inverse matrix theta (torchvision's _get_inverse_affine_matrix, about the centre)."""
+    """One op slot's per-sample parameters in float64, as torchvision computes them from Python
+    floats: pt = (enhance factor f, 1 - f, posterize bit mask, solarize threshold) and theta, the
+    inverse matrix of TF.affine (torchvision's _get_inverse_affine_matrix, about the centre)."""
     m = level.double() / 10
     sm, f = m * sign, 0.1 + 1.8 * m                   # official code's enhance span 0.1..1.9
     pick = lambda name, v: torch.where(op == RA_OPS.index(name), v, torch.zeros_like(m))
@@ -323,12 +318,12 @@ def apply_plan(x, plan):
         cols.update({k + str(j): v for k, v in slot_params(op, plan["level"][:, j],
                                                            plan["sign"][:, j], H, W).items()})
         cols[f"order{j}"] = torch.argsort(op, stable=True)
-    widths = [v.view(N, -1).shape[1] for v in cols.values()]
     flat = torch.cat([v.double().view(N, -1) for v in cols.values()], 1).float()   # ints exact
-    p = {k: v.squeeze(1) for k, v in zip(cols, to_device(flat, x.device).split(widths, 1))}
-    out = flip_translate(x, p["flip"] > 0, p["dy"].long(), p["dx"].long())
+    p = dict(zip(cols, to_device(flat, x.device).split([v.view(N, -1).shape[1]
+                                                        for v in cols.values()], 1)))
+    out = flip_translate(x, p["flip"][:, 0] > 0, p["dy"][:, 0].long(), p["dx"][:, 0].long())
     for j, e in enumerate(ends):
-        order = p[f"order{j}"].long()
+        order = p[f"order{j}"][:, 0].long()
         for k in range(1, GEOMETRIC):
             if e[k + 1] > e[k]:
                 i = order[e[k]:e[k + 1]]
@@ -337,8 +332,8 @@ def apply_plan(x, plan):
             i = order[e[GEOMETRIC]:]
             out[i] = affine(out[i], p[f"theta{j}"][i])
     if "cy" in p:      # Cutout: half the side, gray, always; clipped at both edges (official)
-        iy = torch.arange(H, device=x.device) - p["cy"].long()[:, None] + H // 4
-        ix = torch.arange(W, device=x.device) - p["cx"].long()[:, None] + W // 4
+        iy = torch.arange(H, device=x.device) - p["cy"].long() + H // 4
+        ix = torch.arange(W, device=x.device) - p["cx"].long() + W // 4
         box = ((iy >= 0) & (iy < H // 2))[:, :, None] & ((ix >= 0) & (ix < W // 2))[:, None]
         out = out.masked_fill(box[:, None], 127)
     return out
@@ -350,9 +345,8 @@ def flip_translate(x, flip, dy, dx):
     reflect = lambda i, n: torch.where(i >= n, 2 * (n - 1) - i, i.abs())
     ys = reflect(torch.arange(H, device=x.device) + dy[:, None], H)
     xs = reflect(torch.arange(W, device=x.device) + dx[:, None], W)
-    xs = torch.where(flip[:, None], W - 1 - xs, xs)
-    idx = (ys[:, :, None] * W + xs[:, None, :]).view(N, 1, H * W).expand(-1, C, -1)
-    return x.reshape(N, C, H * W).gather(2, idx).view(N, C, H, W)
+    idx = ys[:, :, None] * W + torch.where(flip[:, None], W - 1 - xs, xs)[:, None, :]
+    return x.reshape(N, C, H * W).gather(2, idx.view(N, 1, H * W).expand(-1, C, -1)).view(N, C, H, W)
 
 def point_op(name, x, f, g, mask, thr):
     """One pixel-value RandAugment op on uint8 x (n, C, H, W) with per-sample parameters
@@ -369,9 +363,8 @@ def point_op(name, x, f, g, mask, thr):
     elif name == "sharpness":      # blend with the 3x3-smoothed image; the border is kept
         k = torch.full((x.shape[1], 1, 3, 3), 1 / 13, device=x.device)   # (a tensor made on the
         k[:, :, 1, 1] = 5 / 13                                             # host would sync)
-        blur = F.conv2d(xf, k, groups=x.shape[1]).round()
         out, inner = xf, xf[..., 1:-1, 1:-1]
-        out[..., 1:-1, 1:-1] = fma(inner, blur - inner, g)
+        out[..., 1:-1, 1:-1] = fma(inner, F.conv2d(xf, k, groups=x.shape[1]).round() - inner, g)
     elif name == "color" and x.shape[1] == 1:
         return x                   # as PIL: no colour to change
     else:                          # blend with the degenerate image: black, gray, mean gray
@@ -389,9 +382,9 @@ def affine(x, theta):
     base[..., 1] = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=x.device)[:, None]
     t = theta.view(n, 2, 3).transpose(1, 2)           # / (W/2, H/2) per column (a tensor made
     t[..., 0], t[..., 1] = t[..., 0] / (0.5 * W), t[..., 1] / (0.5 * H)   # on the host: a sync)
-    grid = base.view(1, H * W, 3).expand(n, -1, -1).bmm(t)
+    grid = base.view(1, H * W, 3).expand(n, -1, -1).bmm(t).view(n, H, W, 2)
     img = torch.cat([x.float(), torch.ones_like(x[:, :1], dtype=torch.float32)], 1)   # + mask
-    img = F.grid_sample(img, grid.view(n, H, W, 2), "nearest", "zeros", align_corners=False)
+    img = F.grid_sample(img, grid, "nearest", "zeros", align_corners=False)
     return torch.where(img[:, -1:] < 0.5, 128.0, img[:, :-1]).round().to(torch.uint8)
 
 
@@ -405,23 +398,22 @@ def build_model(arch, in_ch, classes, pretrained=False, weights=None):
         return nn.Sequential(OrderedDict(body=body, head=nn.Linear(128, classes)))
     if arch == "wrn28_2":
         return wrn28(in_ch, classes, width=2)
+    if in_ch != 3:
+        die("--arch efficientnet_b0 needs 3-channel images")
     m = torchvision.models.efficientnet_b0()
     if pretrained or weights:
         m.load_state_dict(_imagenet_weights(weights))
-    if in_ch != 3:
-        die("--arch efficientnet_b0 needs 3-channel images")
     body = nn.Sequential(m.features, m.avgpool, nn.Flatten(), nn.Dropout(0.2))
     return nn.Sequential(OrderedDict(body=body, head=nn.Linear(1280, classes)))
 
 def _imagenet_weights(path):
     if path:
-        if not os.path.isfile(path):
-            die(f"--weights {path}: no such file")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) \
+            else die(f"--weights {path}: no such file")
     w = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
     try:
         return w.get_state_dict(progress=False)
-    except Exception as e:
+    except Exception as e:                            # offline
         die(f"--pretrained: cannot download the ImageNet weights ({type(e).__name__}); place "
             f"{w.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints/ or pass --weights FILE")
 
@@ -492,13 +484,12 @@ def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=0.00
     KL(P || Q), P re-estimated once per pass, until < tol of the hard assignments move. Clusters map
     to classes by Hungarian matching on the cluster x pseudo-label table. Returns (keep, info):
     keep[i] is True where sample i's cluster agrees with its pseudo label (the trusted subset)."""
-    z, (n, k) = z.float(), (len(z), classes)
+    z, n, k = z.float(), len(z), classes
     if n < k:                                         # too few candidates to cluster into K
         return torch.zeros(n, dtype=torch.bool), dict(iters=0, moved=0.0)
     km = KMeans(k, n_init=n_init, random_state=seed).fit(z.cpu().numpy())
     mu = torch.tensor(km.cluster_centers_, dtype=torch.float32, device=z.device, requires_grad=True)
-    opt = torch.optim.SGD([mu], lr=lr, momentum=0.9)
-    g = torch.Generator(device=z.device).manual_seed(seed)
+    opt, g = torch.optim.SGD([mu], lr=lr, momentum=0.9), torch.Generator(z.device).manual_seed(seed)
     per_pass, assign, moved, it = max(1, math.ceil(n / batch)), None, 1.0, 0
     for it in range(max_iters):
         if it % per_pass == 0:
@@ -518,8 +509,7 @@ def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=0.00
         opt.step()
     with torch.no_grad():
         clusters, pseudo = kernels.dec_soft_assign(z, mu).argmax(1).cpu(), pseudo.cpu()
-    table = torch.zeros(k, k, dtype=torch.long).index_put_((clusters, pseudo),
-                                                           torch.ones(n, dtype=torch.long), True)
+    table = torch.zeros(k, k, dtype=torch.long).index_put_((clusters, pseudo), torch.tensor(1), True)
     rows, cols = linear_sum_assignment(table.numpy(), maximize=True)
     to_class = torch.tensor(cols)[torch.tensor(rows).argsort()]
     return to_class[clusters] == pseudo, dict(iters=it, moved=moved, cluster_to_class=to_class.tolist())
@@ -536,10 +526,9 @@ def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0, reduction="mean"):
 # =============================================================================================
 # Suave (Fini et al. 2023): cluster prototypes = class prototypes, one cross-entropy for all
 class Prototypes(nn.Linear):
-    """Bias-free layer of unit prototypes over L2-normalised features: cosine scores, in fp32 (in
-    bf16 the exponent of scores/eps in Sinkhorn would be off by ~0.08). As Suave's code (after
-    SwAV), the prototypes are renormalised in place before each forward, with no gradient through
-    the normalisation and no weight decay (make_model)."""
+    """Unit prototypes over L2-normalised features: cosine scores, in fp32 (in bf16 the exponent of
+    scores/eps in Sinkhorn would be off by ~0.08). As in Suave's code (after SwAV) they are
+    renormalised in place before each forward: no gradient through it, no weight decay."""
     def forward(self, x):
         with torch.no_grad():
             self.weight.copy_(F.normalize(self.weight, dim=1))
@@ -581,30 +570,30 @@ def suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, eps=0.05, iters=3, sm
 # =============================================================================================
 # Training one siamese network (outer, inner, or the supervised floor)
 def make_model(args, data, suave=False, imagenet=True):
-    """-> (model, its forward: compiled with --compile, with CUDA graphs on a GPU, EMA copy, SGD
-    with Nesterov momentum and wd on conv/linear weights only, schedule lr * cos(7 pi k / 16 K))."""
+    """-> model, its forward (--compile: compiled, on a GPU with CUDA graphs), its EMA copy, SGD
+    (Nesterov, wd on conv/linear weights only), schedule lr * cos(7 pi k / 16 K)."""
     model = build_model(args.arch, data["train_x"].shape[1], data["classes"],
                         imagenet and args.pretrained, args.weights if imagenet else None)
     if suave:                                         # projector + cosine prototypes (Suave)
         model.head = suave_head(model.head.in_features, data["classes"], args.suave_hidden,
                                 args.suave_dim)
     model = model.to(args.dev, memory_format=torch.channels_last)
-    protos = {id(p) for m in model.modules() if isinstance(m, Prototypes) for p in m.parameters()}
-    decay = [p for p in model.parameters() if p.ndim > 1 and id(p) not in protos]
-    rest = [p for p in model.parameters() if p.ndim <= 1 or id(p) in protos]
-    opt = torch.optim.SGD([dict(params=decay, weight_decay=args.wd), dict(params=rest, weight_decay=0)],
-                          lr=args.lr, momentum=args.momentum, nesterov=True)
-    K, cuda = args.steps, args.dev.type == "cuda"
+    no_wd = {id(p) for m in model.modules() if isinstance(m, Prototypes) for p in m.parameters()}
+    decay = [p for p in model.parameters() if p.ndim > 1 and id(p) not in no_wd]
+    rest = [p for p in model.parameters() if p.ndim <= 1 or id(p) in no_wd]
+    opt = torch.optim.SGD([dict(params=decay, weight_decay=args.wd),
+                           dict(params=rest, weight_decay=0)], lr=args.lr, momentum=args.momentum,
+                          nesterov=True)
+    K, mode = args.steps, "reduce-overhead" if args.dev.type == "cuda" else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * K)))
-    fwd = torch.compile(model, mode="reduce-overhead" if cuda else None) if args.compile else model
+    fwd = torch.compile(model, mode=mode) if args.compile else model
     return model, fwd, copy.deepcopy(model).eval().requires_grad_(False), opt, sched
 
 def to_device(t, dev):        # a host -> GPU copy from pinned memory does not wait for the GPU
     cuda = dev.type == "cuda" and not t.is_cuda
     return t.pin_memory().to(dev, non_blocking=True) if cuda else t.to(dev)
 
-def to_input(x, args):
-    """uint8 images -> normalised float on the device, channels_last."""
+def to_input(x, args):        # uint8 images -> normalised float on the device, channels_last
     x = (to_device(x, args.dev).float() / 255 - args.mean) / args.std
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -630,8 +619,6 @@ def make_batch(data, split, step, seed, args, unlabeled=True):
             return b
     return dict(b, x_s=augment(x, data["flip"], True, g), idx_u=idx)    # + the strong views
 
-STAGES = ("outer", "inner", "supervised", "suave")
-
 def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
     """One SGD update of the stage's loss, and the EMA. Returns (loss, mask rate, right and used
     pseudo labels) as one device tensor: nothing here waits for the GPU."""
@@ -644,9 +631,9 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
             loss, s = suave_step(model, x_l, y_l, x_w, x_s, args.suave_temperature,
                                  args.sinkhorn_eps, args.sinkhorn_iters, args.label_smoothing)
         else:                                         # FixMatch: outer or inner SNN, or the floor
-            inner = trusted is not None
-            loss, s = fixmatch_step(model, x_l, y_l, x_w, x_s, args.tau_inner if inner else args.tau,
-                                    args.lambda_u, trusted[b["idx_u"]] if inner else None,
+            t = None if trusted is None else trusted[b["idx_u"]]
+            loss, s = fixmatch_step(model, x_l, y_l, x_w, x_s,
+                                    args.tau if t is None else args.tau_inner, args.lambda_u, t,
                                     args.loss, args.sce_alpha, args.sce_beta, args.sce_A)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -659,17 +646,17 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
         if "mask" not in s:                           # the supervised floor
             return torch.stack([loss.detach(), *loss.new_zeros(3)])
         used = s["mask"] > 0
-        return torch.stack([loss.detach(), s["mask"].mean(), (used & (s["pseudo"] == b["y_u"])).sum(),
-                            used.sum()]).float()
+        return torch.stack([loss.detach(), s["mask"].mean(),
+                            (used & (s["pseudo"] == b["y_u"])).sum(), used.sum()]).float()
 
 def train_snn(args, data, stage, split, trusted=None):
-    """One siamese-network run of K steps; stage is one of STAGES. With `trusted` (int over the
-    training set, -1 = untrusted) it is KD-FixMatch's inner SNN. Returns (ema_model, summary).
-    Resumes from out/ckpt_<stage>.pt; a finished stage is read back from out/<stage>.pt."""
+    """One siamese-network run of K steps: the outer SNN, the inner one (given `trusted`, the outer
+    labels over the training set, -1 = untrusted), the supervised floor or Suave. Resumes from
+    out/ckpt_<stage>.pt; a finished stage is read back from out/<stage>.pt. -> (EMA, summary)."""
     final, ckpt = (os.path.join(args.out, f) for f in (f"{stage}.pt", f"ckpt_{stage}.pt"))
     if os.path.exists(final):
         return _load_final(args, data, final, stage)
-    K, seed = args.steps, args.seed * 1000 + STAGES.index(stage)
+    K, seed = args.steps, args.seed * 1000 + ("outer", "inner", "supervised", "suave").index(stage)
     torch.manual_seed(seed)                           # initial weights; dropout continues from here
     model, fwd, ema, opt, sched = make_model(args, data, stage == "suave")
     st = dict(step=0, evals=[], train_s=0.0, images=0, pl_hit=0, pl_n=0)
@@ -696,10 +683,11 @@ def train_snn(args, data, stage, split, trusted=None):
             bar.close()
             bad = done - len(w) + int((~w[:, 0].isfinite()).nonzero()[0, 0]) + 1
             save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad))
-            print(f"kdfixmatch.py: error: {stage} SNN: non-finite loss at step {bad}; stopped at "
-                  f"its checkpoint of step {st['step']}. Resume with a lower --lr (or --lambda-u, "
-                  f"--wd, --momentum, --ema, --precision fp32): python kdfixmatch.py --out "
-                  f"{shlex.quote(args.out)} --resume --lr ...", file=sys.stderr)
+            at = f"at its checkpoint of step {st['step']}" if st["step"] else "before a checkpoint"
+            print(f"kdfixmatch.py: error: {stage} SNN: non-finite loss at step {bad}; stopped {at}. "
+                  f"Resume with a lower --lr (or --lambda-u, --wd, --momentum, --ema, --precision "
+                  f"fp32): python kdfixmatch.py --out {shlex.quote(args.out)} --resume --lr ...",
+                  file=sys.stderr)
             sys.exit(1)
         st.update(step=done, train_s=st["train_s"] + time.time() - t0,
                   images=st["images"] + len(w) * (len(b["x_l"]) + 2 * len(b.get("x_u", []))),
@@ -768,9 +756,9 @@ def save(path, obj):
     costs the old one. .pt via torch.save, a list as JSON lines, else JSON; strict (no NaN)."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb" if path.endswith(".pt") else "w") as f:   # (a file object: torch then
-            if path.endswith(".pt"):                  # reports a full disk as OSError, not
-                torch.save(obj, f)                    # RuntimeError)
+        with open(tmp, "wb" if path.endswith(".pt") else "w") as f:   # (torch.save to a file
+            if path.endswith(".pt"):                  # object reports a full disk as OSError)
+                torch.save(obj, f)
             else:
                 f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in obj)
                         if isinstance(obj, list) else json.dumps(obj, indent=2, allow_nan=False))
@@ -780,12 +768,10 @@ def save(path, obj):
             os.remove(tmp)
         die(f"cannot write {path} ({getattr(e, 'strerror', None) or e})")
 
-def log_metrics(args, row):
-    """A strict JSON line per evaluation, with the wall time of all the run's pieces so far."""
+def log_metrics(args, row):   # a line per evaluation, with the wall time of all the run's pieces
     _metrics(args, _metrics(args) + [dict(row, wall_s=round(time.time() - args.t0, 1))])
 
-def trim_metrics(args, stage, step):
-    """A stage (re)starting at `step` drops the rows it logged after its last checkpoint."""
+def trim_metrics(args, stage, step):   # a stage restarting at `step` drops its later rows
     _metrics(args, [r for r in _metrics(args) if r["stage"] != stage or r["step"] <= step])
 
 def _metrics(args, rows=None):
@@ -800,8 +786,8 @@ def vars_of(args):
     return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16", "t0", "lock")}
 
 def _rng_state():             # the global RNG serves only initialisation and dropout
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all()
-                if torch.cuda.is_available() else None)
+    return dict(torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 def _restore(path, model, ema, opt, sched):
     c = torch.load(path, map_location="cpu", weights_only=False)
@@ -813,20 +799,20 @@ def _restore(path, model, ema, opt, sched):
     return c["st"]
 
 def _load_final(args, data, path, stage):
-    c = torch.load(path, map_location="cpu", weights_only=False)
     ema = make_model(args, data, stage == "suave", imagenet=False)[2]
+    c = torch.load(path, map_location="cpu", weights_only=False)
     ema.load_state_dict(c["ema"])
     return ema.eval(), c["summary"]
 
 def claim_out(args):
     """--out for this process alone: refused if it holds another run (a start that saved no
-    checkpoint may rerun) or if a live process holds its POSIX lock, which the kernel drops when
-    its owner ends (kill -9 included). Returns the locked file."""
-    held = [f for f in os.listdir(args.out) if f.endswith(".pt") or f == "results.json"] if (
-        os.path.isdir(args.out) and not args.resume) else []
-    if held:
-        die(f"--out {args.out} already holds a run ({held[0]}); pass --resume to continue it "
-            f"or choose another --out")
+    checkpoint may rerun), or if a live process holds its POSIX lock (which the kernel drops when
+    its owner ends, kill -9 included)."""
+    if not args.resume and os.path.isdir(args.out):
+        for f in os.listdir(args.out):
+            if f.endswith(".pt") or f == "results.json":
+                die(f"--out {args.out} already holds a run ({f}); pass --resume to continue it "
+                    f"or choose another --out")
     os.makedirs(args.out, exist_ok=True)
     lock = open(os.path.join(args.out, ".lock"), "a+")
     try:
@@ -837,8 +823,8 @@ def claim_out(args):
     return lock
 
 def prepare_out(args, data):
-    """Persist or reload the labeled split, with what its indices point into. A fresh run writes
-    config.json and its code; a resumed one keeps them and counts its earlier pieces' wall time."""
+    """Persist or reload the labeled split, with what its indices point into; a fresh run writes
+    config.json and its code beside its results."""
     y, path = data["train_y"], os.path.join(args.out, "split.json")
     rec = dict(dataset=args.dataset, labels=args.labels, seed=args.seed, arch=args.arch,
                data_dir=os.path.abspath(args.data_dir), train_images=len(y),
@@ -846,24 +832,24 @@ def prepare_out(args, data):
     f = path if args.resume else args.outer_from and os.path.join(args.outer_from, "split.json")
     if f and os.path.exists(f):                       # never redraw a persisted split
         s = json.load(open(f))
-        bad = [k for k in sorted(set(s) & set(rec) - {"data_dir"}) if s[k] != rec[k]]
-        if bad:                                       # its indices would point into other data
-            die(f"{f} records {bad[0]} {s[bad[0]]} (data {s.get('data_dir')}), this run "
-                f"{rec[bad[0]]}; use that data and those flags, or another --out")
+        for k in sorted(set(s) & set(rec) - {"data_dir"}):
+            if s[k] != rec[k]:                        # its indices would point into other data
+                die(f"{f} records {k} {s[k]} (data {s.get('data_dir')}), this run {rec[k]}; "
+                    f"use that data and those flags, or another --out")
         split = torch.tensor(s["labeled"])
     else:
         split = labeled_split(y, args.labels, data["classes"], args.seed)
-    if args.resume:
-        args.t0 -= max([r.get("wall_s", 0) for r in _metrics(args)], default=0)
-        div = os.path.join(args.out, "diverged.json")
-        if os.path.exists(div):                       # resumed after a NaN stop: the new flags
-            save(os.path.join(args.out, "config.json"), vars_of(args))
-            os.replace(div, os.path.join(args.out, f"diverged-{int(time.time())}.json"))
-        return split
+    div = os.path.join(args.out, "diverged.json")
+    if args.resume:                                   # counts the earlier pieces' wall time; after
+        args.t0 -= max([r.get("wall_s", 0) for r in _metrics(args)], default=0)   # a NaN stop,
+        if not os.path.exists(div):                   # the flags given now are the run's
+            return split
+        os.replace(div, os.path.join(args.out, f"diverged-{int(time.time())}.json"))
     save(os.path.join(args.out, "config.json"), vars_of(args))
-    save(path, dict(rec, labeled=split.tolist()))
-    for f in (__file__, kernels.__file__):            # the code beside its results
-        shutil.copy(f, os.path.join(args.out, os.path.basename(f)))
+    if not args.resume:
+        save(path, dict(rec, labeled=split.tolist()))
+        for f in (__file__, kernels.__file__):        # the code beside its results
+            shutil.copy(f, os.path.join(args.out, os.path.basename(f)))
     return split
 
 
@@ -906,9 +892,9 @@ def main(argv=None):
     data = load_dataset(args)
     split = (labeled_split(data["train_y"], args.labels, data["classes"], args.seed) if args.bench
              else prepare_out(args, data))
-    x = data["train_x"][::max(1, len(data["train_x"]) // 10000)].float() / 255  # normalisation
-    args.mean = x.mean((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)   # from a strided sample (folders
-    args.std = x.std((0, 2, 3)).clamp_min(1 / 255).view(1, -1, 1, 1).to(args.dev)  # are class-sorted)
+    x = data["train_x"][::max(1, len(data["train_x"]) // 10000)].float() / 255   # a strided sample
+    args.mean = x.mean((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)      # (folders are class-sorted)
+    args.std = x.std((0, 2, 3)).clamp_min(1 / 255).view(1, -1, 1, 1).to(args.dev)  # 0: constant
     for k in ("x", "test_x"):                         # whole sets on the GPU when they fit
         x = data.get(k, data["train_x"])
         on_gpu = cuda and x.numel() < torch.cuda.mem_get_info(args.dev)[0] // 4
@@ -938,17 +924,17 @@ def main(argv=None):
     return res
 
 def report(res):
+    """The summary: the final EMA model's test accuracy per stage (and FixMatch's median of the last
+    20 evaluations when a stage made 20), then the pseudo labels' precision."""
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
     print(f"\n{res['method']} on {res['dataset']} ({res['labels']} labels, {res['arch']}, "
-          f"{res['steps']} steps/SNN, seed {res['seed']}), wall time {res['wall_s']:.0f} s; test "
-          f"accuracy of the final EMA model (FixMatch's median of the last 20 evaluations is "
-          f"given only when a stage made 20):")
+          f"{res['steps']} steps/SNN, seed {res['seed']}), wall time {res['wall_s']:.0f} s:")
     for stage, name in (("supervised", "supervised floor"), ("outer", "FixMatch (outer SNN)"),
                         ("inner", "KD-FixMatch (inner SNN)"), ("suave", "Suave")):
         if r := res.get(stage):
-            print(f"  {name:24s} test acc {pct(r['test_acc'])}" + (f", median of last 20 "
-                  f"{pct(r['test_acc_median20'])}" if r["test_acc_median20"] is not None else
-                  f" ({r['evals']} evaluations)") + f", {r['images_per_s']:.0f} img/s")
+            m20 = r["test_acc_median20"]
+            print(f"  {name:24s} test acc {pct(r['test_acc'])}, " + (f"median of last 20 {pct(m20)}"
+                  if m20 else f"{r['evals']} evaluations") + f", {r['images_per_s']:.0f} img/s")
     if t := res.get("trusted"):
         print(f"  outer pseudo labels, all {t['unlabeled']} unlabeled: precision "
               f"{pct(t['outer_pseudo_label_precision'])}\n  confident (>= tau_select): "

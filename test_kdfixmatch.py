@@ -572,6 +572,68 @@ def test_bad_flags_fail_before_torch_is_imported(tmp_path):
     assert not [ln for ln in r.stderr.splitlines() if ln.rstrip().endswith(("| torch", "| numpy"))]
 
 
+def test_a_diverging_run_stops_at_once_and_resumes_with_other_flags(tmp_path):
+    """--lr 1e6 turns the loss non-finite within a few steps: the run stops (exit 1) with one line
+    naming the stage and step, and writes no results.json and no NaN; --resume --lr 0.03 then
+    trains the stage (from its last checkpoint; here there is none yet) with the new lr."""
+    out = tmp_path / "run"
+    argv = ["--labels", "20", "--steps", "80", "--eval-every", "40", "--batch-size", "8", "--mu", "2",
+            "--workers", "0", "--method", "fixmatch", "--device", "cpu", "--out", str(out)]
+    r = run_cli(*argv, "--lr", "1e6")                # (stderr also carries the progress bar)
+    err = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("kdfixmatch.py")]
+    assert r.returncode == 1 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().endswith(err[0])          # the last thing said
+    assert re.search(r"outer SNN: non-finite loss at step \d+; stopped before a checkpoint",
+                     err[0]) and "--resume --lr" in err[0], err[0]
+    assert not (out / "results.json").exists() and (out / "diverged.json").exists()
+    assert not (out / "metrics.jsonl").exists() or not open(out / "metrics.jsonl").read()
+    r = run_cli("--out", str(out), "--resume", "--lr", "0.03")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(out / "config.json"))["lr"] == 0.03
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]   # strict JSON: no NaN
+    assert [r["step"] for r in rows] == [40, 80] and all(math.isfinite(r["loss"]) for r in rows)
+    r = run_cli("--out", str(out), "--resume")                     # finished: left as it is
+    assert r.returncode == 0 and "is complete" in r.stdout
+
+
+def test_a_resumed_checkpoint_trains_with_the_changed_flags_after_a_nan_stop(tmp_path):
+    """The optimiser's state comes from the checkpoint, but its lr, momentum and weight decay
+    from the flags: after a NaN stop, --resume --lr 0.01 must train at 0.01 (not the saved lr)."""
+    out = tmp_path / "run"
+    argv = ["--labels", "20", "--steps", "60", "--eval-every", "20", "--batch-size", "8", "--mu", "2",
+            "--workers", "0", "--method", "fixmatch", "--device", "cpu", "--out", str(out)]
+    p = subprocess.Popen([sys.executable, str(HERE / "kdfixmatch.py"), *argv], cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "ckpt_outer.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = run_cli("--out", str(out), "--resume", "--lr", "0.01")
+    assert r.returncode == 2 and "--lr 0.01 differs from 0.03" in r.stderr   # no NaN stop: refused
+    json.dump(dict(stage="outer", step=30), open(out / "diverged.json", "w"))  # as after a NaN stop
+    r = run_cli("--out", str(out), "--resume", "--lr", "0.01", "--momentum", "0.5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    sched = lambda lr, k: lr * math.cos(7 * math.pi * k / (16 * 60))
+    assert abs(rows[0]["lr"] - sched(0.03, 20)) < 1e-9          # before the stop
+    assert abs(rows[-1]["lr"] - sched(0.01, 60)) < 1e-9         # after it: the new lr
+    ckpt_cfg = json.load(open(out / "config.json"))
+    assert ckpt_cfg["lr"] == 0.01 and ckpt_cfg["momentum"] == 0.5
+    assert list(out.glob("diverged-*.json")) and not (out / "diverged.json").exists()
+
+
+def test_progress_to_a_file_writes_a_line_per_interval_not_per_step(tmp_path):
+    """Written to a file (not a terminal), the bar refreshes at most once per 30 s: a few lines for
+    a run of hundreds of steps, not one per step as set_postfix used to force."""
+    with open(tmp_path / "log", "w") as log:
+        r = subprocess.run([sys.executable, str(HERE / "kdfixmatch.py"), "--method", "fixmatch",
+                            "--steps", "300", "--eval-every", "100", "--device", "cpu",
+                            "--out", str(tmp_path / "run")], stdout=log, stderr=log, timeout=600)
+    assert r.returncode == 0
+    bar = [ln for ln in open(tmp_path / "log").read().replace("\r", "\n").splitlines() if "outer:" in ln]
+    assert 1 <= len(bar) <= 6, bar
+
 def _img(path, mode, rows, **save):
     """An image file in `mode` with these pixel values (rows of pixels, a pixel a value or bands)."""
     a = np.array(rows, dtype={"F": "<f4", "I": "<i4", "I;16": "<u2"}.get(mode, "u1"))

@@ -13,6 +13,7 @@ Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.
 """
 import argparse, copy, fcntl, hashlib, json, math, os, re, shlex, shutil, socket, sys, time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
 
 
@@ -619,6 +620,22 @@ def make_batch(data, split, step, seed, args, unlabeled=True):
             return b
     return dict(b, x_s=augment(x, data["flip"], True, g), idx_u=idx)    # + the strong views
 
+def batches(data, split, steps, seed, args, unlabeled=True):
+    """make_batch for each of `steps`, the next built in a thread (on a CUDA side stream) while
+    the current one trains: the augmentation's kernel launches overlap the model step's."""
+    side = torch.cuda.Stream(args.dev) if args.dev.type == "cuda" else None
+    def build(step):
+        with torch.cuda.stream(side):                 # (no-op for None: the CPU)
+            return make_batch(data, split, step, seed, args, unlabeled), side and side.record_event()
+    with ThreadPoolExecutor(1) as pool:
+        nxt = [pool.submit(build, s) for s in steps[:1]]
+        for i in range(len(steps)):
+            (b, done), nxt = nxt[0].result(), [pool.submit(build, s) for s in steps[i + 1:i + 2]]
+            if side:                                  # the step waits for its batch, and the
+                torch.cuda.current_stream().wait_event(done)   # allocator for the step
+                [t.record_stream(torch.cuda.current_stream()) for t in b.values()]
+            yield b
+
 def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
     """One SGD update of the stage's loss, and the EMA. Returns (loss, mask rate, right and used
     pseudo labels) as one device tensor: nothing here waits for the GPU."""
@@ -672,8 +689,8 @@ def train_snn(args, data, stage, split, trusted=None):
     bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)   # a log file: a line per 30 s
     window, t0 = [], time.time()
-    for step in bar:
-        b = make_batch(data, split, step, seed, args, unlabeled=stage != "supervised")
+    for step, b in zip(bar, batches(data, split, range(st["step"], K), seed, args,
+                                    unlabeled=stage != "supervised")):
         window.append(train_step(args, fwd, ema, opt, sched, stage, b, trusted, step))
         done, evaluate_now = step + 1, (step + 1) % args.eval_every == 0 or step + 1 == K
         if done % 32 and not evaluate_now:
@@ -733,8 +750,9 @@ def bench(args, data, split):
     sync = torch.cuda.synchronize if args.dev.type == "cuda" else lambda: None
     fixed, rates = make_batch(data, split, 0, 0, args), []
     step = lambda k, b: train_step(args, fwd, ema, opt, sched, "outer", b, None, k)
+    real = batches(data, split, range(-(n // 4), n), 0, args)   # as train_snn: prefetched
     for fn in (lambda k: make_batch(data, split, k, 0, args), lambda k: step(k, fixed),
-               lambda k: step(k, make_batch(data, split, k, 0, args))):
+               lambda k: step(k, next(real))):
         for k in range(-(n // 4), n):                 # a warm-up (and compilation), then n steps
             if k == 0:
                 sync(), (t := time.time())

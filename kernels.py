@@ -481,10 +481,11 @@ def _dec_soft_assign_triton(z, centroids, alpha=1.0, max_block_k=_DEC_MAX_BLOCK_
 
 # ---------------------------------------------------------------------------------------------
 # Benchmark: python kernels.py --bench [--quick] (needs a CUDA device)
-# Small shapes (one training step's calls) are timed in microseconds with CUDA graphs (launches
-# removed) and as wall time per step (launches included): their GB/s would be meaningless. Large
-# shapes are timed with do_bench (L2 flushed) and also report GB/s of the bytes the operation must
-# move, against a device-to-device copy measured in the same run.
+# Every case is timed with CUDA graphs (launches removed: the GPU's own time) and as wall time per
+# call (launches included). Small shapes (one training step's calls) report microseconds: their
+# GB/s would be meaningless. Large shapes report milliseconds and the GB/s of the bytes the
+# operation must move, against a device-to-device copy measured in the same run (their bytes far
+# exceed the 50 MB L2, so the replays read memory).
 # (kind, dtype, shape, large, quick); loss shape (B, C), B = mu*64 = 448 in training; DEC shape
 # (N, K, D, z needs grad, max_block_k): N = 256 is one DEC step on the centroids of fixed features
 _BENCH_CASES = [
@@ -551,7 +552,7 @@ def _bench_case(kind, dtype, shape, dev, compile_fn):
 
 def _bench_run(cases, dev, timers, compile_fn, log=print):
     """One result dict per case; a case or implementation that fails (OOM, compile error) is
-    noted and the run goes on. timers: graph(fn) -> us, wall(fn) -> us, bench(fn) -> ms."""
+    noted and the run goes on. timers: graph(fn) -> us, wall(fn) -> us."""
     results = []
     for kind, dtype, shape, large, _ in cases:
         res = dict(name=f"{kind} {dtype} {shape}", large=large, t={}, wall={}, notes=[])
@@ -565,11 +566,8 @@ def _bench_run(cases, dev, timers, compile_fn, log=print):
                     if key != "compile":
                         outs[key] = out
                     del out
-                    if large:
-                        res["t"][key] = timers.bench(lambda f=f: step(f))
-                    else:
-                        res["t"][key] = timers.graph(lambda f=f: step(f))
-                        res["wall"][key] = timers.wall(lambda f=f: step(f))
+                    res["t"][key] = timers.graph(lambda f=f: step(f)) / (1e3 if large else 1)
+                    res["wall"][key] = timers.wall(lambda f=f: step(f)) / (1e3 if large else 1)
                 except Exception as e:  # noqa: BLE001 - report and go on
                     res["notes"].append(f"{key}: {type(e).__name__}: {str(e).strip()[:120]}")
             if "eager" in outs and "triton" in outs:
@@ -596,15 +594,17 @@ def _bench_row(r, copy_gbs):
     if r["large"]:
         gbs = None if tri is None else r["bytes"] / tri / 1e6
         pct = gbs and 100 * gbs / copy_gbs
-        extra = _cell(gbs, 12, 0) + _cell(pct, 8, 0)
+        extra = _cell(gbs, 8, 0) + _cell(pct, 8, 0)
         if r["name"].startswith("loss") and None not in (pct, sp[1]):
             goal = (f"{pct:.0f} % of copy, {sp[1]:.2f}x compile", pct >= 80 and sp[1] >= 1.3)
         elif r["name"].startswith("dec") and sp[0] is not None:
             goal = (f"{sp[0]:.2f}x eager", sp[0] >= 2)
     else:
-        extra = "/".join(_cell(r["wall"].get(k), 0, 0) for k in ("eager", "compile", "triton"))
+        extra = ""
+    wall = "/".join(_cell(r["wall"].get(k), 0, 1 if r["large"] else 0)
+                    for k in ("eager", "compile", "triton"))
     line = (f"{r['name']:<40}{_cell(e, 9, 1)}{_cell(c, 9, 1)}{_cell(tri, 9, 1)}"
-            f"{_cell(sp[0], 9, 2, 'x')}{_cell(sp[1], 8, 2, 'x')}{extra:>20}"
+            f"{_cell(sp[0], 9, 2, 'x')}{_cell(sp[1], 8, 2, 'x')}{wall:>18}{extra:>16}"
             f"{'-' if err is None else f'{err:.1e}':>9}")
     return "\n".join([line] + [f"    ! {n}" for n in r["notes"]]), goal
 
@@ -613,12 +613,12 @@ def _bench_table(results, copy_gbs):
     """The two tables (small shapes in us, large in ms with GB/s) and the goals, as text."""
     lines, goals = [], []
     for large in (False, True):
-        title = ("large shapes (ms" if large else
-                 "small shapes (us: CUDA graph; wall: per step, launches included")
-        extra = "GB/s  % copy" if large else "wall e/c/t us"
-        lines += [f"\n{title}; forward + backward)",
+        unit = "ms" if large else "us"
+        lines += [f"\n{'large' if large else 'small'} shapes ({unit}: CUDA graph; wall: per call, "
+                  f"launches included; forward + backward)",
                   f"{'case':<40}{'eager':>9}{'compile':>9}{'triton':>9}{'vs eager':>9}"
-                  f"{'vs comp':>8}{extra:>20}{'err':>9}"]
+                  f"{'vs comp':>8}{'wall e/c/t ' + unit:>18}{'GB/s  % copy' if large else '':>16}"
+                  f"{'err':>9}"]
         for r in (r for r in results if r["large"] == large):
             text, goal = _bench_row(r, copy_gbs)
             lines.append(text)
@@ -635,15 +635,16 @@ def _bench(quick=False, only=None):
     if not _HAS_TRITON:
         print("kernels.py --bench needs triton; it does not import here.")
         sys.exit(2)
-    from triton.testing import do_bench, do_bench_cudagraph
+    from triton.testing import do_bench_cudagraph
 
     # pinned: eager and compiled GEMMs in full fp32, as accurate as the kernels' 3xTF32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
 
-    def graph_us(fn):
-        return 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")
+    def graph_us(fn):  # at least ~25 replays, however long one takes
+        est = wall_us(fn, n=3) / 1e3
+        return 1e3 * do_bench_cudagraph(fn, rep=max(50, 25 * est), return_mode="median")
 
     def wall_us(fn, n=100):
         for _ in range(5):
@@ -655,15 +656,6 @@ def _bench(quick=False, only=None):
         torch.cuda.synchronize()
         return 1e6 * (time.perf_counter() - t0) / n
 
-    def bench_ms(fn):  # at least ~25 timed repetitions, however long one takes
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        est = 1e3 * (time.perf_counter() - t0)
-        return do_bench(fn, warmup=max(25, 3 * est), rep=min(max(100, 25 * est), 5000),
-                        return_mode="median")
-
     def compile_fn(f):  # a fresh compile per shape: no recompiles or dynamic shapes timed
         torch._dynamo.reset()
         return torch.compile(f, dynamic=False)
@@ -672,7 +664,7 @@ def _bench(quick=False, only=None):
     torch.manual_seed(0)
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev)  # 1 GiB: far beyond L2
     dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() / bench_ms(lambda: dst.copy_(src)) / 1e6
+    copy_gbs = 2 * src.numel() / graph_us(lambda: dst.copy_(src)) / 1e3
     del src, dst
     print(f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}, triton "
           f"{triton.__version__}; allow_tf32 matmul/cudnn: "
@@ -689,8 +681,8 @@ def _bench(quick=False, only=None):
           f"{wall_us(lambda: check_trusted(trusted, C)):.0f} us wall per call", flush=True)
     cases = [c for c in _BENCH_CASES if (c[4] or not quick) and only in (None, c[0])]
     print("rows as they finish (columns as in the tables at the end):", flush=True)
-    results = _bench_run(cases, dev, types.SimpleNamespace(graph=graph_us, wall=wall_us,
-                                                          bench=bench_ms), compile_fn,
+    timers = types.SimpleNamespace(graph=graph_us, wall=wall_us)
+    results = _bench_run(cases, dev, timers, compile_fn,
                          log=lambda r: print(_bench_row(r, copy_gbs)[0], flush=True))
     print(_bench_table(results, copy_gbs))
 

@@ -750,11 +750,11 @@ def bench(args, data, split):
     sync = torch.cuda.synchronize if args.dev.type == "cuda" else lambda: None
     fixed, rates = make_batch(data, split, 0, 0, args), []
     step = lambda k, b: train_step(args, fwd, ema, opt, sched, "outer", b, None, k)
-    real = batches(data, split, range(-(n // 4), n), 0, args)   # as train_snn: prefetched
+    real = batches(data, split, range(n + n // 4), 0, args)      # as train_snn: prefetched
     for fn in (lambda k: make_batch(data, split, k, 0, args), lambda k: step(k, fixed),
                lambda k: step(k, next(real))):
-        for k in range(-(n // 4), n):                 # a warm-up (and compilation), then n steps
-            if k == 0:
+        for k in range(n + n // 4):                   # a warm-up (and compilation), then n steps
+            if k == n // 4:
                 sync(), (t := time.time())
             fn(k)
         sync()

@@ -601,9 +601,10 @@ def _bench_row(r, copy_gbs):
             goal = (f"{sp[0]:.2f}x eager", sp[0] >= 2)
     else:
         extra = ""
-    wall = "/".join(_cell(r["wall"].get(k), 0, 1 if r["large"] else 0)
+    wall = "/".join(_cell(r["wall"].get(k), 0, 2 if r["large"] else 0)
                     for k in ("eager", "compile", "triton"))
-    line = (f"{r['name']:<40}{_cell(e, 9, 1)}{_cell(c, 9, 1)}{_cell(tri, 9, 1)}"
+    prec = 3 if r["large"] else 1
+    line = (f"{r['name']:<40}{_cell(e, 9, prec)}{_cell(c, 9, prec)}{_cell(tri, 9, prec)}"
             f"{_cell(sp[0], 9, 2, 'x')}{_cell(sp[1], 8, 2, 'x')}{wall:>18}{extra:>16}"
             f"{'-' if err is None else f'{err:.1e}':>9}")
     return "\n".join([line] + [f"    ! {n}" for n in r["notes"]]), goal

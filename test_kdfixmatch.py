@@ -690,8 +690,13 @@ def test_decode_every_mode_to_the_right_rgb_pixels(tmp_path, monkeypatch):
         [255, 0, 0], [0, 0, 0]]
     lab = rgb(_img(tmp_path / "lab.tif", "LAB", [[[255, 0, 0], [0, 0, 0]]]))   # a*, b* signed
     assert min(lab[0]) >= 250 and max(lab[1]) <= 5      # white and black
-    ycc = rgb(_img(tmp_path / "ycc.tif", "YCbCr", [[[76, 85, 255]]]))[0]     # BT.601 red
-    assert ycc[0] >= 250 and max(ycc[1:]) <= 3
+    ycc = _img(tmp_path / "ycc.tif", "YCbCr", [[[76, 85, 255]] * 2] * 2)     # BT.601 red
+    try:
+        Image.open(ycc).load()
+    except OSError:     # some Pillow builds (the GPU machine's) cannot read their own YCbCr TIFF
+        assert kd._decode(ycc).startswith(f"cannot decode {ycc} (OSError")    # refused, named
+    else:
+        assert all(p[0] >= 250 and max(p[1:]) <= 3 for p in rgb(ycc))
     # modes PIL opens but cannot write (TIFF's associated alpha, HSV): from memory
     pa = Image.new("PA", (1, 1), (1, 7))
     pa.putpalette([5, 6, 7, 50, 60, 70])

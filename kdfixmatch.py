@@ -24,13 +24,13 @@ def die(msg):
 
 # =============================================================================================
 # Hyper-parameters: every default in one block, with the paper's symbol
-DATASET_DEFAULTS = {  # labels, arch, steps K per SNN, batch B, eval every, image size (px)
-    "digits":   (50, "small_cnn", 500, 32, 100, None),
-    "cifar10":  (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
-    "cifar100": (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
-    "svhn":     (4000, "wrn28_2", 2 ** 20, 64, 1024, None),
-    "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 1024, 128),  # our choice: 75k images in memory
-    "folder":   (4000, "wrn28_2", 2 ** 20, 64, 1024, None)}
+DATASET_DEFAULTS = {  # labels, arch, steps K per SNN, batch B, mu, eval every, image size (px)
+    "digits":   (50, "small_cnn", 500, 32, 5, 100, None),   # mu 5: KD >= 97 % on 3 seeds, fastest
+    "cifar10":  (4000, "wrn28_2", 2 ** 20, 64, 7, 1024, None),
+    "cifar100": (4000, "wrn28_2", 2 ** 20, 64, 7, 1024, None),
+    "svhn":     (4000, "wrn28_2", 2 ** 20, 64, 7, 1024, None),
+    "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 7, 1024, 128),  # ours: 75k images in memory
+    "folder":   (4000, "wrn28_2", 2 ** 20, 64, 7, 1024, None)}
 VALID = [  # (flags, is valid, the valid range): every numeric flag, checked before anything runs
     ("labels steps batch_size mu eval_every dec_max_iters dec_batch kmeans_init sinkhorn_iters "
      "suave_hidden suave_dim image_size", lambda v: v >= 1, "a positive integer"),
@@ -58,7 +58,7 @@ def get_args(argv=None):
     # FixMatch (Sohn et al. 2020) = the outer SNN, and the inner SNN's recipe
     a("--steps", type=int, help="K, optimizer steps per SNN [paper 2^20; digits 500]")
     a("--batch-size", type=int, help="B, labeled images per step [64; digits 32]")
-    a("--mu", type=int, default=7, help="mu, unlabeled images per labeled image")
+    a("--mu", type=int, help="mu, unlabeled images per labeled image (FixMatch: 7; digits: 5)")
     a("--tau", type=float, default=0.95, help="tau, pseudo-label confidence threshold (outer SNN)")
     a("--lambda-u", type=float, default=1.0, help="lambda_u, weight of the unlabeled loss")
     a("--lr", type=float, default=0.03, help="eta, SGD learning rate; decays as cos(7 pi k / 16 K)")
@@ -118,7 +118,7 @@ def get_args(argv=None):
     vars(args).update({k: v for k, v in old.items() if k not in given | {"out", "resume"}})
     if args.resume and os.path.exists(os.path.join(args.out, "results.json")):   # exit status 0
         sys.exit(print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume"))
-    keys = ("labels", "arch", "steps", "batch_size", "eval_every", "image_size")
+    keys = ("labels", "arch", "steps", "batch_size", "mu", "eval_every", "image_size")
     vars(args).update({k: v for k, v in zip(keys, DATASET_DEFAULTS[args.dataset])
                        if getattr(args, k) is None})
     for flags, ok, text in VALID:
@@ -620,9 +620,13 @@ def make_batch(data, split, step, seed, args, unlabeled=True):
             return b
     return dict(b, x_s=augment(x, data["flip"], True, g), idx_u=idx)    # + the strong views
 
-def batches(data, split, steps, seed, args, unlabeled=True):
-    """make_batch for each of `steps`, the next built in a thread (on a CUDA side stream) while
-    the current one trains: the augmentation's kernel launches overlap the model step's."""
+def batches(data, split, steps, seed, args, unlabeled=True, prefetch=None):
+    """make_batch for each of `steps`. On a GPU (or with prefetch=True) the next is built in a
+    thread, on a CUDA side stream, while the current one trains: the augmentation's kernel
+    launches overlap the model step's. On a CPU the step's own threads already fill the cores."""
+    if not (args.dev.type == "cuda" if prefetch is None else prefetch):
+        yield from (make_batch(data, split, s, seed, args, unlabeled) for s in steps)
+        return
     side = torch.cuda.Stream(args.dev) if args.dev.type == "cuda" else None
     def build(step):
         with torch.cuda.stream(side):                 # (no-op for None: the CPU)

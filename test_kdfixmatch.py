@@ -327,13 +327,15 @@ def test_prefetched_batches_are_each_steps_batch_in_order(tmp_path):
     data = kd.load_dataset(args)
     data.update(x=data["train_x"].to(args.dev), y=data["train_y"].to(args.dev))
     split = kd.labeled_split(data["train_y"], 20, 10, 0)
-    got = list(kd.batches(data, split, range(5, 12), 3, args))
-    assert len(got) == 7 and not torch.equal(got[0]["x_s"], got[1]["x_s"])
-    for step, b in zip(range(5, 12), got):
-        want = kd.make_batch(data, split, step, 3, args)
-        assert b.keys() == want.keys() and all(torch.equal(b[k], want[k]) for k in b)
-    assert list(kd.batches(data, split, range(0), 3, args)) == []
-    assert set(next(kd.batches(data, split, range(2), 3, args, unlabeled=False))) == {"x_l", "y_l"}
+    for prefetch in (True, False):                     # (on a CPU, train_snn does not prefetch)
+        got = list(kd.batches(data, split, range(5, 12), 3, args, prefetch=prefetch))
+        assert len(got) == 7 and not torch.equal(got[0]["x_s"], got[1]["x_s"])
+        for step, b in zip(range(5, 12), got):
+            want = kd.make_batch(data, split, step, 3, args)
+            assert b.keys() == want.keys() and all(torch.equal(b[k], want[k]) for k in b)
+        assert list(kd.batches(data, split, range(0), 3, args, prefetch=prefetch)) == []
+        first = next(kd.batches(data, split, range(2), 3, args, False, prefetch))
+        assert set(first) == {"x_l", "y_l"}
     rates = kd.main(["--bench", "--batch-size", "8", "--mu", "2", "--device", _DEV,
                      "--out", str(tmp_path / "none")])   # --bench: images/s, writes no run
     assert set(rates) == {"augment", "ceiling", "real"} and min(rates.values()) > 0
@@ -520,8 +522,19 @@ def test_killed_run_resumes_every_stage_and_never_redraws_labels(tmp_path):
     res = _results(out)
     assert set(res) >= {"outer", "inner", "trusted", "test_acc", "test_acc_median20", "wall_s"}
     assert res["inner"]["test_acc"] == res["test_acc"]
+    assert res["test_acc_median20"] is None and res["evals"] == 2   # FixMatch's median needs 20
     r = run_cli(*argv, "--resume", "--steps", "80")
     assert r.returncode == 2 and "--steps 80 differs" in r.stderr
+
+
+def test_summary_prints_the_median_of_20_only_when_there_are_20_evaluations(capsys):
+    stage = dict(test_acc=0.9, evals=5, test_acc_median20=None, images_per_s=1.0)
+    res = dict(method="fixmatch", dataset="digits", labels=50, arch="small_cnn", steps=500,
+               seed=0, wall_s=1.0, outer=stage)
+    kd.report(res)
+    assert "test acc 90.00%, 5 evaluations" in capsys.readouterr().out
+    kd.report(dict(res, outer=dict(stage, evals=40, test_acc_median20=0.85)))
+    assert "test acc 90.00%, median of last 20 85.00%" in capsys.readouterr().out
 
 
 def test_digits_end_to_end_fixmatch_kdfixmatch_and_suave_beat_the_supervised_floor(tmp_path):

@@ -880,7 +880,9 @@ def test_ctrl_c_then_resume_and_finished_runs_stay_as_they_are(tmp_path):
     out = tmp_path / "run"
     argv = [*_TINY, "--steps", "400", "--eval-every", "10", "--out", str(out)]
     p = subprocess.Popen([sys.executable, str(HERE / "kdfixmatch.py"), *argv], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # (a suite started as a background job inherits SIGINT ignored; a terminal's Ctrl-C is not)
     deadline = time.time() + 120
     while not (out / "ckpt_outer.pt").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -607,13 +607,15 @@ def make_batch(data, split, step, seed, args, unlabeled=True):
     augmented on the device. A pure function of (seed, step) on any device: a resumed run sees
     exactly the batches of an uninterrupted one."""
     b, g = {}, torch.Generator().manual_seed(seed * 1_000_003 + step)
-    for kind, pool, size in (("l", split, args.batch_size),
-                             ("u", torch.arange(len(data["train_y"])), args.mu * args.batch_size)):
-        n, pos, idx, s = len(pool), step * size, [], 2 * seed + (kind == "u")
+    for kind, pool, size in (("l", split, args.batch_size),       # unlabeled: every image
+                             ("u", None, args.mu * args.batch_size)):
+        n = len(data["train_y"]) if pool is None else len(pool)
+        pos, idx, s = step * size, [], 2 * seed + (kind == "u")
         while len(idx) < size:                        # a batch may straddle two epochs
             epoch, off = divmod(pos + len(idx), n)
             idx += _epoch_perm(n, s, epoch)[off:off + size - len(idx)].tolist()
-        idx, host = to_device(pool[idx], args.dev), pool[idx]
+        host = torch.tensor(idx) if pool is None else pool[idx]
+        idx = to_device(host, args.dev)
         x = data["x"][idx] if data["x"].is_cuda else to_device(data["x"][host], args.dev)
         b.update({"x_" + kind: augment(x, data["flip"], False, g), "y_" + kind: data["y"][idx]})
         if kind == "l" and not unlabeled:

@@ -16,11 +16,9 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
 
-
-def die(msg):
+def die(msg, status=2):
     """Bad input: one line, exit status 2, no traceback."""
-    sys.exit(print(f"kdfixmatch.py: error: {msg}", file=sys.stderr) or 2)
-
+    sys.exit(print(f"kdfixmatch.py: error: {msg}", file=sys.stderr) or status)
 
 # =============================================================================================
 # Hyper-parameters: every default in one block, with the paper's symbol
@@ -40,7 +38,6 @@ VALID = [  # (flags, is valid, the valid range): every numeric flag, checked bef
     ("momentum label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("sce_A", lambda v: v < 0, "< 0 (it stands for log 0)"),
     ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)")]
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -118,7 +115,7 @@ def get_args(argv=None):
     vars(args).update({k: v for k, v in old.items() if k not in given | {"out", "resume"}})
     if args.resume and os.path.exists(os.path.join(args.out, "results.json")):   # exit status 0
         sys.exit(print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume"))
-    keys = ("labels", "arch", "steps", "batch_size", "mu", "eval_every", "image_size")
+    keys = "labels arch steps batch_size mu eval_every image_size".split()
     vars(args).update({k: v for k, v in zip(keys, DATASET_DEFAULTS[args.dataset])
                        if getattr(args, k) is None})
     for flags, ok, text in VALID:
@@ -167,22 +164,19 @@ from tqdm import tqdm
 
 import kernels
 
-
 # =============================================================================================
 # Data: every set decoded once into a uint8 tensor (N, C, H, W) in memory
 def load_dataset(args):
-    """-> dict(train_x, train_y, test_x, test_y, classes, flip). Labels of the unlabeled set are kept
-    only to measure pseudo-label precision; training never sees them."""
-    name, root = args.dataset, args.data_dir
+    """-> dict(train_x, train_y, test_x, test_y, classes, flip). (Training never sees the labels of
+    the unlabeled set: they only measure pseudo-label precision.)"""
+    name, root, size = args.dataset, args.data_dir, args.image_size
     if name == "digits":                              # 1,797 real 8x8 digits; fixed seeded test split
         from sklearn.datasets import load_digits
         d = load_digits()
         x = torch.tensor(d.images * (255 / 16)).round().to(torch.uint8)[:, None]
-        x = TF.resize(x, [args.image_size] * 2, antialias=True) if args.image_size else x
-        y, g = torch.tensor(d.target), torch.Generator().manual_seed(12345)
-        perm = torch.randperm(len(y), generator=g)
-        return dict(train_x=x[perm[297:]], train_y=y[perm[297:]], test_x=x[perm[:297]],
-                    test_y=y[perm[:297]], classes=10, flip=False)
+        x, y = TF.resize(x, [size] * 2, antialias=True) if size else x, torch.tensor(d.target)
+        te, tr = torch.randperm(1797, generator=torch.Generator().manual_seed(12345)).split([297, 1500])
+        return dict(train_x=x[tr], train_y=y[tr], test_x=x[te], test_y=y[te], classes=10, flip=False)
     if name == "folder":
         try:
             splits = [torchvision.datasets.ImageFolder(f"{root}/{s}") for s in ("train", "test")]
@@ -200,9 +194,8 @@ def load_dataset(args):
     if err or len(sizes) > 1:                         # also train/ against test/
         die(f"--data-dir {root}: {err or f'images differ in size {sizes}; pass --image-size N'}")
     (trx, tr_y), (tex, te_y) = [[torch.cat(t) for t in zip(*ps)] for ps in parts]
-    classes = len(splits[0].classes) if hasattr(splits[0], "classes") else int(tr_y.max()) + 1
-    return dict(train_x=trx, train_y=tr_y, test_x=tex, test_y=te_y, classes=classes,
-                flip=name != "svhn")                  # FixMatch: no flip on digit datasets
+    return dict(train_x=trx, train_y=tr_y, test_x=tex, test_y=te_y, flip=name != "svhn",  # FixMatch's
+                classes=len(getattr(splits[0], "classes", [])) or int(tr_y.max()) + 1)  # choice
 
 def _torchvision_split(name, root, train):
     cls = getattr(torchvision.datasets, dict(cifar10="CIFAR10", cifar100="CIFAR100", svhn="SVHN",
@@ -218,23 +211,20 @@ def _torchvision_split(name, root, train):
         f"download=True) and copy {root}/ here, or pass --data-dir")
 
 def _to_uint8(ds, args):
-    """Decode once: array-backed sets (CIFAR, SVHN) directly, file-backed ones (Food-101, folders)
-    with parallel DataLoader workers. --image-size resizes (shorter side, then centre crop)."""
+    """Array-backed sets (CIFAR, SVHN) as they are, file-backed ones decoded in DataLoader workers."""
     size = args.image_size
     if isinstance(getattr(ds, "data", None), np.ndarray):
         x = torch.from_numpy(ds.data)
         x = x if x.shape[1] in (1, 3) else x.permute(0, 3, 1, 2)     # SVHN is NCHW, CIFAR NHWC
         x = torch.cat([TF.resize(c, [size] * 2, antialias=True) for c in x.split(4096)] if size else [x])
-        return [(x.contiguous(), torch.tensor(ds.targets if hasattr(ds, "targets") else ds.labels))]
-    ds.loader = partial(_decode, size=size)           # one shared tensor per batch, not per image
-    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=args.workers,
-                                         collate_fn=_stack)   # (file descriptors would run out)
-    return list(tqdm(loader, desc="decode", leave=False, disable=None))
+        return [(x.contiguous(), torch.tensor(getattr(ds, "targets", None) or ds.labels))]
+    ds.loader = partial(_decode, size=size)           # a tensor per batch, not per image (the
+    loader = torch.utils.data.DataLoader(ds, 256, num_workers=args.workers, collate_fn=_stack)
+    return list(tqdm(loader, desc="decode", leave=False, disable=None))   # file descriptors)
 
 def _decode(path, size=None):
-    """An image file -> uint8 RGB (3, H, W), or why not (a str naming the file). Alpha is dropped
-    (as torchvision's loader does), 16 bits ('I;16', 'I') become round(v / 257), floats ('F', as
-    [0, 1]) round(255 v), other modes (P, 1, CMYK, YCbCr, LAB, HSV) PIL's conversion to RGB."""
+    """An image file -> uint8 RGB (3, H, W) (--image-size: shorter side, centre crop), or why not (a
+    str naming it). 16 bits: round(v / 257), floats in [0, 1]: round(255 v), alpha dropped."""
     try:
         with PIL.Image.open(path) as im:
             if im.mode == "F" or im.mode.startswith("I"):    # more than 8 bits: scale, not clip
@@ -265,7 +255,6 @@ def labeled_split(train_y, n_labels, classes, seed):
     idx = [torch.nonzero(train_y == c).squeeze(1) for c in range(classes)]
     return torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in idx]).sort()[0]
 
-
 # =============================================================================================
 # Augmentation (FixMatch), batched on the training device. Each sample draws its own flip and
 # shift and, in the strong view, 2 RandAugment ops with magnitudes and a Cutout box. The draws
@@ -281,7 +270,6 @@ def augment(x, flip=True, strong=False, generator=None):
     return apply_plan(x, draw_plan(len(x), *x.shape[-2:], flip, strong, generator))
 
 def draw_plan(N, H, W, flip=True, strong=False, generator=None):
-    """The per-sample random draws of `augment`, as CPU tensors."""
     g, ph, pw = dict(generator=generator), round(0.125 * H), round(0.125 * W)
     plan = dict(flip=(torch.rand(N, **g) < 0.5) & flip,
                 dy=torch.randint(-ph, ph + 1, (N,), **g), dx=torch.randint(-pw, pw + 1, (N,), **g))
@@ -323,13 +311,13 @@ def apply_plan(x, plan):
     p = dict(zip(cols, to_device(flat, x.device).split([v.view(N, -1).shape[1]
                                                         for v in cols.values()], 1)))
     out = flip_translate(x, p["flip"][:, 0] > 0, p["dy"][:, 0].long(), p["dx"][:, 0].long())
-    for j, e in enumerate(ends):      # (index_select: 20x faster than out[i] on a CPU)
+    for j, e in enumerate(ends):                      # (index_select: 20x out[i] on a CPU)
         out, pt = out.index_select(0, p[f"order{j}"][:, 0].long()), p[f"pt{j}"].T[..., None, None, None]
-        for k in range(1, GEOMETRIC):
-            if e[k + 1] > e[k]:
-                out[e[k]:e[k + 1]] = point_op(RA_OPS[k], out[e[k]:e[k + 1]], *pt[:, e[k]:e[k + 1]])
-        if e[-1] > e[GEOMETRIC]:
-            out[e[GEOMETRIC]:] = affine(out[e[GEOMETRIC]:], p[f"theta{j}"][e[GEOMETRIC]:])
+        for k, (a, b) in enumerate(zip(e[1:GEOMETRIC], e[2:GEOMETRIC + 1]), 1):
+            if b > a:
+                out[a:b] = point_op(RA_OPS[k], out[a:b], *pt[:, a:b])
+        g = e[GEOMETRIC]
+        out[g:] = affine(out[g:], p[f"theta{j}"][g:]) if N > g else out[g:]
         out = out.index_select(0, p[f"back{j}"][:, 0].long())    # back in batch order
     if "cy" in p:      # Cutout: half the side, gray, always; clipped at both edges (official)
         iy = torch.arange(H, device=x.device) - p["cy"].long() + H // 4
@@ -385,7 +373,6 @@ def affine(x, theta):
     out = F.grid_sample(x.float() - 128, grid, "nearest", "zeros", align_corners=False)
     return (out + 128).to(torch.uint8)    # outside the image: 0 + 128, TF.affine's fill
 
-
 # =============================================================================================
 # Models: nn.Sequential(body -> features, head -> logits); DEC reads body(x)
 def build_model(arch, in_ch, classes, pretrained=False, weights=None):
@@ -424,29 +411,25 @@ class WideBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.short = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
         self.abr = activate_before_residual
-
     def forward(self, x0):                            # as the official TF code's residual()
         x = F.leaky_relu(self.bn1(x0), 0.1)
         x0 = x if self.abr else x0
         y = self.conv2(F.leaky_relu(self.bn2(self.conv1(x)), 0.1))
         return y + (x0 if self.short is None else self.short(x0))
 
-def wrn28(in_ch, classes, width=2):
-    c, n = [16, 16 * width, 32 * width, 64 * width], 4      # 28 = 6 * 4 + 4 layers
-    layers = [nn.Conv2d(in_ch, c[0], 3, 1, 1, bias=False)]
-    for g, stride in zip(range(3), (1, 2, 2)):
-        layers += [WideBlock(c[g] if i == 0 else c[g + 1], c[g + 1], stride if i == 0 else 1,
-                             activate_before_residual=(g == 0 and i == 0)) for i in range(n)]
-    layers += [nn.BatchNorm2d(c[3], momentum=0.001), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1),
-               nn.Flatten()]
-    model = nn.Sequential(OrderedDict(body=nn.Sequential(*layers), head=nn.Linear(c[3], classes)))
+def wrn28(in_ch, classes, width=2):                   # 28 = 6 * 4 + 4 layers
+    c = [16, 16 * width, 32 * width, 64 * width]
+    blocks = [WideBlock(c[g + (i > 0)], c[g + 1], (1, 2, 2)[g] if i == 0 else 1, g == i == 0)
+              for g in range(3) for i in range(4)]
+    body = nn.Sequential(nn.Conv2d(in_ch, c[0], 3, 1, 1, bias=False), *blocks, nn.BatchNorm2d(
+        c[3], momentum=0.001), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = nn.Sequential(OrderedDict(body=body, head=nn.Linear(c[3], classes)))
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
         elif isinstance(m, nn.Linear):
             nn.init.xavier_normal_(m.weight), nn.init.zeros_(m.bias)
     return model
-
 
 # =============================================================================================
 # FixMatch step (Sohn et al. 2020, eq. 2-4)
@@ -466,7 +449,6 @@ def fixmatch_step(model, x_l, y_l, x_w=None, x_s=None, tau=0.95, lambda_u=1.0, t
         logits_w.detach(), logits_s, tau, trusted, loss, alpha, beta, A, check=False)  # GPU sync)
     return loss_s + lambda_u * loss_u, dict(loss_s=loss_s.detach(), loss_u=loss_u.detach(),
                                             mask=mask, pseudo=pseudo)
-
 
 # =============================================================================================
 # KD-FixMatch: high-confidence sampling, then deep embedding clustering (our reading: NOTES.md)
@@ -520,7 +502,6 @@ def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0, reduction="mean"):
     row = alpha * ce + beta * (-A) * (1 - p_y)
     return {"none": row, "mean": row.mean(), "sum": row.sum()}[reduction]
 
-
 # =============================================================================================
 # Suave (Fini et al. 2023): cluster prototypes = class prototypes, one cross-entropy for all
 class Prototypes(nn.Linear):
@@ -564,12 +545,11 @@ def suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, eps=0.05, iters=3, sm
     return loss, dict(loss_u=loss_u.detach(), mask=torch.ones(U, device=scores.device),
                       pseudo=t_1.argmax(1))
 
-
 # =============================================================================================
-# Training one siamese network (outer, inner, or the supervised floor)
+# Training one siamese network (outer, inner, the supervised floor or Suave)
 def make_model(args, data, suave=False, imagenet=True):
     """-> model, its forward (--compile: compiled, on a GPU with CUDA graphs), its EMA copy, SGD
-    (Nesterov, wd on conv/linear weights only), schedule lr * cos(7 pi k / 16 K)."""
+    (Nesterov, wd on conv/linear weights but Suave's prototypes), schedule lr cos(7 pi k / 16 K)."""
     model = build_model(args.arch, data["train_x"].shape[1], data["classes"],
                         imagenet and args.pretrained, args.weights if imagenet else None)
     if suave:                                         # projector + cosine prototypes (Suave)
@@ -577,11 +557,10 @@ def make_model(args, data, suave=False, imagenet=True):
                                 args.suave_dim)
     model = model.to(args.dev, memory_format=torch.channels_last)
     no_wd = {id(p) for m in model.modules() if isinstance(m, Prototypes) for p in m.parameters()}
-    decay = [p for p in model.parameters() if p.ndim > 1 and id(p) not in no_wd]
-    rest = [p for p in model.parameters() if p.ndim <= 1 or id(p) in no_wd]
-    opt = torch.optim.SGD([dict(params=decay, weight_decay=args.wd),
-                           dict(params=rest, weight_decay=0)], lr=args.lr, momentum=args.momentum,
-                          nesterov=True)
+    decay = lambda p: p.ndim > 1 and id(p) not in no_wd
+    opt = torch.optim.SGD([dict(params=[p for p in model.parameters() if decay(p) == d],
+                                weight_decay=args.wd * d) for d in (True, False)],
+                          lr=args.lr, momentum=args.momentum, nesterov=True)
     K, mode = args.steps, "reduce-overhead" if args.dev.type == "cuda" else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * K)))
     fwd = torch.compile(model, mode=mode) if args.compile else model
@@ -595,23 +574,21 @@ def to_input(x, args):        # uint8 images -> normalised float on the device, 
     x = (to_device(x, args.dev).float() / 255 - args.mean) / args.std
     return x.contiguous(memory_format=torch.channels_last)
 
-@lru_cache(maxsize=4)                                 # drawn once per epoch, not once per batch
+@lru_cache(maxsize=8)                                 # drawn once per epoch, not once per batch
 def _epoch_perm(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 def make_batch(data, split, step, seed, args, unlabeled=True):
-    """Batch `step`: B labeled and mu*B unlabeled images from streams of reshuffled epochs,
-    augmented on the device. A pure function of (seed, step) on any device: a resumed run sees
-    exactly the batches of an uninterrupted one."""
+    """Batch `step`: B labeled and mu*B unlabeled images from streams of reshuffled epochs, augmented
+    on the device; a pure function of (seed, step): a resumed run sees the same batches."""
     b, g = {}, torch.Generator().manual_seed(seed * 1_000_003 + step)
     for kind, pool, size in (("l", split, args.batch_size),       # unlabeled: every image
                              ("u", None, args.mu * args.batch_size)):
-        n = len(data["train_y"]) if pool is None else len(pool)
-        pos, idx, s = step * size, [], 2 * seed + (kind == "u")
-        while len(idx) < size:                        # a batch may straddle two epochs
-            epoch, off = divmod(pos + len(idx), n)
-            idx += _epoch_perm(n, s, epoch)[off:off + size - len(idx)].tolist()
-        host = torch.tensor(idx) if pool is None else pool[idx]
+        n, pos = len(data["train_y"]) if pool is None else len(pool), step * size
+        stream = torch.cat([_epoch_perm(n, 2 * seed + (kind == "u"), e)   # the epochs this
+                            for e in range(pos // n, (pos + size - 1) // n + 1)])   # batch spans
+        host = stream[pos % n:pos % n + size]
+        host = host if pool is None else pool[host]
         idx = to_device(host, args.dev)
         x = data["x"][idx] if data["x"].is_cuda else to_device(data["x"][host], args.dev)
         b.update({"x_" + kind: augment(x, data["flip"], False, g), "y_" + kind: data["y"][idx]})
@@ -640,21 +617,20 @@ def batches(data, split, steps, seed, args, unlabeled=True, prefetch=None):
             yield b
 
 def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
-    """One SGD update of the stage's loss, and the EMA. Returns (loss, mask rate, right and used
-    pseudo labels) as one device tensor: nothing here waits for the GPU."""
+    """One SGD update and the EMA. -> (loss, mask rate, right and used pseudo labels) as one device
+    tensor: nothing here waits for the GPU."""
     if args.compile and args.dev.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()    # the last step's graph outputs are done
-    x_l, y_l = to_input(b["x_l"], args), b["y_l"]
-    x_w, x_s = [to_input(b[k], args) if k in b else None for k in ("x_u", "x_s")]
+    x_l, x_w, x_s = [to_input(b[k], args) if k in b else None for k in ("x_l", "x_u", "x_s")]
     with torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
         if stage == "suave":
-            loss, s = suave_step(model, x_l, y_l, x_w, x_s, args.suave_temperature,
+            loss, s = suave_step(model, x_l, b["y_l"], x_w, x_s, args.suave_temperature,
                                  args.sinkhorn_eps, args.sinkhorn_iters, args.label_smoothing)
         else:                                         # FixMatch: outer or inner SNN, or the floor
             t = None if trusted is None else trusted[b["idx_u"]]
-            loss, s = fixmatch_step(model, x_l, y_l, x_w, x_s,
-                                    args.tau if t is None else args.tau_inner, args.lambda_u, t,
-                                    args.loss, args.sce_alpha, args.sce_beta, args.sce_A)
+            loss, s = fixmatch_step(model, x_l, b["y_l"], x_w, x_s, args.tau if t is None else
+                                    args.tau_inner, args.lambda_u, t, args.loss, args.sce_alpha,
+                                    args.sce_beta, args.sce_A)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -670,25 +646,20 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
                             (used & (s["pseudo"] == b["y_u"])).sum(), used.sum()]).float()
 
 def train_snn(args, data, stage, split, trusted=None):
-    """One siamese-network run of K steps: the outer SNN, the inner one (given `trusted`, the outer
-    labels over the training set, -1 = untrusted), the supervised floor or Suave. Resumes from
-    out/ckpt_<stage>.pt; a finished stage is read back from out/<stage>.pt. -> (EMA, summary)."""
+    """One siamese network, K steps: the outer SNN, the inner one (`trusted`: outer labels over the
+    training set, -1 = untrusted), the supervised floor or Suave. Resumes from out/ckpt_<stage>.pt;
+    a finished stage is read back from out/<stage>.pt. -> (EMA, summary)."""
     final, ckpt = (os.path.join(args.out, f) for f in (f"{stage}.pt", f"ckpt_{stage}.pt"))
     if os.path.exists(final):
         return _load_final(args, data, final, stage)
     K, seed = args.steps, args.seed * 1000 + ("outer", "inner", "supervised", "suave").index(stage)
     torch.manual_seed(seed)                           # initial weights; dropout continues from here
     model, fwd, ema, opt, sched = make_model(args, data, stage == "suave")
-    st = dict(step=0, evals=[], train_s=0.0, images=0, pl_hit=0, pl_n=0)
-    if os.path.exists(ckpt):
-        st = _restore(ckpt, model, ema, opt, sched)
-        for g, wd in zip(opt.param_groups, (args.wd, 0.0)):   # the flags, not the checkpoint's:
-            g.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=wd)   # changed
-        sched.base_lrs = [args.lr] * len(opt.param_groups)    # after a NaN stop, they must act
+    st = _restore(ckpt, model, ema, opt, sched, args) if os.path.exists(ckpt) else dict(
+        step=0, evals=[], train_s=0.0, images=0, pl_hit=0, pl_n=0)
     trim_metrics(args, stage, st["step"])
     if trusted is not None:                           # checked once here, not once per step
-        kernels.check_trusted(trusted, data["classes"])
-        trusted = trusted.to(args.dev)
+        trusted = kernels.check_trusted(trusted, data["classes"]) or trusted.to(args.dev)
     bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)   # a log file: a line per 30 s
     window, t0 = [], time.time()
@@ -700,15 +671,12 @@ def train_snn(args, data, stage, split, trusted=None):
             continue                                  # the GPU runs ahead: read back every 32
         w, window = torch.stack(window).cpu(), []
         if not w[:, 0].isfinite().all():              # never train on (or report) a NaN
-            bar.close()
             bad = done - len(w) + int((~w[:, 0].isfinite()).nonzero()[0, 0]) + 1
-            save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad))
+            save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad)), bar.close()
             at = f"at its checkpoint of step {st['step']}" if st["step"] else "before a checkpoint"
-            print(f"kdfixmatch.py: error: {stage} SNN: non-finite loss at step {bad}; stopped {at}. "
-                  f"Resume with a lower --lr (or --lambda-u, --wd, --momentum, --ema, --precision "
-                  f"fp32): python kdfixmatch.py --out {shlex.quote(args.out)} --resume --lr ...",
-                  file=sys.stderr)
-            sys.exit(1)
+            die(f"{stage} SNN: non-finite loss at step {bad}; stopped {at}. Resume with a lower --lr "
+                f"(or --lambda-u, --wd, --momentum, --ema, --precision fp32): python kdfixmatch.py "
+                f"--out {shlex.quote(args.out)} --resume --lr ...", status=1)
         st.update(step=done, train_s=st["train_s"] + time.time() - t0,
                   images=st["images"] + len(w) * (len(b["x_l"]) + 2 * len(b.get("x_u", []))),
                   pl_hit=st["pl_hit"] + int(w[:, 2].sum()), pl_n=st["pl_n"] + int(w[:, 3].sum()))
@@ -719,7 +687,8 @@ def train_snn(args, data, stage, split, trusted=None):
             st["evals"].append(evaluate(ema, data["test_x"], data["test_y"], args))
             log_metrics(args, dict(stage=stage, step=done, test_acc=st["evals"][-1], **row))
             save(ckpt, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                             sched=sched.state_dict(), st=st, rng=_rng_state()))
+                            sched=sched.state_dict(), st=st, rng=torch.get_rng_state(), cuda_rng=
+                            torch.cuda.get_rng_state_all() if args.dev.type == "cuda" else None))
         bar.set_postfix({k: f"{v:.4f}" if k == "lr" else f"{v:.3f}" for k, v in row.items()},
                         test=f"{st['evals'][-1]:.3f}" if st["evals"] else "-", refresh=False)
         t0 = time.time()
@@ -750,17 +719,16 @@ def bench(args, data, split):
     device (the ceiling), (3) the real loop; (3)/(2) is what the data path leaves of the ceiling."""
     model, fwd, ema, opt, sched = make_model(args, data)
     n, images = (200 if args.dev.type == "cuda" else 20), args.batch_size * (1 + 2 * args.mu)
-    sync = torch.cuda.synchronize if args.dev.type == "cuda" else lambda: None
     fixed, rates = make_batch(data, split, 0, 0, args), []
+    real = batches(data, split, range(n + n // 4), 0, args)
     step = lambda k, b: train_step(args, fwd, ema, opt, sched, "outer", b, None, k)
-    real = batches(data, split, range(n + n // 4), 0, args)      # as train_snn: prefetched
     for fn in (lambda k: make_batch(data, split, k, 0, args), lambda k: step(k, fixed),
-               lambda k: step(k, next(real))):
+               lambda k: step(k, next(real))):       # (3) as train_snn: prefetched
         for k in range(n + n // 4):                   # a warm-up (and compilation), then n steps
             if k == n // 4:
-                sync(), (t := time.time())
+                torch.cuda.synchronize() if args.dev.type == "cuda" else None, (t := time.time())
             fn(k)
-        sync()
+        torch.cuda.synchronize() if args.dev.type == "cuda" else None
         rates.append(images * n / (time.time() - t))
     print(f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev}, "
           f"{'bf16' if args.bf16 else 'fp32'}{' compiled' if args.compile else ''}: images/s of "
@@ -768,7 +736,6 @@ def bench(args, data, split):
           f"({1000 * images / rates[1]:.1f} ms), (3) real loop {rates[2]:.0f} "
           f"({1000 * images / rates[2]:.1f} ms); (3)/(2) = {rates[2] / rates[1]:.3f}")
     return dict(zip(("augment", "ceiling", "real"), rates))
-
 
 # =============================================================================================
 # Bookkeeping: atomic writes, checkpoints, metrics, one writer per run directory
@@ -785,8 +752,7 @@ def save(path, obj):
                         if isinstance(obj, list) else json.dumps(obj, indent=2, allow_nan=False))
         os.replace(tmp, path)
     except (OSError, ValueError) as e:                # a full disk; a NaN, which JSON cannot hold
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+        os.remove(tmp) if os.path.lexists(tmp) else None
         die(f"cannot write {path} ({getattr(e, 'strerror', None) or e})")
 
 def log_metrics(args, row):   # a line per evaluation, with the wall time of all the run's pieces
@@ -806,34 +772,30 @@ def _metrics(args, rows=None):
 def vars_of(args):
     return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16", "t0", "lock")}
 
-def _rng_state():             # the global RNG serves only initialisation and dropout
-    return dict(torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-def _restore(path, model, ema, opt, sched):
+def _restore(path, model, ema, opt, sched, args):
+    """A checkpoint, with lr, momentum and weight decay from the flags (after a NaN stop they may
+    differ, and must act). The global RNG serves only initialisation and dropout."""
     c = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(c["model"]), ema.load_state_dict(c["ema"])
-    opt.load_state_dict(c["opt"]), sched.load_state_dict(c["sched"])
-    torch.set_rng_state(c["rng"]["torch"])
-    if c["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(c["rng"]["cuda"])
+    opt.load_state_dict(c["opt"]), sched.load_state_dict(c["sched"]), torch.set_rng_state(c["rng"])
+    torch.cuda.set_rng_state_all(c["cuda_rng"]) if c["cuda_rng"] and args.dev.type == "cuda" else None
+    for g, wd in zip(opt.param_groups, (args.wd, 0.0)):
+        g.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=wd)
+    sched.base_lrs = [args.lr] * len(opt.param_groups)
     return c["st"]
 
-def _load_final(args, data, path, stage):
-    ema = make_model(args, data, stage == "suave", imagenet=False)[2]
-    c = torch.load(path, map_location="cpu", weights_only=False)
+def _load_final(args, data, path, stage):          # a finished stage: its EMA and summary
+    ema, c = make_model(args, data, stage == "suave", False)[2], torch.load(path, "cpu")
     ema.load_state_dict(c["ema"])
-    return ema.eval(), c["summary"]
+    return ema, c["summary"]
 
 def claim_out(args):
     """--out for this process alone: refused if it holds another run (a start that saved no
-    checkpoint may rerun), or if a live process holds its POSIX lock (which the kernel drops when
-    its owner ends, kill -9 included)."""
-    if not args.resume and os.path.isdir(args.out):
-        for f in os.listdir(args.out):
-            if f.endswith(".pt") or f == "results.json":
-                die(f"--out {args.out} already holds a run ({f}); pass --resume to continue it "
-                    f"or choose another --out")
+    checkpoint may rerun) or a live process holds its lock (the kernel drops it at any exit)."""
+    for f in [] if args.resume or not os.path.isdir(args.out) else os.listdir(args.out):
+        if f.endswith(".pt") or f == "results.json":
+            die(f"--out {args.out} already holds a run ({f}); pass --resume to continue it or "
+                f"choose another --out")
     os.makedirs(args.out, exist_ok=True)
     lock = open(os.path.join(args.out, ".lock"), "a+")
     try:
@@ -853,10 +815,9 @@ def prepare_out(args, data):
     f = path if args.resume else args.outer_from and os.path.join(args.outer_from, "split.json")
     if f and os.path.exists(f):                       # never redraw a persisted split
         s = json.load(open(f))
-        for k in sorted(set(s) & set(rec) - {"data_dir"}):
-            if s[k] != rec[k]:                        # its indices would point into other data
-                die(f"{f} records {k} {s[k]} (data {s.get('data_dir')}), this run {rec[k]}; "
-                    f"use that data and those flags, or another --out")
+        for k in sorted(k for k in set(s) & set(rec) - {"data_dir"} if s[k] != rec[k]):   # its indices
+            die(f"{f} records {k} {s[k]} (data {s.get('data_dir')}), this run {rec[k]}; "  # would point
+                f"use that data and those flags, or another --out")                           # elsewhere
         split = torch.tensor(s["labeled"])
     else:
         split = labeled_split(y, args.labels, data["classes"], args.seed)
@@ -873,7 +834,6 @@ def prepare_out(args, data):
             shutil.copy(f, os.path.join(args.out, os.path.basename(f)))
     return split
 
-
 # =============================================================================================
 # The pipeline
 def trusted_subset(args, data, outer):
@@ -887,8 +847,7 @@ def trusted_subset(args, data, outer):
     keep, info = (torch.ones(len(idx), dtype=torch.bool), dict(iters=0)) if args.no_dec else \
         dec_cluster(feats[idx].to(args.dev), labels, data["classes"], args.dec_max_iters,
                     args.dec_lr, args.dec_batch, args.dec_tol, args.kmeans_init, args.seed)
-    trusted = torch.full_like(y, -1)
-    trusted[idx[keep]] = labels[keep]
+    trusted = torch.full_like(y, -1).index_put_((idx[keep],), labels[keep])
     prec = lambda sel, lab: (lab == y[sel]).float().mean().item() if len(sel) else None
     out = dict(trusted=trusted, stats=dict(
         unlabeled=len(y), outer_pseudo_label_precision=prec(torch.arange(len(y)), pseudo),
@@ -903,24 +862,22 @@ def main(argv=None):
     args = argv if isinstance(argv, argparse.Namespace) else get_args(argv)
     args.dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                             else "cpu" if args.device == "auto" else args.device)
-    cuda = args.dev.type == "cuda"
-    if cuda and (args.dev.index or 0) >= torch.cuda.device_count():
+    if (cuda := args.dev.type == "cuda") and (args.dev.index or 0) >= torch.cuda.device_count():
         die(f"--device {args.device}: not here ({torch.cuda.device_count()} GPUs); use --device cpu")
     args.t0, args.lock = time.time(), None if args.bench else claim_out(args)
     args.bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     torch.set_flush_denormal(True)                    # CPU: confident nets make denormals, 1.5x slower
-    if not cuda and hasattr(libc := ctypes.CDLL(None), "mallopt"):   # glibc: keep freed batch-
-        libc.mallopt(-3, 1 << 30), libc.mallopt(-1, 1 << 30)   # sized buffers rather than unmap
-        # them and fault them back in each step (M_MMAP_, M_TRIM_THRESHOLD): 11 % of a CPU run
     torch.backends.cudnn.benchmark = True             # fixed shapes: cuDNN picks its fastest convs
+    if not cuda and hasattr(libc := ctypes.CDLL(None), "mallopt"):   # glibc: keep freed batch-
+        libc.mallopt(-3, 1 << 30), libc.mallopt(-1, 1 << 30)   # sized buffers, not unmap and fault
+        # them back in each step (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD): 11 % of a CPU run
     data = load_dataset(args)
     split = (labeled_split(data["train_y"], args.labels, data["classes"], args.seed) if args.bench
              else prepare_out(args, data))
     x = data["train_x"][::max(1, len(data["train_x"]) // 10000)].float() / 255   # a strided sample
     args.mean = x.mean((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)      # (folders are class-sorted)
     args.std = x.std((0, 2, 3)).clamp_min(1 / 255).view(1, -1, 1, 1).to(args.dev)  # 0: constant
-    for k in ("x", "test_x"):                         # whole sets on the GPU when they fit
-        x = data.get(k, data["train_x"])
+    for k, x in (("x", data["train_x"]), ("test_x", data["test_x"])):   # on the GPU when they fit
         on_gpu = cuda and x.numel() < torch.cuda.mem_get_info(args.dev)[0] // 4
         data[k] = x.to(args.dev) if on_gpu else x.pin_memory() if cuda else x
         if cuda:
@@ -941,15 +898,15 @@ def main(argv=None):
             res["trusted"] = kd["stats"]
             _, res["inner"] = train_snn(args, data, "inner", split, trusted=kd["trusted"])
     final = res[dict(fixmatch="outer", kdfixmatch="inner").get(args.method, args.method)]
-    res.update(test_acc=final["test_acc"], test_acc_median20=final["test_acc_median20"],
-               evals=final["evals"], wall_s=time.time() - args.t0, config=vars_of(args))
+    res.update({k: final[k] for k in ("test_acc", "test_acc_median20", "evals")},
+               wall_s=time.time() - args.t0, config=vars_of(args))
     save(os.path.join(args.out, "results.json"), res)
     report(res)
     return res
 
 def report(res):
-    """The summary: the final EMA model's test accuracy per stage (and FixMatch's median of the last
-    20 evaluations when a stage made 20), then the pseudo labels' precision."""
+    """Each stage's final EMA test accuracy (FixMatch's median of the last 20 evaluations when it
+    made 20), then the pseudo labels' precision."""
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
     print(f"\n{res['method']} on {res['dataset']} ({res['labels']} labels, {res['arch']}, "
           f"{res['steps']} steps/SNN, seed {res['seed']}), wall time {res['wall_s']:.0f} s:")
@@ -964,7 +921,6 @@ def report(res):
               f"{pct(t['outer_pseudo_label_precision'])}\n  confident (>= tau_select): "
               f"{t['confident_size']}, precision {pct(t['confident_precision'])}\n  trusted subset "
               f"(after DEC): {t['trusted_size']}, precision {pct(t['trusted_precision'])}")
-
 
 if __name__ == "__main__":
     try:

@@ -316,8 +316,8 @@ def apply_plan(x, plan):
         for k, (a, b) in enumerate(zip(e[1:GEOMETRIC], e[2:GEOMETRIC + 1]), 1):
             if b > a:
                 out[a:b] = point_op(RA_OPS[k], out[a:b], *pt[:, a:b])
-        g = e[GEOMETRIC]
-        out[g:] = affine(out[g:], p[f"theta{j}"][g:]) if N > g else out[g:]
+        if N > (g := e[GEOMETRIC]):
+            out[g:] = affine(out[g:], p[f"theta{j}"][g:])
         out = out.index_select(0, p[f"back{j}"][:, 0].long())    # back in batch order
     if "cy" in p:      # Cutout: half the side, gray, always; clipped at both edges (official)
         iy = torch.arange(H, device=x.device) - p["cy"].long() + H // 4
@@ -659,7 +659,7 @@ def train_snn(args, data, stage, split, trusted=None):
         step=0, evals=[], train_s=0.0, images=0, pl_hit=0, pl_n=0)
     trim_metrics(args, stage, st["step"])
     if trusted is not None:                           # checked once here, not once per step
-        trusted = kernels.check_trusted(trusted, data["classes"]) or trusted.to(args.dev)
+        trusted = kernels.check_trusted(trusted, data["classes"]).to(args.dev)
     bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)   # a log file: a line per 30 s
     window, t0 = [], time.time()
@@ -719,16 +719,17 @@ def bench(args, data, split):
     device (the ceiling), (3) the real loop; (3)/(2) is what the data path leaves of the ceiling."""
     model, fwd, ema, opt, sched = make_model(args, data)
     n, images = (200 if args.dev.type == "cuda" else 20), args.batch_size * (1 + 2 * args.mu)
-    fixed, rates = make_batch(data, split, 0, 0, args), []
+    sync, rates = torch.cuda.synchronize if args.dev.type == "cuda" else lambda: None, []
+    fixed = make_batch(data, split, 0, 0, args)
     real = batches(data, split, range(n + n // 4), 0, args)
     step = lambda k, b: train_step(args, fwd, ema, opt, sched, "outer", b, None, k)
     for fn in (lambda k: make_batch(data, split, k, 0, args), lambda k: step(k, fixed),
                lambda k: step(k, next(real))):       # (3) as train_snn: prefetched
         for k in range(n + n // 4):                   # a warm-up (and compilation), then n steps
             if k == n // 4:
-                torch.cuda.synchronize() if args.dev.type == "cuda" else None, (t := time.time())
+                sync(), (t := time.time())
             fn(k)
-        torch.cuda.synchronize() if args.dev.type == "cuda" else None
+        sync()
         rates.append(images * n / (time.time() - t))
     print(f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev}, "
           f"{'bf16' if args.bf16 else 'fp32'}{' compiled' if args.compile else ''}: images/s of "
@@ -752,7 +753,8 @@ def save(path, obj):
                         if isinstance(obj, list) else json.dumps(obj, indent=2, allow_nan=False))
         os.replace(tmp, path)
     except (OSError, ValueError) as e:                # a full disk; a NaN, which JSON cannot hold
-        os.remove(tmp) if os.path.lexists(tmp) else None
+        if os.path.lexists(tmp):
+            os.remove(tmp)
         die(f"cannot write {path} ({getattr(e, 'strerror', None) or e})")
 
 def log_metrics(args, row):   # a line per evaluation, with the wall time of all the run's pieces
@@ -778,7 +780,8 @@ def _restore(path, model, ema, opt, sched, args):
     c = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(c["model"]), ema.load_state_dict(c["ema"])
     opt.load_state_dict(c["opt"]), sched.load_state_dict(c["sched"]), torch.set_rng_state(c["rng"])
-    torch.cuda.set_rng_state_all(c["cuda_rng"]) if c["cuda_rng"] and args.dev.type == "cuda" else None
+    if c["cuda_rng"] and args.dev.type == "cuda":
+        torch.cuda.set_rng_state_all(c["cuda_rng"])
     for g, wd in zip(opt.param_groups, (args.wd, 0.0)):
         g.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=wd)
     sched.base_lrs = [args.lr] * len(opt.param_groups)
@@ -927,7 +930,7 @@ if __name__ == "__main__":
         main(ARGS)
     except KeyboardInterrupt:                         # one line, and how to go on
         go = os.path.exists(os.path.join(ARGS.out, "config.json"))
-        print(f"kdfixmatch.py: interrupted; " + (f"resume with: python {sys.argv[0]} --out "
+        print("kdfixmatch.py: interrupted; " + (f"resume with: python {sys.argv[0]} --out "
               f"{shlex.quote(ARGS.out)} --resume" if go else "nothing saved yet"), file=sys.stderr)
         sys.exit(130)
     except OSError as e:                              # e.g. an --out we cannot write

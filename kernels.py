@@ -49,7 +49,7 @@ def masked_pseudo_label_loss_torch(weak_logits, strong_logits, tau, trusted=None
 
 
 def check_trusted(trusted, num_classes):
-    """ValueError unless every outer label lies in [-1, num_classes). One aminmax and one
+    """trusted, or ValueError unless every outer label lies in [-1, num_classes). One aminmax and one
     device-to-host copy: on a GPU that is a sync, so a training loop checks its whole trusted
     vector once and then calls masked_pseudo_label_loss(..., check=False)."""
     if trusted.is_floating_point() or trusted.is_complex():
@@ -60,6 +60,7 @@ def check_trusted(trusted, num_classes):
         if bad is not None:
             raise ValueError(f"trusted labels must lie in [-1, {num_classes}) (-1 = untrusted), "
                              f"got {bad}")
+    return trusted
 
 
 def masked_pseudo_label_loss(weak_logits, strong_logits, tau, trusted=None, loss="ce",

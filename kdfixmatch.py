@@ -19,16 +19,12 @@ from functools import lru_cache, partial
 def die(msg, status=2):
     """Bad input: one line, exit status 2, no traceback."""
     sys.exit(print(f"kdfixmatch.py: error: {msg}", file=sys.stderr) or status)
-
-# =============================================================================================
-# Hyper-parameters: every default in one block, with the paper's symbol
+# ==== Hyper-parameters: every default in one block, with the paper's symbol ====================
 DATASET_DEFAULTS = {  # labels, arch, steps K per SNN, batch B, mu, eval every, image size (px)
     "digits":   (50, "small_cnn", 500, 32, 5, 100, None),   # mu 5: KD >= 97 % on 3 seeds, fastest
-    "cifar10":  (4000, "wrn28_2", 2 ** 20, 64, 7, 1024, None),
-    "cifar100": (4000, "wrn28_2", 2 ** 20, 64, 7, 1024, None),
-    "svhn":     (4000, "wrn28_2", 2 ** 20, 64, 7, 1024, None),
-    "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 7, 1024, 128),  # ours: 75k images in memory
-    "folder":   (4000, "wrn28_2", 2 ** 20, 64, 7, 1024, None)}
+    **dict.fromkeys(["cifar10", "cifar100", "svhn", "folder"], (4000, "wrn28_2", 2 ** 20, 64, 7, 1024,
+                                                                 None)),
+    "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 7, 1024, 128)}  # ours: 75k images in memory
 VALID = [  # (flags, is valid, the valid range): every numeric flag, checked before anything runs
     ("labels steps batch_size mu eval_every dec_max_iters dec_batch kmeans_init sinkhorn_iters "
      "suave_hidden suave_dim image_size", lambda v: v >= 1, "a positive integer"),
@@ -38,7 +34,6 @@ VALID = [  # (flags, is valid, the valid range): every numeric flag, checked bef
     ("momentum label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("sce_A", lambda v: v < 0, "< 0 (it stands for log 0)"),
     ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)")]
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -62,8 +57,7 @@ def get_args(argv=None):
     a("--momentum", type=float, default=0.9, help="beta, Nesterov momentum")
     a("--wd", type=float, default=5e-4, help="weight decay on conv/linear weights (1e-3 CIFAR-100)")
     a("--ema", type=float, default=0.999, help="EMA decay of the weights used to evaluate and label")
-    a("--ema-warmup", action=argparse.BooleanOptionalAction, help="decay min(ema, (1+k)/(10+k)), "
-      "our choice, not FixMatch's [on for digits' short runs]")
+    a("--ema-warmup", action=argparse.BooleanOptionalAction, help="decay min(ema, (1+k)/(10+k)); ours")
     # KD-FixMatch
     a("--tau-select", type=float, default=0.80, help="tau_select, outer confidence to be a candidate")
     a("--tau-inner", type=float, default=0.95, help="tau_inner, inner confidence threshold")
@@ -90,12 +84,10 @@ def get_args(argv=None):
     a("--eval-every", type=int, help="evaluate the EMA model (and checkpoint) every N steps")
     a("--out", default="runs/latest", help="output dir: metrics.jsonl, results.json, checkpoints")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--device", default="auto", help="auto, cpu, cuda, cuda:N. On a GPU the training set lives in "
-      "its memory if under 1/4 of it is free, else in pinned host memory (the run says which)")
+    a("--device", default="auto", help="auto, cpu, cuda, cuda:N (data: in GPU memory if it fits)")
     a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
     a("--compile", action="store_true", help="torch.compile the model; on a GPU with CUDA graphs")
-    a("--bench", action="store_true", help="print images/s of augment, of the training step on a "
-      "fixed batch (the ceiling) and of the real loop, then exit; trains and writes nothing")
+    a("--bench", action="store_true", help="print images/s of augment, the step, the loop; train none")
     p.error = die                                     # argparse's own errors: one line too
     args = p.parse_args(argv)
     given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args)))))
@@ -147,32 +139,21 @@ def get_args(argv=None):
         die(f"--device {args.device}: unknown; use auto, cpu, cuda or cuda:N")
     return args
 
-
 if __name__ == "__main__":                            # flags first: a typo costs no torch import
     ARGS = get_args()
-
-import numpy as np
-import PIL.Image
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
+import numpy as np, PIL.Image, torch, torch.nn as nn, torch.nn.functional as F, torchvision
 import torchvision.transforms.v2.functional as TF
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
+import sklearn.datasets
 from tqdm import tqdm
-
 import kernels
-
-# =============================================================================================
-# Data: every set decoded once into a uint8 tensor (N, C, H, W) in memory
+# ==== Data: every set decoded once into a uint8 tensor (N, C, H, W) in memory ==================
 def load_dataset(args):
-    """-> dict(train_x, train_y, test_x, test_y, classes, flip). (Training never sees the labels of
-    the unlabeled set: they only measure pseudo-label precision.)"""
+    """-> dict(train_x, train_y, test_x, test_y, classes, flip): uint8 images (N, C, H, W), labels."""
     name, root, size = args.dataset, args.data_dir, args.image_size
     if name == "digits":                              # 1,797 real 8x8 digits; fixed seeded test split
-        from sklearn.datasets import load_digits
-        d = load_digits()
+        d = sklearn.datasets.load_digits()
         x = torch.tensor(d.images * (255 / 16)).round().to(torch.uint8)[:, None]
         x, y = TF.resize(x, [size] * 2, antialias=True) if size else x, torch.tensor(d.target)
         te, tr = torch.randperm(1797, generator=torch.Generator().manual_seed(12345)).split([297, 1500])
@@ -188,7 +169,7 @@ def load_dataset(args):
                 f" hold {len(c[0])} and {len(c[1])}; in one only: {sorted(set(c[0]) ^ set(c[1]))})")
     else:
         splits = [_torchvision_split(name, root, train) for train in (True, False)]
-    parts = [_to_uint8(ds, args) for ds in splits]   # per split: (x, y) batches, or what failed
+    parts = [_to_uint8(ds, args.image_size, args.workers) for ds in splits]   # (x, y)s, or errors
     err = next((p for ps in parts for p in ps if isinstance(p, str)), None)
     sizes = sorted({tuple(p[0].shape[2:]) for ps in parts for p in ps if not isinstance(p, str)})
     if err or len(sizes) > 1:                         # also train/ against test/
@@ -196,10 +177,8 @@ def load_dataset(args):
     (trx, tr_y), (tex, te_y) = [[torch.cat(t) for t in zip(*ps)] for ps in parts]
     return dict(train_x=trx, train_y=tr_y, test_x=tex, test_y=te_y, flip=name != "svhn",  # FixMatch's
                 classes=len(getattr(splits[0], "classes", [])) or int(tr_y.max()) + 1)  # choice
-
 def _torchvision_split(name, root, train):
-    cls = getattr(torchvision.datasets, dict(cifar10="CIFAR10", cifar100="CIFAR100", svhn="SVHN",
-                                             food101="Food101")[name])
+    cls = getattr(torchvision.datasets, {"food101": "Food101"}.get(name, name.upper()))
     kw = dict(train=train) if name.startswith("cifar") else dict(split="train" if train else "test")
     for download in (False, True):                    # not on disk: a download if online
         try:
@@ -209,22 +188,18 @@ def _torchvision_split(name, root, train):
     die(f"--dataset {name}: not found in {os.path.abspath(root)} and the download failed ({err}); "
         f"fetch it on a connected machine with torchvision.datasets.{cls.__name__}('{root}', "
         f"download=True) and copy {root}/ here, or pass --data-dir")
-
-def _to_uint8(ds, args):
+def _to_uint8(ds, size, workers):
     """Array-backed sets (CIFAR, SVHN) as they are, file-backed ones decoded in DataLoader workers."""
-    size = args.image_size
     if isinstance(getattr(ds, "data", None), np.ndarray):
         x = torch.from_numpy(ds.data)
         x = x if x.shape[1] in (1, 3) else x.permute(0, 3, 1, 2)     # SVHN is NCHW, CIFAR NHWC
         x = torch.cat([TF.resize(c, [size] * 2, antialias=True) for c in x.split(4096)] if size else [x])
         return [(x.contiguous(), torch.tensor(getattr(ds, "targets", None) or ds.labels))]
     ds.loader = partial(_decode, size=size)           # a tensor per batch, not per image (the
-    loader = torch.utils.data.DataLoader(ds, 256, num_workers=args.workers, collate_fn=_stack)
+    loader = torch.utils.data.DataLoader(ds, 256, num_workers=workers, collate_fn=_stack)
     return list(tqdm(loader, desc="decode", leave=False, disable=None))   # file descriptors)
-
 def _decode(path, size=None):
-    """An image file -> uint8 RGB (3, H, W) (--image-size: shorter side, centre crop), or why not (a
-    str naming it). 16 bits: round(v / 257), floats in [0, 1]: round(255 v), alpha dropped."""
+    """Image file -> uint8 RGB (3, H, W), or why not; 16-bit and float modes scaled."""
     try:
         with PIL.Image.open(path) as im:
             if im.mode == "F" or im.mode.startswith("I"):    # more than 8 bits: scale, not clip
@@ -236,13 +211,11 @@ def _decode(path, size=None):
             return TF.pil_to_tensor(TF.center_crop(TF.resize(im, size), size) if size else im)
     except Exception as e:                            # corrupt, truncated, empty, not an image
         return f"cannot decode {path} ({type(e).__name__}: {e}); replace or remove it"
-
 def _stack(batch):                # one tensor per batch; a decoding error (a str) goes on as it is
     ims = [im for im, _ in batch]
     bad = [im for im in ims if isinstance(im, str)] or len({im.shape for im in ims}) > 1 and [
         "images differ in size; pass --image-size N"]
     return bad[0] if bad else (torch.stack(ims), torch.tensor([t for _, t in batch]))
-
 def labeled_split(train_y, n_labels, classes, seed):
     """Class-balanced labeled indices drawn by seed (the unlabeled set is all training images)."""
     per_class, rest = divmod(n_labels, classes)
@@ -254,21 +227,13 @@ def labeled_split(train_y, n_labels, classes, seed):
     g = torch.Generator().manual_seed(seed)
     idx = [torch.nonzero(train_y == c).squeeze(1) for c in range(classes)]
     return torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in idx]).sort()[0]
-
-# =============================================================================================
-# Augmentation (FixMatch), batched on the training device. Each sample draws its own flip and
-# shift and, in the strong view, 2 RandAugment ops with magnitudes and a Cutout box. The draws
-# come from a CPU generator (a batch is the same on every device) and travel in one copy; each op
-# then runs once per op slot over the samples that drew it, and nothing waits for the GPU.
+# ==== Augmentation (FixMatch), batched: per-sample draws; each op once per slot on its samples ===
 RA_OPS = ("identity", "autocontrast", "equalize", "brightness", "color", "contrast", "sharpness",
           "posterize", "solarize", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 GEOMETRIC = 9                                         # RA_OPS[9:]: one affine resampling per slot
-
 def augment(x, flip=True, strong=False, generator=None):
-    """uint8 batch (N, C, H, W) on any device -> its weak views (flip + shift up to 12.5 %, reflect
-    padding) or strong views (weak, 2 RandAugment ops, Cutout); same shape and dtype."""
+    """uint8 (N, C, H, W) on any device -> weak (flip, shift) or strong (+ RandAugment, Cutout) views."""
     return apply_plan(x, draw_plan(len(x), *x.shape[-2:], flip, strong, generator))
-
 def draw_plan(N, H, W, flip=True, strong=False, generator=None):
     g, ph, pw = dict(generator=generator), round(0.125 * H), round(0.125 * W)
     plan = dict(flip=(torch.rand(N, **g) < 0.5) & flip,
@@ -279,24 +244,19 @@ def draw_plan(N, H, W, flip=True, strong=False, generator=None):
                     sign=torch.randint(2, (N, 2), **g) * 2 - 1,       # of the geometric ops
                     cy=torch.randint(H, (N,), **g), cx=torch.randint(W, (N,), **g))   # Cutout
     return plan
-
 def slot_params(op, level, sign, H, W):
-    """One op slot's per-sample parameters in float64, as torchvision computes them from Python
-    floats: pt = (enhance factor f, 1 - f, posterize bit mask, solarize threshold) and theta, the
-    inverse matrix of TF.affine (torchvision's _get_inverse_affine_matrix, about the centre)."""
+    """One op slot's per-sample parameters, in float64 as torchvision computes them: pt and theta."""
     m = level.double() / 10
     sm, f = m * sign, 0.1 + 1.8 * m                   # official code's enhance span 0.1..1.9
     pick = lambda name, v: torch.where(op == RA_OPS.index(name), v, torch.zeros_like(m))
     rot = torch.deg2rad(pick("rotate", -30 * sm))     # up to 30 degrees (TF.rotate's sign)
     sx, sy = pick("shear_x", torch.atan(0.3 * sm)), pick("shear_y", torch.atan(0.3 * sm))
-    tx = pick("translate_x", torch.round(0.3 * sm * W))    # up to 30 % of the side
-    ty = pick("translate_y", torch.round(0.3 * sm * H))
+    tx, ty = (pick("translate_" + a, torch.round(0.3 * sm * n)) for a, n in (("x", W), ("y", H)))
     a, c = torch.cos(rot - sy) / torch.cos(sy), torch.sin(rot - sy) / torch.cos(sy)
     b, d = -(a * torch.tan(sx) + torch.sin(rot)), torch.cos(rot) - c * torch.tan(sx)
     bits = 8 - (4 * level + 5) // 10                  # posterize 8..4 bits: the paper's table
     return dict(pt=torch.stack([f, 1 - f, (255 << (8 - bits)) & 255, torch.ceil(256 * (1 - m))], 1),
                 theta=torch.stack([d, -b, b * ty - d * tx, -c, a, c * tx - a * ty], 1))
-
 def apply_plan(x, plan):
     """Apply drawn (or given) per-sample parameters to the uint8 batch x, on x's device."""
     N, C, H, W = x.shape
@@ -325,20 +285,15 @@ def apply_plan(x, plan):
         box = ((iy >= 0) & (iy < H // 2))[:, None, :, None] & ((ix >= 0) & (ix < W // 2))[:, None, None]
         out = out * ~box + box * torch.tensor(127, dtype=torch.uint8)   # (masked_fill: 9x slower)
     return out
-
 def flip_translate(x, flip, dy, dx):
-    """Weak view: horizontal flip, then a shift by (dy, dx) px with reflect padding, as one gather
-    (the pixels of TF.horizontal_flip, TF.pad(padding_mode="reflect") and TF.crop)."""
+    """Weak view: flip, then shift (dy, dx) with reflect padding, as one gather (TF.pad + TF.crop)."""
     N, C, H, W = x.shape
     reflect = lambda i, n: torch.where(i >= n, 2 * (n - 1) - i, i.abs())
-    ys = reflect(torch.arange(H, device=x.device) + dy[:, None], H)
-    xs = reflect(torch.arange(W, device=x.device) + dx[:, None], W)
+    ys, xs = (reflect(torch.arange(n, device=x.device) + d[:, None], n) for n, d in ((H, dy), (W, dx)))
     idx = torch.add(torch.where(flip[:, None], W - 1 - xs, xs)[:, None, :], ys[:, :, None], alpha=W)
     return x.reshape(N, C, H * W).gather(2, idx.view(N, 1, H * W).expand(-1, C, -1)).view(N, C, H, W)
-
 def point_op(name, x, f, g, mask, thr):
-    """One pixel-value RandAugment op on uint8 x (n, C, H, W) with per-sample parameters
-    (n, 1, 1, 1); every value equals torchvision's op applied image by image."""
+    """One pixel-value RandAugment op, per-sample parameters (n, 1, 1, 1); equals torchvision's op."""
     if name in ("equalize", "posterize", "solarize") or name == "color" and x.shape[1] == 1:
         return dict(equalize=TF.equalize, color=lambda x: x,   # one channel: as PIL, nothing
                     posterize=lambda x: x & mask.to(torch.uint8),
@@ -347,8 +302,7 @@ def point_op(name, x, f, g, mask, thr):
     fma = lambda a, b, c: (a.double() + b.double() * c.double()).float()   # torchvision's
     if name == "autocontrast":     # add_(b, alpha=c) rounds once. TF.autocontrast without its
         lo, hi = xf.amin((-2, -1), keepdim=True), xf.amax((-2, -1), keepdim=True)   # GPU sync:
-        flat = hi == lo
-        out = (xf - torch.where(flat, 0.0, lo)) / torch.where(flat, 1.0, (hi - lo) * (1 / 255))
+        out = (xf - torch.where(hi == lo, 0.0, lo)) / torch.where(hi == lo, 1.0, (hi - lo) * (1 / 255))
     elif name == "sharpness":      # blend with the 3x3-smoothed image (1 1 1, 1 5 1, 1 1 1) / 13,
         i, r = xf[..., 1:-1, 1:-1], xf[..., :-2] + xf[..., 1:-1] + xf[..., 2:]   # border kept
         s = r[..., :-2, :] + r[..., 1:-1, :] + r[..., 2:, :] + 4 * i   # 13 x the smoothed value:
@@ -360,48 +314,38 @@ def point_op(name, x, f, g, mask, thr):
         gray = TF.rgb_to_grayscale(x).float() if x.shape[1] == 3 else xf
         out = fma(xf * f, gray if name == "color" else gray.mean((-3, -2, -1), keepdim=True), g)
     return out.clamp(0, 255).to(torch.uint8)
-
 def affine(x, theta):
-    """Per-sample affine resampling of uint8 x (n, C, H, W), nearest, gray fill (128): TF.affine's
-    grid for inverse matrices theta (n, 6), about the centre, computed elementwise."""
+    """Per-sample affine resampling (nearest, fill 128) by TF.affine's inverse matrices theta (n, 6)."""
     n, C, H, W = x.shape
-    t = theta.view(n, 6, 1, 1)
+    t = theta[..., None, None]
     gx = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=x.device)
     gy = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=x.device)[:, None]
     grid = torch.stack([gx * a[:, 0] + gy * a[:, 1] + a[:, 2] for a in
                         (t[:, :3] / (0.5 * W), t[:, 3:] / (0.5 * H))], -1)
     out = F.grid_sample(x.float() - 128, grid, "nearest", "zeros", align_corners=False)
     return (out + 128).to(torch.uint8)    # outside the image: 0 + 128, TF.affine's fill
-
-# =============================================================================================
-# Models: nn.Sequential(body -> features, head -> logits); DEC reads body(x)
+# ==== Models: nn.Sequential(body -> features, head -> logits); DEC reads body(x) ===============
 def build_model(arch, in_ch, classes, pretrained=False, weights=None):
     if arch == "small_cnn":                           # for CPU runs: 4 conv layers, 128 features
         conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
         body = nn.Sequential(*conv(in_ch, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64),
                              *conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         return nn.Sequential(OrderedDict(body=body, head=nn.Linear(128, classes)))
-    if arch == "wrn28_2":
-        return wrn28(in_ch, classes, width=2)
-    if in_ch != 3:
-        die("--arch efficientnet_b0 needs 3-channel images")
+    if arch == "wrn28_2": return wrn28(in_ch, classes, width=2)
+    if in_ch != 3: die("--arch efficientnet_b0 needs 3-channel images")
     m = torchvision.models.efficientnet_b0()
-    if pretrained or weights:
-        m.load_state_dict(_imagenet_weights(weights))
+    if pretrained or weights: m.load_state_dict(_imagenet_weights(weights))
     body = nn.Sequential(m.features, m.avgpool, nn.Flatten(), nn.Dropout(0.2))
     return nn.Sequential(OrderedDict(body=body, head=nn.Linear(1280, classes)))
-
 def _imagenet_weights(path):
-    if path:
-        return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) \
-            else die(f"--weights {path}: no such file")
+    if path and not os.path.isfile(path): die(f"--weights {path}: no such file")
+    if path: return torch.load(path, "cpu")           # a local file (offline)
     w = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
     try:
         return w.get_state_dict(progress=False)
     except Exception as e:                            # offline
         die(f"--pretrained: cannot download the ImageNet weights ({type(e).__name__}); place "
             f"{w.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints/ or pass --weights FILE")
-
 class WideBlock(nn.Module):
     """Pre-activation residual block of WRN-28 as FixMatch uses it (BN momentum 0.001, LeakyReLU)."""
     def __init__(self, cin, cout, stride, activate_before_residual=False):
@@ -410,13 +354,12 @@ class WideBlock(nn.Module):
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.short = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
-        self.abr = activate_before_residual
+        self.abr = activate_before_residual       # (FixMatch's first block of the first group)
     def forward(self, x0):                            # as the official TF code's residual()
         x = F.leaky_relu(self.bn1(x0), 0.1)
         x0 = x if self.abr else x0
         y = self.conv2(F.leaky_relu(self.bn2(self.conv1(x)), 0.1))
         return y + (x0 if self.short is None else self.short(x0))
-
 def wrn28(in_ch, classes, width=2):                   # 28 = 6 * 4 + 4 layers
     c = [16, 16 * width, 32 * width, 64 * width]
     blocks = [WideBlock(c[g + (i > 0)], c[g + 1], (1, 2, 2)[g] if i == 0 else 1, g == i == 0)
@@ -430,40 +373,28 @@ def wrn28(in_ch, classes, width=2):                   # 28 = 6 * 4 + 4 layers
         elif isinstance(m, nn.Linear):
             nn.init.xavier_normal_(m.weight), nn.init.zeros_(m.bias)
     return model
-
-# =============================================================================================
-# FixMatch step (Sohn et al. 2020, eq. 2-4)
+# ==== FixMatch step (Sohn et al. 2020, eq. 2-4) ================================================
 def fixmatch_step(model, x_l, y_l, x_w=None, x_s=None, tau=0.95, lambda_u=1.0, trusted=None,
                   loss="ce", alpha=0.1, beta=1.0, A=-4.0):
-    """Loss of one update: CE(labeled) + lambda_u * mean over all mu*B rows of mask * l(strong).
-    trusted (inner SNN): outer pseudo labels of the batch, -1 where untrusted (Heuristic 1).
-    Without x_w/x_s it is the supervised floor. Returns (loss, stats)."""
-    B = len(x_l)
-    x = x_l if x_w is None else torch.cat([x_l, x_w, x_s])   # one pass: shared BN statistics
+    """CE(labeled) + lambda_u * masked loss over all mu*B strong rows; trusted: Heuristic 1."""
+    B, x = len(x_l), x_l if x_w is None else torch.cat([x_l, x_w, x_s])   # one pass: shared BN
     logits = model(x).float()
     loss_s = F.cross_entropy(logits[:B], y_l)
-    if x_w is None:
-        return loss_s, dict(loss_s=loss_s.detach())
+    if x_w is None: return loss_s, dict(loss_s=loss_s.detach())
     logits_w, logits_s = logits[B:].chunk(2)          # no gradient through the weak view; train_snn
     loss_u, mask, pseudo = kernels.masked_pseudo_label_loss(   # range-checks `trusted` once (a
         logits_w.detach(), logits_s, tau, trusted, loss, alpha, beta, A, check=False)  # GPU sync)
     return loss_s + lambda_u * loss_u, dict(loss_s=loss_s.detach(), loss_u=loss_u.detach(),
                                             mask=mask, pseudo=pseudo)
-
-# =============================================================================================
-# KD-FixMatch: high-confidence sampling, then deep embedding clustering (our reading: NOTES.md)
+# ==== KD-FixMatch: high-confidence sampling, then deep embedding clustering (our reading: NOTES.md)
 def select_confident(probs, tau_select=0.80):
     """Indices and pseudo labels of the samples whose max softmax probability >= tau_select."""
     conf, labels = probs.max(1)
     idx = torch.nonzero(conf >= tau_select).squeeze(1)
     return idx, labels[idx]
-
-def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=0.001, n_init=20,
-                seed=0):
-    """DEC (Xie et al. 2016) on fixed features z (N, D): k-means init, then SGD on the centroids of
-    KL(P || Q), P re-estimated once per pass, until < tol of the hard assignments move. Clusters map
-    to classes by Hungarian matching on the cluster x pseudo-label table. Returns (keep, info):
-    keep[i] is True where sample i's cluster agrees with its pseudo label (the trusted subset)."""
+def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=1e-3, n_init=20, seed=0):
+    """DEC (Xie et al. 2016) on features z: k-means init, SGD on KL(P || Q) until < tol of points move;
+    clusters -> classes by Hungarian matching. -> (keep: cluster agrees with pseudo label, info)."""
     z, n, k = z.float(), len(z), classes
     if n < k:                                         # too few candidates to cluster into K
         return torch.zeros(n, dtype=torch.bool), dict(iters=0, moved=0.0)
@@ -478,50 +409,38 @@ def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=0.00
                 p = q ** 2 / q.sum(0)                 # target: p_ij = (q_ij^2 / f_j), normalised
                 p, new = p / p.sum(1, keepdim=True), q.argmax(1)
             moved = 1.0 if assign is None else (new != assign).float().mean().item()
-            if moved < tol:
-                break
+            if moved < tol: break
             assign = new
         i = torch.randint(n, (min(batch, n),), generator=g, device=z.device)
         qb = kernels.dec_soft_assign(z[i], mu)
         kl = (p[i] * (p[i].clamp_min(1e-12).log() - qb.clamp_min(1e-12).log())).sum(1).mean()
-        opt.zero_grad()
-        kl.backward()
-        opt.step()
+        opt.zero_grad(), kl.backward(), opt.step()
     with torch.no_grad():
         clusters, pseudo = kernels.dec_soft_assign(z, mu).argmax(1).cpu(), pseudo.cpu()
     table = torch.zeros(k, k, dtype=torch.long).index_put_((clusters, pseudo), torch.tensor(1), True)
     rows, cols = linear_sum_assignment(table.numpy(), maximize=True)
     to_class = torch.tensor(cols)[torch.tensor(rows).argsort()]
     return to_class[clusters] == pseudo, dict(iters=it, moved=moved, cluster_to_class=to_class.tolist())
-
 def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0, reduction="mean"):
-    """Symmetric cross-entropy (Wang et al. 2019): alpha * CE(q, p) + beta * RCE, where RCE =
-    -sum_k p_k log q_k with q the one-hot label and log 0 := A, i.e. RCE = -A * (1 - p_y)."""
+    """Symmetric CE (Wang et al. 2019): alpha CE + beta RCE, with log 0 := A, i.e. RCE = -A (1 - p_y)."""
     ce = F.cross_entropy(logits, target, reduction="none")
     p_y = logits.softmax(-1).gather(-1, target[:, None]).squeeze(-1)
     row = alpha * ce + beta * (-A) * (1 - p_y)
     return {"none": row, "mean": row.mean(), "sum": row.sum()}[reduction]
-
-# =============================================================================================
-# Suave (Fini et al. 2023): cluster prototypes = class prototypes, one cross-entropy for all
+# ==== Suave (Fini et al. 2023): cluster prototypes = class prototypes, one cross-entropy for all
 class Prototypes(nn.Linear):
-    """Unit prototypes over L2-normalised features: cosine scores, in fp32 (in bf16 the exponent of
-    scores/eps in Sinkhorn would be off by ~0.08). As in Suave's code (after SwAV) they are
-    renormalised in place before each forward: no gradient through it, no weight decay."""
+    """Unit prototypes, renormalised in place before each forward (Suave's code); fp32 cosine scores."""
     def forward(self, x):
         with torch.no_grad():
             self.weight.copy_(F.normalize(self.weight, dim=1))
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(F.normalize(x.float(), dim=1), self.weight)
-
 def suave_head(in_dim, classes, hidden=2048, dim=128):
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
                          nn.Linear(hidden, dim), Prototypes(dim, classes, bias=False))
-
 @torch.no_grad()
 def sinkhorn(scores, eps=0.05, iters=3):
-    """SwAV's Sinkhorn-Knopp: (B, K) cosine scores -> soft assignments whose rows sum to 1 and
-    whose columns (prototypes) share the batch equally."""
+    """SwAV's Sinkhorn-Knopp: scores (B, K) -> assignments: rows sum to 1, prototypes equally used."""
     q = torch.exp((scores - scores.max()) / eps).T    # K x B; the shift cancels in the normalising
     q /= q.sum()
     K, B = q.shape
@@ -529,11 +448,8 @@ def sinkhorn(scores, eps=0.05, iters=3):
         q /= K * q.sum(1, keepdim=True)               # each prototype gets mass 1/K
         q /= B * q.sum(0, keepdim=True)               # each sample gets mass 1/B
     return (q * B).T
-
 def suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, eps=0.05, iters=3, smoothing=0.01):
-    """Labeled: CE(label, smoothed). Unlabeled: each view predicts the Sinkhorn assignment of the
-    other (swapped prediction, no gradient through targets). Terms weighted by their share of the
-    batch, counting every view as Suave's code does: B / (B + 2U) and 2U / (B + 2U)."""
+    """Smoothed CE + swapped Sinkhorn prediction, weighted B/(B+2U), 2U/(B+2U) as Suave's code."""
     B, U = len(x_l), len(x_1)
     scores = model(torch.cat([x_l, x_1, x_2])).float()           # cosine scores in [-1, 1]
     s_l, s_1, s_2 = scores[:B], *scores[B:].chunk(2)
@@ -544,12 +460,9 @@ def suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, eps=0.05, iters=3, sm
     loss = (B * loss_l + 2 * U * loss_u) / (B + 2 * U)
     return loss, dict(loss_u=loss_u.detach(), mask=torch.ones(U, device=scores.device),
                       pseudo=t_1.argmax(1))
-
-# =============================================================================================
-# Training one siamese network (outer, inner, the supervised floor or Suave)
+# ==== Training one siamese network (outer, inner, the supervised floor or Suave) ===============
 def make_model(args, data, suave=False, imagenet=True):
-    """-> model, its forward (--compile: compiled, on a GPU with CUDA graphs), its EMA copy, SGD
-    (Nesterov, wd on conv/linear weights but Suave's prototypes), schedule lr cos(7 pi k / 16 K)."""
+    """-> model, forward (--compile: compiled), EMA copy, Nesterov SGD, lr * cos(7 pi k / 16 K)."""
     model = build_model(args.arch, data["train_x"].shape[1], data["classes"],
                         imagenet and args.pretrained, args.weights if imagenet else None)
     if suave:                                         # projector + cosine prototypes (Suave)
@@ -565,41 +478,31 @@ def make_model(args, data, suave=False, imagenet=True):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * K)))
     fwd = torch.compile(model, mode=mode) if args.compile else model
     return model, fwd, copy.deepcopy(model).eval().requires_grad_(False), opt, sched
-
 def to_device(t, dev):        # a host -> GPU copy from pinned memory does not wait for the GPU
     cuda = dev.type == "cuda" and not t.is_cuda
     return t.pin_memory().to(dev, non_blocking=True) if cuda else t.to(dev)
-
 def to_input(x, args):        # uint8 images -> normalised float on the device, channels_last
     x = (to_device(x, args.dev).float() / 255 - args.mean) / args.std
     return x.contiguous(memory_format=torch.channels_last)
-
 @lru_cache(maxsize=8)                                 # drawn once per epoch, not once per batch
 def _epoch_perm(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-
 def make_batch(data, split, step, seed, args, unlabeled=True):
-    """Batch `step`: B labeled and mu*B unlabeled images from streams of reshuffled epochs, augmented
-    on the device; a pure function of (seed, step): a resumed run sees the same batches."""
+    """Batch `step` (B labeled, mu*B unlabeled), augmented; a pure function of (seed, step)."""
     b, g = {}, torch.Generator().manual_seed(seed * 1_000_003 + step)
     for kind, pool, size in (("l", split, args.batch_size),       # unlabeled: every image
                              ("u", None, args.mu * args.batch_size)):
         n, pos = len(data["train_y"]) if pool is None else len(pool), step * size
         stream = torch.cat([_epoch_perm(n, 2 * seed + (kind == "u"), e)   # the epochs this
                             for e in range(pos // n, (pos + size - 1) // n + 1)])   # batch spans
-        host = stream[pos % n:pos % n + size]
-        host = host if pool is None else pool[host]
+        host = (stream if pool is None else pool[stream])[pos % n:pos % n + size]
         idx = to_device(host, args.dev)
         x = data["x"][idx] if data["x"].is_cuda else to_device(data["x"][host], args.dev)
         b.update({"x_" + kind: augment(x, data["flip"], False, g), "y_" + kind: data["y"][idx]})
-        if kind == "l" and not unlabeled:
-            return b
+        if kind == "l" and not unlabeled: return b
     return dict(b, x_s=augment(x, data["flip"], True, g), idx_u=idx)    # + the strong views
-
 def batches(data, split, steps, seed, args, unlabeled=True, prefetch=None):
-    """make_batch for each of `steps`. On a GPU (or with prefetch=True) the next is built in a
-    thread, on a CUDA side stream, while the current one trains: the augmentation's kernel
-    launches overlap the model step's. On a CPU the step's own threads already fill the cores."""
+    """make_batch per step; on a GPU the next is built in a thread on a side stream while one trains."""
     if not (args.dev.type == "cuda" if prefetch is None else prefetch):
         yield from (make_batch(data, split, s, seed, args, unlabeled) for s in steps)
         return
@@ -615,10 +518,8 @@ def batches(data, split, steps, seed, args, unlabeled=True, prefetch=None):
                 torch.cuda.current_stream().wait_event(done)   # allocator for the step
                 [t.record_stream(torch.cuda.current_stream()) for t in b.values()]
             yield b
-
 def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
-    """One SGD update and the EMA. -> (loss, mask rate, right and used pseudo labels) as one device
-    tensor: nothing here waits for the GPU."""
+    """One SGD update and the EMA -> (loss, mask rate, right, used) as one tensor, no GPU sync."""
     if args.compile and args.dev.type == "cuda":
         torch.compiler.cudagraph_mark_step_begin()    # the last step's graph outputs are done
     x_l, x_w, x_s = [to_input(b[k], args) if k in b else None for k in ("x_l", "x_u", "x_s")]
@@ -631,10 +532,8 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
             loss, s = fixmatch_step(model, x_l, b["y_l"], x_w, x_s, args.tau if t is None else
                                     args.tau_inner, args.lambda_u, t, args.loss, args.sce_alpha,
                                     args.sce_beta, args.sce_A)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
+    opt.zero_grad(set_to_none=True), loss.backward()
+    opt.step(), sched.step()
     with torch.no_grad():                             # EMA of the parameters; buffers copied
         d = min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
@@ -644,19 +543,16 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
         used = s["mask"] > 0
         return torch.stack([loss.detach(), s["mask"].mean(),
                             (used & (s["pseudo"] == b["y_u"])).sum(), used.sum()]).float()
-
 def train_snn(args, data, stage, split, trusted=None):
-    """One siamese network, K steps: the outer SNN, the inner one (`trusted`: outer labels over the
-    training set, -1 = untrusted), the supervised floor or Suave. Resumes from out/ckpt_<stage>.pt;
-    a finished stage is read back from out/<stage>.pt. -> (EMA, summary)."""
+    """One SNN (outer, inner given `trusted`, floor or Suave) for K steps; resumes. -> (EMA, summary)."""
     final, ckpt = (os.path.join(args.out, f) for f in (f"{stage}.pt", f"ckpt_{stage}.pt"))
-    if os.path.exists(final):
-        return _load_final(args, data, final, stage)
+    if os.path.exists(final): return _load_final(args, data, final, stage)
     K, seed = args.steps, args.seed * 1000 + ("outer", "inner", "supervised", "suave").index(stage)
+    per_step = args.batch_size * (1 if stage == "supervised" else 1 + 2 * args.mu)   # images
     torch.manual_seed(seed)                           # initial weights; dropout continues from here
     model, fwd, ema, opt, sched = make_model(args, data, stage == "suave")
     st = _restore(ckpt, model, ema, opt, sched, args) if os.path.exists(ckpt) else dict(
-        step=0, evals=[], train_s=0.0, images=0, pl_hit=0, pl_n=0)
+        step=0, evals=[], train_s=0.0, pl_hit=0, pl_n=0)
     trim_metrics(args, stage, st["step"])
     if trusted is not None:                           # checked once here, not once per step
         trusted = kernels.check_trusted(trusted, data["classes"]).to(args.dev)
@@ -673,12 +569,11 @@ def train_snn(args, data, stage, split, trusted=None):
         if not w[:, 0].isfinite().all():              # never train on (or report) a NaN
             bad = done - len(w) + int((~w[:, 0].isfinite()).nonzero()[0, 0]) + 1
             save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad)), bar.close()
-            at = f"at its checkpoint of step {st['step']}" if st["step"] else "before a checkpoint"
-            die(f"{stage} SNN: non-finite loss at step {bad}; stopped {at}. Resume with a lower --lr "
+            die(f"{stage} SNN: non-finite loss at step {bad}; stopped " + (f"at its checkpoint of step "
+                f"{st['step']}" if st["step"] else "before a checkpoint") + ". Resume with a lower --lr "
                 f"(or --lambda-u, --wd, --momentum, --ema, --precision fp32): python kdfixmatch.py "
                 f"--out {shlex.quote(args.out)} --resume --lr ...", status=1)
         st.update(step=done, train_s=st["train_s"] + time.time() - t0,
-                  images=st["images"] + len(w) * (len(b["x_l"]) + 2 * len(b.get("x_u", []))),
                   pl_hit=st["pl_hit"] + int(w[:, 2].sum()), pl_n=st["pl_n"] + int(w[:, 3].sum()))
         row = dict(loss=w[-1, 0].item(), lr=sched.get_last_lr()[0])
         if stage != "supervised":                     # precision of the pseudo labels used
@@ -696,32 +591,24 @@ def train_snn(args, data, stage, split, trusted=None):
     n = len(st["evals"])                              # FixMatch reports the median of the last 20
     summary = dict(test_acc=st["evals"][-1], evals=n,
                    test_acc_median20=float(np.median(st["evals"][-20:])) if n >= 20 else None,
-                   train_s=st["train_s"], images_per_s=st["images"] / max(st["train_s"], 1e-9),
+                   train_s=st["train_s"], images_per_s=K * per_step / max(st["train_s"], 1e-9),
                    pseudo_label_precision=st["pl_hit"] / st["pl_n"] if st["pl_n"] else None)
     save(final, dict(ema=ema.state_dict(), summary=summary, args=vars_of(args)))
     os.remove(ckpt)
     return ema, summary
-
 def evaluate(model, x, y, args, features=False):
     """Accuracy of `model` on uint8 images x; with features=True returns (logits, features)."""
-    model.eval()
-    outs, feats = [], []
     with torch.no_grad(), torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
-        for i in range(0, len(x), 1024):
-            f = model.body(to_input(x[i:i + 1024], args))
-            outs.append(model.head(f).float().cpu())
-            feats += [f.float().cpu()] if features else []   # only DEC needs them
-    logits = torch.cat(outs)
-    return (logits, torch.cat(feats)) if features else (logits.argmax(1) == y).float().mean().item()
-
+        fs = [model.eval().body(to_input(x[i:i + 1024], args)) for i in range(0, len(x), 1024)]
+        logits = torch.cat([model.head(f).float().cpu() for f in fs])
+    return (logits, torch.cat([f.float().cpu() for f in fs])) if features else \
+        (logits.argmax(1) == y).float().mean().item()
 def bench(args, data, split):
-    """--bench: images/s of (1) augment alone, (2) the training step on one batch already on the
-    device (the ceiling), (3) the real loop; (3)/(2) is what the data path leaves of the ceiling."""
+    """--bench: images/s of (1) augment, (2) a step on a fixed batch (ceiling), (3) the real loop."""
     model, fwd, ema, opt, sched = make_model(args, data)
     n, images = (200 if args.dev.type == "cuda" else 20), args.batch_size * (1 + 2 * args.mu)
     sync, rates = torch.cuda.synchronize if args.dev.type == "cuda" else lambda: None, []
-    fixed = make_batch(data, split, 0, 0, args)
-    real = batches(data, split, range(n + n // 4), 0, args)
+    fixed, real = make_batch(data, split, 0, 0, args), batches(data, split, range(2 * n), 0, args)
     step = lambda k, b: train_step(args, fwd, ema, opt, sched, "outer", b, None, k)
     for fn in (lambda k: make_batch(data, split, k, 0, args), lambda k: step(k, fixed),
                lambda k: step(k, next(real))):       # (3) as train_snn: prefetched
@@ -731,18 +618,14 @@ def bench(args, data, split):
             fn(k)
         sync()
         rates.append(images * n / (time.time() - t))
-    print(f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev}, "
-          f"{'bf16' if args.bf16 else 'fp32'}{' compiled' if args.compile else ''}: images/s of "
-          f"(1) augment {rates[0]:.0f}, (2) step on a fixed batch {rates[1]:.0f} "
-          f"({1000 * images / rates[1]:.1f} ms), (3) real loop {rates[2]:.0f} "
-          f"({1000 * images / rates[2]:.1f} ms); (3)/(2) = {rates[2] / rates[1]:.3f}")
+    ms, prec = [f"{r:.0f} ({1000 * images / r:.1f} ms)" for r in rates], "bf16" if args.bf16 else "fp32"
+    print(f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev}, {prec}"
+          f"{' compiled' * args.compile}: images/s of (1) augment {rates[0]:.0f}, (2) step on a fixed "
+          f"batch {ms[1]}, (3) real loop {ms[2]}; (3)/(2) = {rates[2] / rates[1]:.3f}")
     return dict(zip(("augment", "ceiling", "real"), rates))
-
-# =============================================================================================
-# Bookkeeping: atomic writes, checkpoints, metrics, one writer per run directory
+# ==== Bookkeeping: atomic writes, checkpoints, metrics, one writer per run directory ===========
 def save(path, obj):
-    """Atomic write (temp file, then rename): a kill never leaves half a file, a full disk never
-    costs the old one. .pt via torch.save, a list as JSON lines, else JSON; strict (no NaN)."""
+    """Atomic write (temp file, rename): .pt, a list as JSON lines, else JSON; strict (no NaN)."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb" if path.endswith(".pt") else "w") as f:   # (torch.save to a file
@@ -753,52 +636,39 @@ def save(path, obj):
                         if isinstance(obj, list) else json.dumps(obj, indent=2, allow_nan=False))
         os.replace(tmp, path)
     except (OSError, ValueError) as e:                # a full disk; a NaN, which JSON cannot hold
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+        if os.path.lexists(tmp): os.remove(tmp)
         die(f"cannot write {path} ({getattr(e, 'strerror', None) or e})")
-
 def log_metrics(args, row):   # a line per evaluation, with the wall time of all the run's pieces
     _metrics(args, _metrics(args) + [dict(row, wall_s=round(time.time() - args.t0, 1))])
-
 def trim_metrics(args, stage, step):   # a stage restarting at `step` drops its later rows
     _metrics(args, [r for r in _metrics(args) if r["stage"] != stage or r["step"] <= step])
-
 def _metrics(args, rows=None):
     """metrics.jsonl's rows (a last line cut short by a power loss is dropped), or write `rows`."""
     path = os.path.join(args.out, "metrics.jsonl")
-    if rows is not None:
-        return save(path, rows)
+    if rows is not None: return save(path, rows)
     text = open(path).read() if os.path.exists(path) else ""
     return [json.loads(line) for line in text.split("\n")[:-1]]
-
 def vars_of(args):
     return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16", "t0", "lock")}
-
 def _restore(path, model, ema, opt, sched, args):
-    """A checkpoint, with lr, momentum and weight decay from the flags (after a NaN stop they may
-    differ, and must act). The global RNG serves only initialisation and dropout."""
+    """A checkpoint, with lr, momentum and wd from the flags (they may change after a NaN stop)."""
     c = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(c["model"]), ema.load_state_dict(c["ema"])
     opt.load_state_dict(c["opt"]), sched.load_state_dict(c["sched"]), torch.set_rng_state(c["rng"])
-    if c["cuda_rng"] and args.dev.type == "cuda":
-        torch.cuda.set_rng_state_all(c["cuda_rng"])
+    if c["cuda_rng"] and args.dev.type == "cuda": torch.cuda.set_rng_state_all(c["cuda_rng"])
     for g, wd in zip(opt.param_groups, (args.wd, 0.0)):
         g.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=wd)
     sched.base_lrs = [args.lr] * len(opt.param_groups)
     return c["st"]
-
 def _load_final(args, data, path, stage):          # a finished stage: its EMA and summary
     ema, c = make_model(args, data, stage == "suave", False)[2], torch.load(path, "cpu")
     ema.load_state_dict(c["ema"])
     return ema, c["summary"]
-
 def claim_out(args):
-    """--out for this process alone: refused if it holds another run (a start that saved no
-    checkpoint may rerun) or a live process holds its lock (the kernel drops it at any exit)."""
+    """--out for this process alone: no other run in it, no live process holding its lock."""
     for f in [] if args.resume or not os.path.isdir(args.out) else os.listdir(args.out):
         if f.endswith(".pt") or f == "results.json":
-            die(f"--out {args.out} already holds a run ({f}); pass --resume to continue it or "
-                f"choose another --out")
+            die(f"--out {args.out} already holds a run ({f}); pass --resume or choose another --out")
     os.makedirs(args.out, exist_ok=True)
     lock = open(os.path.join(args.out, ".lock"), "a+")
     try:
@@ -807,10 +677,8 @@ def claim_out(args):
         die(f"--out {args.out} is in use by process {lock.seek(0) or lock.read()}; wait or stop it")
     lock.truncate(0), lock.write(str(os.getpid())), lock.flush()
     return lock
-
 def prepare_out(args, data):
-    """Persist or reload the labeled split, with what its indices point into; a fresh run writes
-    config.json and its code beside its results."""
+    """Persist or reload the labeled split (with what it indexes), config.json and the code."""
     y, path = data["train_y"], os.path.join(args.out, "split.json")
     rec = dict(dataset=args.dataset, labels=args.labels, seed=args.seed, arch=args.arch,
                data_dir=os.path.abspath(args.data_dir), train_images=len(y),
@@ -836,14 +704,11 @@ def prepare_out(args, data):
         for f in (__file__, kernels.__file__):        # the code beside its results
             shutil.copy(f, os.path.join(args.out, os.path.basename(f)))
     return split
-
-# =============================================================================================
-# The pipeline
+# ==== The pipeline =============================================================================
 def trusted_subset(args, data, outer):
     """Outer EMA labels the unlabeled set -> select_confident -> dec_cluster. Cached in trusted.pt."""
     path = os.path.join(args.out, "trusted.pt")
-    if os.path.exists(path):
-        return torch.load(path, weights_only=False)
+    if os.path.exists(path): return torch.load(path, weights_only=False)
     logits, feats = evaluate(outer, data["x"], data["train_y"], args, features=True)
     y, pseudo = data["train_y"], logits.argmax(1)
     idx, labels = select_confident(logits.softmax(1), args.tau_select)
@@ -859,7 +724,6 @@ def trusted_subset(args, data, outer):
         dec_iters=info["iters"]))
     save(path, out)
     return out
-
 def main(argv=None):
     """The pipeline: data, split, the stages of --method, results.json."""
     args = argv if isinstance(argv, argparse.Namespace) else get_args(argv)
@@ -886,8 +750,7 @@ def main(argv=None):
         if cuda:
             print(f"{k}: {x.numel() / 2 ** 20:.0f} MiB in {'GPU' if on_gpu else 'pinned host'} memory")
     data["y"] = data["train_y"].to(args.dev)
-    if args.bench:
-        return bench(args, data, split)
+    if args.bench: return bench(args, data, split)
     res = dict(method=args.method, dataset=args.dataset, labels=args.labels, seed=args.seed,
                arch=args.arch, steps=args.steps, device=str(args.dev),
                versions=dict(torch=torch.__version__, torchvision=torchvision.__version__))
@@ -906,17 +769,15 @@ def main(argv=None):
     save(os.path.join(args.out, "results.json"), res)
     report(res)
     return res
-
 def report(res):
-    """Each stage's final EMA test accuracy (FixMatch's median of the last 20 evaluations when it
-    made 20), then the pseudo labels' precision."""
+    """Each stage's final EMA test accuracy (median of last 20 if 20), then pseudo-label precision."""
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
     print(f"\n{res['method']} on {res['dataset']} ({res['labels']} labels, {res['arch']}, "
           f"{res['steps']} steps/SNN, seed {res['seed']}), wall time {res['wall_s']:.0f} s:")
     for stage, name in (("supervised", "supervised floor"), ("outer", "FixMatch (outer SNN)"),
                         ("inner", "KD-FixMatch (inner SNN)"), ("suave", "Suave")):
         if r := res.get(stage):
-            m20 = r["test_acc_median20"]
+            m20 = r["test_acc_median20"]    # FixMatch's figure, when a stage made 20 evaluations
             print(f"  {name:24s} test acc {pct(r['test_acc'])}, " + (f"median of last 20 {pct(m20)}"
                   if m20 else f"{r['evals']} evaluations") + f", {r['images_per_s']:.0f} img/s")
     if t := res.get("trusted"):

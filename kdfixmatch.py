@@ -493,9 +493,10 @@ def make_batch(data, split, step, seed, args, unlabeled=True):
     for kind, pool, size in (("l", split, args.batch_size),       # unlabeled: every image
                              ("u", None, args.mu * args.batch_size)):
         n, pos = len(data["train_y"]) if pool is None else len(pool), step * size
-        stream = torch.cat([_epoch_perm(n, 2 * seed + (kind == "u"), e)   # the epochs this
-                            for e in range(pos // n, (pos + size - 1) // n + 1)])   # batch spans
-        host = (stream if pool is None else pool[stream])[pos % n:pos % n + size]
+        s = 2 * seed + (kind == "u")                  # the slices of the epochs the batch spans:
+        host = torch.cat([_epoch_perm(n, s, e)[max(0, pos - e * n):pos + size - e * n]
+                          for e in range(pos // n, (pos + size - 1) // n + 1)])
+        host = host if pool is None else pool[host]
         idx = to_device(host, args.dev)
         x = data["x"][idx] if data["x"].is_cuda else to_device(data["x"][host], args.dev)
         b.update({"x_" + kind: augment(x, data["flip"], False, g), "y_" + kind: data["y"][idx]})

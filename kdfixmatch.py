@@ -259,26 +259,25 @@ def slot_params(op, level, sign, H, W):
                 theta=torch.stack([d, -b, b * ty - d * tx, -c, a, c * tx - a * ty], 1))
 def apply_plan(x, plan):
     """Apply drawn (or given) per-sample parameters to the uint8 batch x, on x's device."""
-    N, C, H, W = x.shape
-    cols, ends = {k: plan[k] for k in ("flip", "dy", "dx", "cy", "cx") if k in plan}, []
-    for j in range(2 if "op" in plan else 0):         # samples sorted by op: one slice per op
-        order = torch.argsort(plan["op"][:, j], stable=True)
-        op, level, sign = (plan[k][order, j] for k in ("op", "level", "sign"))
-        ends.append([0] + torch.bincount(op, minlength=len(RA_OPS)).cumsum(0).tolist())
-        cols.update({k + str(j): v for k, v in slot_params(op, level, sign, H, W).items()})
-        cols.update({f"order{j}": order, f"back{j}": torch.argsort(order)})
-    flat = torch.cat([v.double().view(N, -1) for v in cols.values()], 1).float()   # ints exact
-    p = dict(zip(cols, to_device(flat, x.device).split([v.view(N, -1).shape[1]
-                                                        for v in cols.values()], 1)))
+    (N, C, H, W), slots = x.shape, range(2 * ("op" in plan))
+    cols = {k: plan[k] for k in ("flip", "dy", "dx", "cy", "cx") if k in plan}
+    for j in slots:                                   # per op slot: op, pt (4), theta (6)
+        cols.update({f"op{j}": plan["op"][:, j]}, **{k + str(j): v for k, v in slot_params(
+            *(plan[k][:, j] for k in ("op", "level", "sign")), H, W).items()})
+    flat = to_device(torch.cat([v.double().view(N, -1) for v in cols.values()], 1).float(), x.device)
+    if kernels._use_triton(x) and H * W <= kernels.AUG_MAX_PIXELS:   # ints exact in float32
+        return kernels.augment(x, flat, bool(slots))  # a GPU: one launch per view, same pixels
+    p = dict(zip(cols, flat.split([v.view(N, -1).shape[1] for v in cols.values()], 1)))
     out = flip_translate(x, p["flip"][:, 0] > 0, p["dy"][:, 0].long(), p["dx"][:, 0].long())
-    for j, e in enumerate(ends):                      # (index_select: 20x out[i] on a CPU)
-        out, pt = out.index_select(0, p[f"order{j}"][:, 0].long()), p[f"pt{j}"].T[..., None, None, None]
+    for j in slots:                                   # samples sorted by op: one slice per op
+        order = torch.argsort(plan["op"][:, j], stable=True)
+        e = [0] + torch.bincount(plan["op"][:, j], minlength=len(RA_OPS)).cumsum(0).tolist()
+        i = to_device(order, x.device)                # (index_select: 20x out[i] on a CPU)
+        out, pt, theta = (t.index_select(0, i) for t in (out, p[f"pt{j}"], p[f"theta{j}"]))
         for k, (a, b) in enumerate(zip(e[1:GEOMETRIC], e[2:GEOMETRIC + 1]), 1):
-            if b > a:
-                out[a:b] = point_op(RA_OPS[k], out[a:b], *pt[:, a:b])
-        if N > (g := e[GEOMETRIC]):
-            out[g:] = affine(out[g:], p[f"theta{j}"][g:])
-        out = out.index_select(0, p[f"back{j}"][:, 0].long())    # back in batch order
+            if b > a: out[a:b] = point_op(RA_OPS[k], out[a:b], *pt.T[:, a:b, None, None, None])
+        if N > (g := e[GEOMETRIC]): out[g:] = affine(out[g:], theta[g:])
+        out = out.index_select(0, to_device(torch.argsort(order), x.device))    # batch order
     if "cy" in p:      # Cutout: half the side, gray, always; clipped at both edges (official)
         iy = torch.arange(H, device=x.device) - p["cy"].long() + H // 4
         ix = torch.arange(W, device=x.device) - p["cx"].long() + W // 4

@@ -1,10 +1,12 @@
-"""Fused kernels for kdfixmatch.py's two hot spots, behind plain functions.
+"""Fused kernels for kdfixmatch.py's three hot spots, behind plain functions.
 
     masked_pseudo_label_loss  FixMatch's unlabeled term (+ Heuristic 1 and CE/SCE)
     dec_soft_assign           DEC's Student-t soft assignment (Xie et al. 2016, eq. 1)
+    augment                   FixMatch's weak and strong views (flip, shift, RandAugment, Cutout)
 
-Each public function dispatches to a Triton kernel for CUDA tensors when triton imports, and to the
-PyTorch reference below otherwise (CPU, or KDFM_NO_TRITON=1). The references define the semantics.
+The first two dispatch to a Triton kernel for CUDA tensors when triton imports, and to the PyTorch
+reference below otherwise (CPU, or KDFM_NO_TRITON=1). augment is the kernel alone: its reference,
+and the dispatch, is kdfixmatch.apply_plan. The references define the semantics.
 
 The Triton paths:
     masked_pseudo_label_loss  one launch per call: weak softmax/argmax, Heuristic 1, mask, labels,
@@ -13,6 +15,9 @@ The Triton paths:
     dec_soft_assign           forward fuses the distance GEMM (tl.dot, 3xTF32), the Student-t
                               kernel and the row normalisation; backward writes dL/d d2 and the
                               centred, scaled z with one kernel, then one addmm per gradient
+    augment                   one launch per view, one program per image (its tile in
+                              registers); the reference is kdfixmatch.apply_plan, which calls it
+                              for CUDA images of up to 32 x 32 (AUG_MAX_PIXELS)
 
 python kernels.py --bench times both against eager and torch.compile (needs a CUDA device).
 """
@@ -376,6 +381,126 @@ if _HAS_TRITON:
                 tl.store(zc_ptr + offs, zc, mask=ok)
 
 
+    # -- FixMatch augmentation: one program per image, its channels x pixels in one tile -------
+    @triton.jit
+    def _blend(a, b, g):
+        # the reference's fma: a + b * g in float64 (g: float32, or a float32 value's literal),
+        return (a.to(tl.float64) + b.to(tl.float64) * g).to(tl.float32)   # rounded once
+
+    @triton.jit
+    def _to_u8(v):
+        # clamp(0, 255).to(uint8): the fraction is cut off
+        return tl.minimum(tl.maximum(v, 0.0), 255.0).to(tl.int32)
+
+    @triton.jit
+    def _nearest(v):
+        # grid_sample's nearest pixel: round half to even (v + 0.5 can round in float32)
+        fl = tl.floor(v)
+        d = v - fl
+        up = (d > 0.5) | ((d == 0.5) & (fl.to(tl.int32) % 2 != 0))
+        return tl.where(up, fl + 1, fl).to(tl.int32)
+
+    @triton.jit
+    def _reread(buf, img, own, src, ok, fill):
+        # the tile through this image's output rows: every thread's stores land before any
+        # thread reads another's pixel, and every read before the next store
+        tl.store(buf + own, img.to(tl.uint8), mask=own >= 0)
+        tl.debug_barrier()
+        v = tl.load(buf + src, mask=ok, other=fill).to(tl.int32)
+        tl.debug_barrier()
+        return v
+
+    @triton.jit
+    def _augment_kernel(x_ptr, out_ptr, lut_ptr, prm_ptr, P, C: tl.constexpr, H: tl.constexpr,
+                        W: tl.constexpr, STRONG: tl.constexpr, CP: tl.constexpr,
+                        HWP: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        c = tl.arange(0, CP)[:, None]
+        p = tl.arange(0, HWP)[None, :]
+        valid = (c < C) & (p < H * W)
+        y, x = p // W, p % W
+        buf = out_ptr + n * (C * H * W)
+        own = tl.where(valid, c * (H * W) + p, -1)
+        row = prm_ptr + n * P
+        # weak view: flip, then shift (dy, dx) with reflect padding
+        sy, sx = y + tl.load(row + 1).to(tl.int32), x + tl.load(row + 2).to(tl.int32)
+        sy = tl.where(sy >= H, 2 * (H - 1) - sy, tl.abs(sy))
+        sx = tl.where(sx >= W, 2 * (W - 1) - sx, tl.abs(sx))
+        sx = tl.where(tl.load(row) > 0, W - 1 - sx, sx)
+        img = tl.load(x_ptr + n * (C * H * W) + c * (H * W) + sy * W + sx, mask=valid,
+                      other=0).to(tl.int32)
+        if STRONG:
+            for j in tl.static_range(2):                      # FixMatch's RandAugment, 2 slots
+                q = row + 5 + 11 * j                          # op, f, 1 - f, mask, thr, theta
+                op, f, g = tl.load(q).to(tl.int32), tl.load(q + 1), tl.load(q + 2)
+                if C == 1:                                    # color on one channel: as PIL,
+                    op = tl.where(op == 4, 0, op)             # nothing
+                xf = img.to(tl.float32)
+                if op == 1:                                   # autocontrast, per channel
+                    lo = tl.min(tl.where(valid, xf, 255.0), 1)[:, None]
+                    hi = tl.max(tl.where(valid, xf, 0.0), 1)[:, None]
+                    img = _to_u8(tl.math.div_rn(xf - tl.where(hi == lo, 0.0, lo),
+                                                tl.where(hi == lo, 1.0, (hi - lo) * (1 / 255))))
+                elif op == 2:                                 # equalize, per channel (PIL's LUT)
+                    bins = tl.arange(0, 256)
+                    for k in tl.static_range(C):
+                        hist = tl.histogram(tl.sum(tl.where((c == k) & valid, img, 0), 0), 256)
+                        hist = tl.where(bins == 0, hist - (HWP - H * W), hist)   # the padding
+                        last = tl.max(tl.where(hist > 0, bins, 0), 0)    # the top value's count
+                        step = (H * W - tl.sum(tl.where(bins == last, hist, 0), 0)) // 255
+                        lut = (tl.cumsum(hist, 0) - hist + step // 2) // tl.maximum(step, 1)
+                        lut = tl.where(step == 0, bins, tl.minimum(lut, 255))
+                        tl.store(lut_ptr + (n * C + k) * 256 + bins, lut.to(tl.uint8))
+                    tl.debug_barrier()
+                    img = tl.load(lut_ptr + (n * C + c) * 256 + img, mask=valid).to(tl.int32)
+                    tl.debug_barrier()
+                elif op == 3:                                 # brightness: blend with black
+                    img = _to_u8(xf * f)
+                elif (op == 4) | (op == 5):                   # color, contrast: blend with the
+                    if C == 3:                                # gray image or its mean.
+                        r = tl.sum(tl.where(c == 0, xf, 0.0), 0)[None, :] * 0.2989
+                        r = _blend(r, tl.sum(tl.where(c == 1, xf, 0.0), 0)[None, :],
+                                   0.5870000123977661)        # TF.rgb_to_grayscale: two fused
+                        r = _blend(r, tl.sum(tl.where(c == 2, xf, 0.0), 0)[None, :],
+                                   0.11400000005960464)       # mul-adds by float32(0.587) and
+                        gray = r.to(tl.int32).to(tl.float32)  # float32(0.114), exact in float64
+                    else:
+                        gray = xf
+                    mean = tl.sum(tl.sum(tl.where(valid & (c == 0), gray, 0.0), 1), 0)
+                    gray = tl.where(op == 5, tl.math.div_rn(mean, H * W * 1.0), gray)
+                    img = _to_u8(_blend(xf * f, gray, g))
+                elif op == 6:                                 # sharpness: the 3x3 (1 1 1, 1 5 1,
+                    inner = valid & (y >= 1) & (y < H - 1) & (x >= 1) & (x < W - 1)  # 1 1 1)
+                    s = 4 * img                               # blur, exact in integers; the
+                    tl.store(buf + own, img.to(tl.uint8), mask=valid)   # border is kept
+                    tl.debug_barrier()
+                    for d in tl.static_range(9):
+                        s += tl.load(buf + own + (d // 3 - 1) * W + d % 3 - 1, mask=inner,
+                                     other=0).to(tl.int32)
+                    tl.debug_barrier()
+                    s = ((s + 6) // 13 - img).to(tl.float32)
+                    img = tl.where(inner, _to_u8(_blend(xf, s, g)), img)
+                elif op == 7:                                 # posterize: keep the top bits
+                    img = img & tl.load(q + 3).to(tl.int32)
+                elif op == 8:                                 # solarize: invert from thr up
+                    img = tl.where(img >= tl.load(q + 4).to(tl.int32), 255 - img, img)
+                elif op >= 9:                                 # rotate, shear, translate: the
+                    gx = x.to(tl.float32) - (W - 1) * 0.5     # affine grid of `affine`, then
+                    gy = y.to(tl.float32) - (H - 1) * 0.5     # grid_sample (nearest, fill 128)
+                    u = (gx * tl.math.div_rn(tl.load(q + 5), 0.5 * W)
+                         + gy * tl.math.div_rn(tl.load(q + 6), 0.5 * W)
+                         + tl.math.div_rn(tl.load(q + 7), 0.5 * W))
+                    v = (gx * tl.math.div_rn(tl.load(q + 8), 0.5 * H)
+                         + gy * tl.math.div_rn(tl.load(q + 9), 0.5 * H)
+                         + tl.math.div_rn(tl.load(q + 10), 0.5 * H))
+                    u, v = _nearest(((u + 1) * W - 1) * 0.5), _nearest(((v + 1) * H - 1) * 0.5)
+                    ok = valid & (u >= 0) & (u < W) & (v >= 0) & (v < H)
+                    img = _reread(buf, img, own, c * (H * W) + v * W + u, ok, 128)
+            iy = y - tl.load(row + 3).to(tl.int32) + H // 4   # Cutout: half the side, gray
+            ix = x - tl.load(row + 4).to(tl.int32) + W // 4
+            img = tl.where((iy >= 0) & (iy < H // 2) & (ix >= 0) & (ix < W // 2), 127, img)
+        tl.store(buf + own, img.to(tl.uint8), mask=valid)
+
 # ---------------------------------------------------------------------------------------------
 # Masked pseudo-label loss: autograd wrapper (the gradient is written by the forward kernel)
 class _MaskedPseudoLabelLoss(torch.autograd.Function):
@@ -478,6 +603,34 @@ class _DecSoftAssign(torch.autograd.Function):
 
 def _dec_soft_assign_triton(z, centroids, alpha=1.0, max_block_k=_DEC_MAX_BLOCK_K):
     return _DecSoftAssign.apply(z, centroids, alpha, max_block_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# FixMatch augmentation: a whole weak or strong view of a batch in one launch
+AUG_MAX_PIXELS = 1024     # H * W of one image's tile in registers (32 x 32; 64 x 64 spills)
+
+
+def _aug_warps(C, H, W):
+    return min(8, max(1, triton.next_power_of_2(C) * triton.next_power_of_2(H * W) // 512))
+
+
+def augment(x, prm, strong):
+    """Weak or strong views of the uint8 batch x (N, C, H, W), C = 1 or 3, from per-sample
+    parameter rows prm (N, P) float32, as kdfixmatch.apply_plan lays them out: flip, dy, dx and,
+    for strong views, Cutout's cy, cx, then per op slot: op, f, 1 - f, posterize mask, solarize
+    threshold, the affine theta (6). Each image is one program: its ops run in order on a tile
+    that stays in registers, so the view costs one launch where apply_plan issues some 200 (a
+    CPU cannot issue those as fast as an H100 trains a bf16 WRN-28-2 step). Same arithmetic as
+    apply_plan, rounded step by step (no fused multiply-add, IEEE division): the same pixels."""
+    N, C, H, W = x.shape
+    out = torch.empty_like(x)
+    lut = torch.empty((N, C, 256) if strong else (1,), dtype=torch.uint8, device=x.device)
+    if N:
+        _augment_kernel[(N,)](x.contiguous(), out, lut, prm.contiguous(), prm.shape[1], C, H, W,
+                              STRONG=strong, CP=triton.next_power_of_2(C),
+                              HWP=triton.next_power_of_2(H * W), num_warps=_aug_warps(C, H, W),
+                              enable_fp_fusion=False)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -259,29 +259,61 @@ def _plan_covering_every_op(N, H, W, seed=0):
     return plan
 
 
+@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not kernels._HAS_TRITON, reason="triton does not import"))])
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 8, 8), (3, 13, 17)])
-def test_batched_augment_equals_torchvision_image_by_image(shape):
+def test_batched_augment_equals_torchvision_image_by_image(shape, path, monkeypatch):
     """Every op at every level, flip, translate and Cutout (also at the corners), on RGB, gray and
     odd-sized images: each pixel equals torchvision's per-image ops. The geometric ops use the
     same inverse matrices and grid as TF.affine (trigonometry in torch's float64 rather than
     Python's math, which could differ in the last bit and move a pixel); they come out exact here
-    too, and we allow at most 0.1 % of their pixels to differ."""
+    too, and we allow at most 0.1 % of their pixels to differ. path "torch" is apply_plan's own
+    ops (each op once per slot over its samples); "triton" is the one-launch kernel a GPU runs
+    (on CUDA tensors with a GPU, else in the interpreter), which must also equal "torch" exactly
+    there (same arithmetic, rounded step by step)."""
     g = torch.Generator().manual_seed(1)
     N = 14 * 9 * 2
     x = torch.randint(0, 256, (N, *shape), dtype=torch.uint8, generator=g)
     x[:28] = x[:28] // 64 * 50                         # few gray levels; flat images for autocontrast
     x[28:42] = 77
+    x[42:, :, shape[1] // 2] = torch.tensor([250, 47, 199][:shape[0]], dtype=torch.uint8)[:, None]
+    launches = []                                      # (a row whose gray needs fused mul-adds)
+    if path == "triton":
+        fused = kernels.augment
+        monkeypatch.setattr(kernels, "augment", lambda *a: launches.append(1) or fused(*a))
+        if _DEV == "cpu":
+            monkeypatch.setattr(kernels, "_use_triton", lambda t: True)
+    dev = _DEV if path == "triton" else "cpu"
     for strong in (False, True):
         plan = _plan_covering_every_op(N, *shape[1:]) if strong else kd.draw_plan(N, *shape[1:])
-        out = kd.apply_plan(x, plan)
+        out = kd.apply_plan(x.to(dev), plan).cpu()
         ref = torch.stack([_tv_augment(x[i], plan, i) for i in range(N)])
         assert out.shape == x.shape and out.dtype == torch.uint8
+        if path == "triton" and dev == "cpu":
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "_use_triton", lambda t: False)
+                assert torch.equal(out, kd.apply_plan(x, plan))
         if not strong:
             assert torch.equal(out, ref)
             continue
         geometric = (plan["op"] >= kd.GEOMETRIC).any(1)
         assert torch.equal(out[~geometric], ref[~geometric])
         assert (out[geometric] != ref[geometric]).float().mean() <= 1e-3
+    assert len(launches) == (2 if path == "triton" else 0)    # one per view
+
+
+def test_augment_kernel_only_for_small_images(monkeypatch):
+    # a tile of more than AUG_MAX_PIXELS would spill registers: larger images take the ops path
+    def boom(*a):
+        raise AssertionError("kernel launched")
+    monkeypatch.setattr(kernels, "_use_triton", lambda t: True)
+    monkeypatch.setattr(kernels, "augment", boom)
+    side = math.isqrt(kernels.AUG_MAX_PIXELS) + 1
+    x = torch.randint(0, 256, (4, 3, side, side), dtype=torch.uint8)
+    plan = kd.draw_plan(4, side, side, True, True, torch.Generator().manual_seed(0))
+    assert kd.apply_plan(x, plan).shape == x.shape
+    with pytest.raises(AssertionError, match="kernel launched"):
+        kd.apply_plan(x[..., :32, :32], kd.draw_plan(4, 32, 32))
 
 
 def test_augment_draws_per_sample_with_the_policy_frequencies():
@@ -310,14 +342,17 @@ def test_augment_draws_per_sample_with_the_policy_frequencies():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_augment_on_cuda_equals_cpu():
-    """The same plan on the GPU: identical weak views; strong views may differ where the GPU's
-    convolution (sharpness) or grid arithmetic rounds differently, on a few pixels at most."""
+def test_augment_on_cuda_equals_cpu(monkeypatch):
+    """The same plan on the GPU, by the one-launch kernel and by apply_plan's own ops
+    (KDFM_NO_TRITON=1): identical weak views; strong views may differ where the GPU's grid
+    arithmetic rounds differently, on a few pixels at most."""
     x = torch.randint(0, 256, (512, 3, 32, 32), dtype=torch.uint8)
-    for strong in (False, True):
-        plan = kd.draw_plan(512, 32, 32, True, strong, torch.Generator().manual_seed(0))
-        cpu, gpu = kd.apply_plan(x, plan), kd.apply_plan(x.cuda(), plan).cpu()
-        assert (cpu != gpu).float().mean() <= (0 if not strong else 1e-3)
+    for no_triton in ("0", "1"):
+        monkeypatch.setenv("KDFM_NO_TRITON", no_triton)
+        for strong in (False, True):
+            plan = kd.draw_plan(512, 32, 32, True, strong, torch.Generator().manual_seed(0))
+            cpu, gpu = kd.apply_plan(x, plan), kd.apply_plan(x.cuda(), plan).cpu()
+            assert (cpu != gpu).float().mean() <= (0 if not strong else 1e-3)
 
 
 def test_prefetched_batches_are_each_steps_batch_in_order(tmp_path):
@@ -1372,12 +1407,14 @@ INT64 = {"trusted_ptr", "target_ptr"}
 LOW = {"weak_ptr", "strong_ptr", "grad_ptr", "x_ptr", "z_ptr", "q_ptr", "g_ptr"}  # input dtype
 
 
-def check(fn, dtype, consts, warps, stages=3):
+def check(fn, dtype, consts, warps, stages=3, **options):
     sig = {a: "constexpr" if a in consts else "fp32" if a in FLOATS else
            ("*i64" if a in INT64 else f"*{dtype}" if a in LOW else "*fp32") if a.endswith("_ptr")
            else "i32" for a in fn.arg_names}
+    if dtype == "u8":                                  # the augmentation: uint8 images, fp32 rows
+        sig.update(out_ptr="*u8", lut_ptr="*u8")
     out = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                         options=dict(num_warps=warps, num_stages=stages))
+                         options=dict(num_warps=warps, num_stages=stages, **options))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(out.asm["ptx"])
         f.flush()
@@ -1406,6 +1443,11 @@ for dtype, K, gz, zc in (("fp32", 10, True, True), ("bf16", 100, False, True),
     n, bk, d = k._dec_bwd_config(K, 1280)
     check(k._dec_bwd_kernel, dtype, dict(ALPHA_ONE=dtype == "fp32", WRITE_GZ=gz, WRITE_ZC=zc,
                                          BLOCK_N=n, BLOCK_K=bk, BLOCK_D=d), 8)
+for C, H, W, strong in ((3, 32, 32, True), (3, 32, 32, False), (1, 8, 8, True), (3, 13, 17, True),
+                       (1, 32, 32, True)):
+    check(k._augment_kernel, "u8", dict(C=C, H=H, W=W, STRONG=strong, CP=triton.next_power_of_2(C),
+                                        HWP=triton.next_power_of_2(H * W)), k._aug_warps(C, H, W),
+          enable_fp_fusion=False)
 print("ok")
 """
 

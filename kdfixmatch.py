@@ -613,14 +613,15 @@ def bench(args, data, split):
     for fn in (lambda k: make_batch(data, split, k, 0, args), lambda k: step(k, fixed),
                lambda k: step(k, next(real))):       # (3) as train_snn: prefetched
         for k in range(n + n // 4):                   # a warm-up (and compilation), then n steps
-            if k == n // 4:
-                sync(), (t := time.time())
+            if k == n // 4: sync(), (t := time.time())
             fn(k)
         sync()
         rates.append(images * n / (time.time() - t))
     ms, prec = [f"{r:.0f} ({1000 * images / r:.1f} ms)" for r in rates], "bf16" if args.bf16 else "fp32"
+    fused = kernels._use_triton(x := fixed["x_s"]) and x[0, 0].numel() <= kernels.AUG_MAX_PIXELS
     print(f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev}, {prec}"
-          f"{' compiled' * args.compile}: images/s of (1) augment {rates[0]:.0f}, (2) step on a fixed "
+          f"{' compiled' * args.compile}: images/s of (1) augment "
+          f"({'one launch per view' if fused else 'per-op'}) {rates[0]:.0f}, (2) step on a fixed "
           f"batch {ms[1]}, (3) real loop {ms[2]}; (3)/(2) = {rates[2] / rates[1]:.3f}")
     return dict(zip(("augment", "ceiling", "real"), rates))
 # ==== Bookkeeping: atomic writes, checkpoints, metrics, one writer per run directory ===========

@@ -355,7 +355,7 @@ def test_augment_on_cuda_equals_cpu(monkeypatch):
             assert (cpu != gpu).float().mean() <= (0 if not strong else 1e-3)
 
 
-def test_prefetched_batches_are_each_steps_batch_in_order(tmp_path):
+def test_prefetched_batches_are_each_steps_batch_in_order(tmp_path, capsys):
     # train_snn builds batch t + 1 in a thread (on a CUDA side stream) while batch t trains
     args = kd.get_args(["--batch-size", "4", "--mu", "2", "--device", _DEV])
     args.dev = torch.device(_DEV)
@@ -375,6 +375,7 @@ def test_prefetched_batches_are_each_steps_batch_in_order(tmp_path):
                      "--out", str(tmp_path / "none")])   # --bench: images/s, writes no run
     assert set(rates) == {"augment", "ceiling", "real"} and min(rates.values()) > 0
     assert not (tmp_path / "none").exists()
+    assert ("(one launch per view)" if _DEV == "cuda" else "(per-op)") in capsys.readouterr().out
 
 
 def test_wrn28_2_is_fixmatchs_backbone():

@@ -259,25 +259,25 @@ def slot_params(op, level, sign, H, W):
                 theta=torch.stack([d, -b, b * ty - d * tx, -c, a, c * tx - a * ty], 1))
 def apply_plan(x, plan):
     """Apply drawn (or given) per-sample parameters to the uint8 batch x, on x's device."""
-    (N, C, H, W), slots = x.shape, range(2 * ("op" in plan))
+    (N, C, H, W), slots, fused = x.shape, range(2 * ("op" in plan)), kernels.augment_takes(x)
     cols = {k: plan[k] for k in ("flip", "dy", "dx", "cy", "cx") if k in plan}
-    for j in slots:                                   # per op slot: op, pt (4), theta (6)
+    for j in slots:                                   # per op slot: op, pt (4), theta (6); for
         cols.update({f"op{j}": plan["op"][:, j]}, **{k + str(j): v for k, v in slot_params(
-            *(plan[k][:, j] for k in ("op", "level", "sign")), H, W).items()})
+            *(plan[k][:, j] for k in ("op", "level", "sign")), H, W).items()})   # the ops' path:
+        if not fused: cols.update({f"order{j}": (o := torch.argsort(plan["op"][:, j], stable=True)),
+                                   f"back{j}": torch.argsort(o)})   # sorted by op, and back
     flat = to_device(torch.cat([v.double().view(N, -1) for v in cols.values()], 1).float(), x.device)
-    if kernels._use_triton(x) and H * W <= kernels.AUG_MAX_PIXELS:   # ints exact in float32
-        return kernels.augment(x, flat, bool(slots))  # a GPU: one launch per view, same pixels
-    p = dict(zip(cols, flat.split([v.view(N, -1).shape[1] for v in cols.values()], 1)))
+    if fused: return kernels.augment(x, flat, bool(slots))   # a GPU: one launch per view, same pixels
+    p = dict(zip(cols, flat.split([v.view(N, -1).shape[1] for v in cols.values()], 1)))   # ints exact
     out = flip_translate(x, p["flip"][:, 0] > 0, p["dy"][:, 0].long(), p["dx"][:, 0].long())
-    for j in slots:                                   # samples sorted by op: one slice per op
-        order = torch.argsort(plan["op"][:, j], stable=True)
+    for j in slots:                                   # one slice per op (index_select: 20x out[i])
         e = [0] + torch.bincount(plan["op"][:, j], minlength=len(RA_OPS)).cumsum(0).tolist()
-        i = to_device(order, x.device)                # (index_select: 20x out[i] on a CPU)
+        i = p[f"order{j}"][:, 0].long()
         out, pt, theta = (t.index_select(0, i) for t in (out, p[f"pt{j}"], p[f"theta{j}"]))
         for k, (a, b) in enumerate(zip(e[1:GEOMETRIC], e[2:GEOMETRIC + 1]), 1):
             if b > a: out[a:b] = point_op(RA_OPS[k], out[a:b], *pt.T[:, a:b, None, None, None])
         if N > (g := e[GEOMETRIC]): out[g:] = affine(out[g:], theta[g:])
-        out = out.index_select(0, to_device(torch.argsort(order), x.device))    # batch order
+        out = out.index_select(0, p[f"back{j}"][:, 0].long())    # back in batch order
     if "cy" in p:      # Cutout: half the side, gray, always; clipped at both edges (official)
         iy = torch.arange(H, device=x.device) - p["cy"].long() + H // 4
         ix = torch.arange(W, device=x.device) - p["cx"].long() + W // 4
@@ -618,7 +618,7 @@ def bench(args, data, split):
         sync()
         rates.append(images * n / (time.time() - t))
     ms, prec = [f"{r:.0f} ({1000 * images / r:.1f} ms)" for r in rates], "bf16" if args.bf16 else "fp32"
-    fused = kernels._use_triton(x := fixed["x_s"]) and x[0, 0].numel() <= kernels.AUG_MAX_PIXELS
+    fused = kernels.augment_takes(fixed["x_s"])
     print(f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev}, {prec}"
           f"{' compiled' * args.compile}: images/s of (1) augment "
           f"({'one launch per view' if fused else 'per-op'}) {rates[0]:.0f}, (2) step on a fixed "

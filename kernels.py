@@ -610,6 +610,11 @@ def _dec_soft_assign_triton(z, centroids, alpha=1.0, max_block_k=_DEC_MAX_BLOCK_
 AUG_MAX_PIXELS = 1024     # H * W of one image's tile in registers (32 x 32; 64 x 64 spills)
 
 
+def augment_takes(x):
+    """Whether augment serves the batch x: CUDA images of up to AUG_MAX_PIXELS pixels."""
+    return _use_triton(x) and x.shape[-2] * x.shape[-1] <= AUG_MAX_PIXELS
+
+
 def _aug_warps(C, H, W):
     return min(8, max(1, triton.next_power_of_2(C) * triton.next_power_of_2(H * W) // 512))
 

@@ -355,6 +355,37 @@ def test_augment_on_cuda_equals_cpu(monkeypatch):
             assert (cpu != gpu).float().mean() <= (0 if not strong else 1e-3)
 
 
+def test_a_steps_batch_is_a_few_device_operations(monkeypatch):
+    """What makes a GPU step launch-bound: the operations that touch the device. The batch's
+    data on PyTorch's meta device stands in for the GPU (a TorchDispatchMode counts every
+    non-view op with a meta tensor in or out; the launch is stubbed). With the kernel, a FixMatch
+    batch (64 labeled, 448 unlabeled x weak + strong) is 3 launches and a handful of copies and
+    gathers; apply_plan's own ops would be hundreds. The plan's draws stay on the host."""
+    from types import SimpleNamespace
+    from torch.utils import _pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, f, types, a=(), kw=None):
+            out = f(*a, **(kw or {}))
+            self.n += not f.is_view and any(isinstance(t, torch.Tensor) and t.device.type == "meta"
+                                            for t in pytree.tree_leaves((a, kw, out)))
+            return out
+    N, launches = 1000, []
+    data = dict(x=torch.empty(N, 3, 32, 32, dtype=torch.uint8, device="meta"), flip=True,
+                y=torch.empty(N, dtype=torch.int64, device="meta"), train_y=torch.zeros(N))
+    args = SimpleNamespace(batch_size=64, mu=7, dev=torch.device("meta"))
+    monkeypatch.setattr(kernels, "augment", lambda x, p, s: launches.append(s) or torch.empty_like(x))
+    counts = {}
+    for fused in (True, False):
+        monkeypatch.setattr(kernels, "augment_takes", lambda x: fused)
+        with Count() as c:
+            c.n = 0
+            b = kd.make_batch(data, torch.arange(100), 0, 0, args)
+        counts[fused] = c.n
+    assert b["x_s"].shape == (448, 3, 32, 32) and launches == [False, False, True]
+    assert counts[True] <= 15 and counts[False] > 300, counts
+
+
 def test_prefetched_batches_are_each_steps_batch_in_order(tmp_path, capsys):
     # train_snn builds batch t + 1 in a thread (on a CUDA side stream) while batch t trains
     args = kd.get_args(["--batch-size", "4", "--mu", "2", "--device", _DEV])

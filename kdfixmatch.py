@@ -11,7 +11,7 @@ Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.
             +5.81 (SVHN), +1.99 (CIFAR100), +3.88 (FOOD101) accuracy points. What we measured is in
             README.md, with commands and machines; results.json records every number a run makes.
 """
-import argparse, copy, ctypes, fcntl, hashlib, json, math, os, re, shlex, shutil, socket, sys, time
+import argparse, copy, ctypes, fcntl, hashlib, io, json, math, os, re, shlex, shutil, socket, sys, time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache, partial
@@ -27,12 +27,12 @@ DATASET_DEFAULTS = {  # labels, arch, steps K per SNN, batch B, mu, eval every, 
     "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 7, 1024, 128)}  # ours: 75k images in memory
 VALID = [  # (flags, is valid, the valid range): every numeric flag, checked before anything runs
     ("labels steps batch_size mu eval_every dec_max_iters dec_batch kmeans_init sinkhorn_iters "
-     "suave_hidden suave_dim image_size", lambda v: v >= 1, "a positive integer"),
+     "suave_hidden suave_dim", lambda v: v >= 1, "a positive integer"),
     ("lr dec_lr suave_temperature sinkhorn_eps", lambda v: v > 0, "> 0"),
     ("wd lambda_u sce_alpha sce_beta workers", lambda v: v >= 0, ">= 0"),
-    ("tau tau_select tau_inner ema dec_tol", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("momentum label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("sce_A", lambda v: v < 0, "< 0 (it stands for log 0)"),
+    ("tau tau_select tau_inner dec_tol", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("ema momentum label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("sce_A", lambda v: v < 0, "< 0 (A is log 0)"), ("image_size", lambda v: v >= 8, ">= 8 (pixels)"),
     ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)")]
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -99,7 +99,7 @@ def get_args(argv=None):
     if args.resume and not os.path.exists(cfg):
         die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
     if os.path.exists(os.path.join(args.out, "diverged.json")):   # after a NaN stop, also these
-        free |= {"lr", "wd", "momentum", "lambda_u", "ema", "ema_warmup"}
+        free |= {"lr", "wd", "momentum", "lambda_u", "ema", "ema_warmup", "sinkhorn_eps", "sce_beta"}
     old = json.load(open(cfg)) if args.resume else {}
     for k in sorted(k for k in given & old.keys() - free if old[k] != getattr(args, k)):
         die(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from {old[k]} in "
@@ -114,7 +114,6 @@ def get_args(argv=None):
         for f, v in ((f, getattr(args, f)) for f in flags.split()):
             if v is not None and not (math.isfinite(v) and ok(v)):
                 die(f"--{f.replace('_', '-')} {v}: must be {text}")
-    args.eval_every = min(args.eval_every, args.steps)
     args.ema_warmup = args.dataset == "digits" if args.ema_warmup is None else args.ema_warmup
     m, M, kd = args.method, f"--method {args.method}", args.method == "kdfixmatch"
     for flags, why in (                               # a flag that would do nothing is refused
@@ -126,7 +125,8 @@ def get_args(argv=None):
             ("sce_alpha sce_beta sce_A", not kd and M or args.loss == "ce" and "--loss ce"),
             ("suave_temperature sinkhorn_eps sinkhorn_iters label_smoothing suave_hidden suave_dim",
              m != "suave" and M),
-            ("pretrained weights", args.arch != "efficientnet_b0" and f"--arch {args.arch}")):
+            ("pretrained weights", args.arch != "efficientnet_b0" and f"--arch {args.arch}"),
+            ("method steps resume", args.bench and "--bench (it times the FixMatch step)")):
         for f in set(flags.split()) & given if why else ():
             die(f"--{f.replace('_', '-')} does nothing with {why}; drop it")
     missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(args.data_dir, s))]
@@ -333,12 +333,11 @@ def build_model(arch, in_ch, classes, pretrained=False, weights=None):
     if arch == "wrn28_2": return wrn28(in_ch, classes, width=2)
     if in_ch != 3: die("--arch efficientnet_b0 needs 3-channel images")
     m = torchvision.models.efficientnet_b0()
-    if pretrained or weights: m.load_state_dict(_imagenet_weights(weights))
+    if weights: load(weights, "pass torchvision's efficientnet_b0 state_dict", m.load_state_dict)
+    elif pretrained: m.load_state_dict(_imagenet_weights())   # a download (or torch.hub's cache)
     body = nn.Sequential(m.features, m.avgpool, nn.Flatten(), nn.Dropout(0.2))
     return nn.Sequential(OrderedDict(body=body, head=nn.Linear(1280, classes)))
-def _imagenet_weights(path):
-    if path and not os.path.isfile(path): die(f"--weights {path}: no such file")
-    if path: return torch.load(path, "cpu")           # a local file (offline)
+def _imagenet_weights():
     w = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
     try:
         return w.get_state_dict(progress=False)
@@ -395,8 +394,7 @@ def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=1e-3
     """DEC (Xie et al. 2016) on features z: k-means init, SGD on KL(P || Q) until < tol of points move;
     clusters -> classes by Hungarian matching. -> (keep: cluster agrees with pseudo label, info)."""
     z, n, k = z.float(), len(z), classes
-    if n < k:                                         # too few candidates to cluster into K
-        return torch.zeros(n, dtype=torch.bool), dict(iters=0, moved=0.0)
+    if n < k: return torch.zeros(n, dtype=torch.bool), dict(iters=0, moved=0.0)   # too few for K
     km = KMeans(k, n_init=n_init, random_state=seed).fit(z.cpu().numpy())
     mu = torch.tensor(km.cluster_centers_, dtype=torch.float32, device=z.device, requires_grad=True)
     opt, g = torch.optim.SGD([mu], lr=lr, momentum=0.9), torch.Generator(z.device).manual_seed(seed)
@@ -414,8 +412,7 @@ def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=1e-3
         qb = kernels.dec_soft_assign(z[i], mu)
         kl = (p[i] * (p[i].clamp_min(1e-12).log() - qb.clamp_min(1e-12).log())).sum(1).mean()
         opt.zero_grad(), kl.backward(), opt.step()
-    with torch.no_grad():
-        clusters, pseudo = kernels.dec_soft_assign(z, mu).argmax(1).cpu(), pseudo.cpu()
+    with torch.no_grad(): clusters, pseudo = kernels.dec_soft_assign(z, mu).argmax(1).cpu(), pseudo.cpu()
     table = torch.zeros(k, k, dtype=torch.long).index_put_((clusters, pseudo), torch.tensor(1), True)
     rows, cols = linear_sum_assignment(table.numpy(), maximize=True)
     to_class = torch.tensor(cols)[torch.tensor(rows).argsort()]
@@ -430,8 +427,7 @@ def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0, reduction="mean"):
 class Prototypes(nn.Linear):
     """Unit prototypes, renormalised in place before each forward (Suave's code); fp32 cosine scores."""
     def forward(self, x):
-        with torch.no_grad():
-            self.weight.copy_(F.normalize(self.weight, dim=1))
+        with torch.no_grad(): self.weight.copy_(F.normalize(self.weight, dim=1))
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(F.normalize(x.float(), dim=1), self.weight)
 def suave_head(in_dim, classes, hidden=2048, dim=128):
@@ -440,8 +436,8 @@ def suave_head(in_dim, classes, hidden=2048, dim=128):
 @torch.no_grad()
 def sinkhorn(scores, eps=0.05, iters=3):
     """SwAV's Sinkhorn-Knopp: scores (B, K) -> assignments: rows sum to 1, prototypes equally used."""
-    q = torch.exp((scores - scores.max()) / eps).T    # K x B; the shift cancels in the normalising
-    q /= q.sum()
+    q = torch.exp((scores - scores.max()) / eps).clamp_min(1e-30).T   # K x B; the shift cancels in
+    q /= q.sum()                      # the normalising; the floor: no 0 / 0 where a small eps underflows
     K, B = q.shape
     for _ in range(iters):
         q /= K * q.sum(1, keepdim=True)               # each prototype gets mass 1/K
@@ -472,7 +468,7 @@ def make_model(args, data, suave=False, imagenet=True):
     decay = lambda p: p.ndim > 1 and id(p) not in no_wd
     opt = torch.optim.SGD([dict(params=[p for p in model.parameters() if decay(p) == d],
                                 weight_decay=args.wd * d) for d in (True, False)],
-                          lr=args.lr, momentum=args.momentum, nesterov=True)
+                          lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
     K, mode = args.steps, "reduce-overhead" if args.dev.type == "cuda" else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * K)))
     fwd = torch.compile(model, mode=mode) if args.compile else model
@@ -530,16 +526,15 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
         else:                                         # FixMatch: outer or inner SNN, or the floor
             t = None if trusted is None else trusted[b["idx_u"]]
             loss, s = fixmatch_step(model, x_l, b["y_l"], x_w, x_s, args.tau if t is None else
-                                    args.tau_inner, args.lambda_u, t, args.loss, args.sce_alpha,
-                                    args.sce_beta, args.sce_A)
+                                    args.tau_inner, args.lambda_u, t, "ce" if t is None else
+                                    args.loss, args.sce_alpha, args.sce_beta, args.sce_A)   # SCE: inner
     opt.zero_grad(set_to_none=True), loss.backward()
     opt.step(), sched.step()
     with torch.no_grad():                             # EMA of the parameters; buffers copied
         d = min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
         torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
-        if "mask" not in s:                           # the supervised floor
-            return torch.stack([loss.detach(), *loss.new_zeros(3)])
+        if "mask" not in s: return torch.stack([loss.detach(), *loss.new_zeros(3)])   # the floor
         used = s["mask"] > 0
         return torch.stack([loss.detach(), s["mask"].mean(),
                             (used & (s["pseudo"] == b["y_u"])).sum(), used.sum()]).float()
@@ -554,8 +549,7 @@ def train_snn(args, data, stage, split, trusted=None):
     st = _restore(ckpt, model, ema, opt, sched, args) if os.path.exists(ckpt) else dict(
         step=0, evals=[], train_s=0.0, pl_hit=0, pl_n=0)
     trim_metrics(args, stage, st["step"])
-    if trusted is not None:                           # checked once here, not once per step
-        trusted = kernels.check_trusted(trusted, data["classes"]).to(args.dev)
+    trusted = None if trusted is None else kernels.check_trusted(trusted, data["classes"]).to(args.dev)
     bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)   # a log file: a line per 30 s
     window, t0 = [], time.time()
@@ -563,28 +557,28 @@ def train_snn(args, data, stage, split, trusted=None):
                                     unlabeled=stage != "supervised")):
         window.append(train_step(args, fwd, ema, opt, sched, stage, b, trusted, step))
         done, evaluate_now = step + 1, (step + 1) % args.eval_every == 0 or step + 1 == K
-        if done % 32 and not evaluate_now:
-            continue                                  # the GPU runs ahead: read back every 32
+        if done % 32 and not evaluate_now: continue    # the GPU runs ahead: read back every 32
         w, window = torch.stack(window).cpu(), []
         if not w[:, 0].isfinite().all():              # never train on (or report) a NaN
             bad = done - len(w) + int((~w[:, 0].isfinite()).nonzero()[0, 0]) + 1
             save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad)), bar.close()
+            fix = dict(suave="--sinkhorn-eps, ", supervised="").get(stage, "--lambda-u, ") + "--wd, "
             die(f"{stage} SNN: non-finite loss at step {bad}; stopped " + (f"at its checkpoint of step "
                 f"{st['step']}" if st["step"] else "before a checkpoint") + ". Resume with a lower --lr "
-                f"(or --lambda-u, --wd, --momentum, --ema, --precision fp32): python kdfixmatch.py "
+                f"(or {fix}--momentum, --ema{', --precision fp32' * args.bf16}): python kdfixmatch.py "
                 f"--out {shlex.quote(args.out)} --resume --lr ...", status=1)
         st.update(step=done, train_s=st["train_s"] + time.time() - t0,
                   pl_hit=st["pl_hit"] + int(w[:, 2].sum()), pl_n=st["pl_n"] + int(w[:, 3].sum()))
-        row = dict(loss=w[-1, 0].item(), lr=sched.get_last_lr()[0])
+        row, hit, n = dict(loss=float(w[-1, 0]), lr=sched.get_last_lr()[0]), st["pl_hit"], st["pl_n"]
         if stage != "supervised":                     # precision of the pseudo labels used
-            row.update(mask=w[-1, 1].item(), pl_precision=st["pl_hit"] / max(1, st["pl_n"]))
+            row.update(mask=float(w[-1, 1]), pl_precision=hit / n if n else None)
         if evaluate_now:
             st["evals"].append(evaluate(ema, data["test_x"], data["test_y"], args))
             log_metrics(args, dict(stage=stage, step=done, test_acc=st["evals"][-1], **row))
             save(ckpt, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                             sched=sched.state_dict(), st=st, rng=torch.get_rng_state(), cuda_rng=
                             torch.cuda.get_rng_state_all() if args.dev.type == "cuda" else None))
-        bar.set_postfix({k: f"{v:.4f}" if k == "lr" else f"{v:.3f}" for k, v in row.items()},
+        bar.set_postfix({k: "-" if v is None else f"{v:.4g}" for k, v in row.items()},
                         test=f"{st['evals'][-1]:.3f}" if st["evals"] else "-", refresh=False)
         t0 = time.time()
     bar.close()
@@ -629,9 +623,9 @@ def save(path, obj):
     """Atomic write (temp file, rename): .pt, a list as JSON lines, else JSON; strict (no NaN)."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb" if path.endswith(".pt") else "w") as f:   # (torch.save to a file
-            if path.endswith(".pt"):                  # object reports a full disk as OSError)
-                torch.save(obj, f)
+        with open(tmp, "wb" if path.endswith(".pt") else "w") as f:   # (a .pt is serialised
+            if path.endswith(".pt"):                  # in memory first: torch.save's own writes
+                torch.save(obj, b := io.BytesIO()), f.write(b.getbuffer())   # hide a full disk)
             else:
                 f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in obj)
                         if isinstance(obj, list) else json.dumps(obj, indent=2, allow_nan=False))
@@ -651,9 +645,15 @@ def _metrics(args, rows=None):
     return [json.loads(line) for line in text.split("\n")[:-1]]
 def vars_of(args):
     return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16", "t0", "lock")}
+def load(path, fix="replace it, or remove it and --resume to redo that stage", then=lambda c: c, **kw):
+    """torch.load(path), then `then` on it; a corrupt, cut short or foreign file: one line naming it."""
+    try:
+        return then(torch.load(path, "cpu", **kw))
+    except Exception as e:
+        die(f"cannot load {path} ({getattr(e, 'strerror', None) or type(e).__name__}); {fix}")
 def _restore(path, model, ema, opt, sched, args):
     """A checkpoint, with lr, momentum and wd from the flags (they may change after a NaN stop)."""
-    c = torch.load(path, map_location="cpu", weights_only=False)
+    c = load(path, weights_only=False)
     model.load_state_dict(c["model"]), ema.load_state_dict(c["ema"])
     opt.load_state_dict(c["opt"]), sched.load_state_dict(c["sched"]), torch.set_rng_state(c["rng"])
     if c["cuda_rng"] and args.dev.type == "cuda": torch.cuda.set_rng_state_all(c["cuda_rng"])
@@ -662,9 +662,8 @@ def _restore(path, model, ema, opt, sched, args):
     sched.base_lrs = [args.lr] * len(opt.param_groups)
     return c["st"]
 def _load_final(args, data, path, stage):          # a finished stage: its EMA and summary
-    ema, c = make_model(args, data, stage == "suave", False)[2], torch.load(path, "cpu")
-    ema.load_state_dict(c["ema"])
-    return ema, c["summary"]
+    ema = make_model(args, data, stage == "suave", False)[2]
+    return ema, load(path, then=lambda c: (ema.load_state_dict(c["ema"]), c["summary"])[1])
 def claim_out(args):
     """--out for this process alone: no other run in it, no live process holding its lock."""
     for f in [] if args.resume or not os.path.isdir(args.out) else os.listdir(args.out):
@@ -680,24 +679,24 @@ def claim_out(args):
     return lock
 def prepare_out(args, data):
     """Persist or reload the labeled split (with what it indexes), config.json and the code."""
-    y, path = data["train_y"], os.path.join(args.out, "split.json")
+    y, path, x = data["train_y"], os.path.join(args.out, "split.json"), data["train_x"]
+    sha = lambda t: hashlib.sha256(t.numpy().tobytes()).hexdigest()
     rec = dict(dataset=args.dataset, labels=args.labels, seed=args.seed, arch=args.arch,
-               data_dir=os.path.abspath(args.data_dir), train_images=len(y),
-               train_labels_sha256=hashlib.sha256(y.long().numpy().tobytes()).hexdigest())
+               data_dir=os.path.abspath(args.data_dir), train_images=len(y), train_labels_sha256=
+               sha(y.long()), train_pixels_sha256=sha(x[::max(1, len(x) // 10000)]))  # a sample
     f = path if args.resume else args.outer_from and os.path.join(args.outer_from, "split.json")
-    if f and os.path.exists(f):                       # never redraw a persisted split
-        s = json.load(open(f))
-        for k in sorted(k for k in set(s) & set(rec) - {"data_dir"} if s[k] != rec[k]):   # its indices
-            die(f"{f} records {k} {s[k]} (data {s.get('data_dir')}), this run {rec[k]}; "  # would point
-                f"use that data and those flags, or another --out")                           # elsewhere
+    if f and os.path.exists(f):                       # never redraw a persisted split, nor
+        s = json.load(open(f))                        # point its indices into other data
+        for k in sorted(k for k in set(s) & set(rec) - {"data_dir"} if s[k] != rec[k]):
+            die(f"{f} records {k} {s[k]} (data {s.get('data_dir')}), this run {rec[k]}; "
+                f"use that data and those flags, or another --{'out' if f == path else 'outer-from'}")
         split = torch.tensor(s["labeled"])
     else:
         split = labeled_split(y, args.labels, data["classes"], args.seed)
     div = os.path.join(args.out, "diverged.json")
     if args.resume:                                   # counts the earlier pieces' wall time; after
         args.t0 -= max([r.get("wall_s", 0) for r in _metrics(args)], default=0)   # a NaN stop,
-        if not os.path.exists(div):                   # the flags given now are the run's
-            return split
+        if not os.path.exists(div): return split      # the flags given now are the run's
         os.replace(div, os.path.join(args.out, f"diverged-{int(time.time())}.json"))
     save(os.path.join(args.out, "config.json"), vars_of(args))
     if not args.resume:
@@ -709,7 +708,7 @@ def prepare_out(args, data):
 def trusted_subset(args, data, outer):
     """Outer EMA labels the unlabeled set -> select_confident -> dec_cluster. Cached in trusted.pt."""
     path = os.path.join(args.out, "trusted.pt")
-    if os.path.exists(path): return torch.load(path, weights_only=False)
+    if os.path.exists(path): return load(path, weights_only=False)
     logits, feats = evaluate(outer, data["x"], data["train_y"], args, features=True)
     y, pseudo = data["train_y"], logits.argmax(1)
     idx, labels = select_confident(logits.softmax(1), args.tau_select)

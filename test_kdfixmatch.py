@@ -127,6 +127,14 @@ def test_sinkhorn_rows_sum_to_one_and_balances_a_skewed_batch():
     assert (q.sum(0) - 25.6).abs().max() < 0.05 * 25.6  # equal share per prototype (3 iterations)
     q50 = kd.sinkhorn(scores, eps=0.05, iters=50)
     torch.testing.assert_close(q50.sum(0), torch.full((10,), 25.6), rtol=1e-4, atol=1e-3)
+    torch.set_flush_denormal(True)                       # as main() runs it
+    try:                                                 # a small eps, one prototype far from
+        far = torch.cat([scores[:, :9] + 0.5, torch.full((256, 1), -1.0)], 1)   # every sample:
+        q = kd.sinkhorn(far, eps=0.01, iters=3)          # exp(-200) underflows; no 0 / 0
+    finally:
+        torch.set_flush_denormal(False)
+    assert q.isfinite().all() and (q >= 0).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(256))
 
 
 def test_suave_step_swapped_prediction_has_no_gradient_through_targets():
@@ -430,8 +438,15 @@ def test_efficientnet_weights_offline_error_and_local_file(tmp_path, monkeypatch
     m = kd.build_model("efficientnet_b0", 3, 10, weights=str(tmp_path / "w.pth"))
     torch.testing.assert_close(m.body[0][0][0].weight, ref.features[0][0].weight)
     assert m.head.out_features == 10
-    with pytest.raises(SystemExit):
-        kd.build_model("efficientnet_b0", 3, 10, weights=str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_text("junk\n")
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet.pth")
+    for name in ("missing.pth", "junk.pth", "resnet.pth"):      # one line naming the file
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            kd.build_model("efficientnet_b0", 3, 10, weights=str(tmp_path / name))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and f"cannot load {tmp_path / name}" in err
+        assert "efficientnet_b0 state_dict" in err
 
 
 def test_labeled_split_is_balanced_and_seeded():
@@ -456,7 +471,8 @@ BAD_INPUT = [  # (argv, a piece of the one-line error); {tmp} is the test's temp
     (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--tau", "1.5"], "--tau 1.5: must be in [0, 1]"),
-    (["--ema", "nan"], "--ema nan: must be in [0, 1]"),
+    (["--ema", "nan"], "--ema nan: must be in [0, 1)"),
+    (["--ema", "1"], "--ema 1.0: must be in [0, 1)"),              # would never leave the init
     (["--lr", "-1"], "--lr -1.0: must be > 0"),
     (["--lr", "inf"], "--lr inf: must be > 0"),
     (["--wd=-1e-4"], "--wd -0.0001: must be >= 0"),
@@ -467,7 +483,10 @@ BAD_INPUT = [  # (argv, a piece of the one-line error); {tmp} is the test's temp
     (["--dec-lr", "-1"], "--dec-lr -1.0: must be > 0"),
     (["--seed", "-1"], "--seed -1: must be in [0, 2^31)"),
     (["--workers", "-1"], "--workers -1: must be >= 0"),
-    (["--image-size", "0"], "--image-size 0: must be a positive integer"),
+    (["--image-size", "0"], "--image-size 0: must be >= 8 (pixels)"),
+    (["--image-size", "4"], "--image-size 4: must be >= 8 (pixels)"),
+    (["--bench", "--method", "suave"], "--method does nothing with --bench (it times the FixMatch"),
+    (["--bench", "--steps", "9"], "--steps does nothing with --bench"),
     (["--method", "supervised", "--tau", "0.9"], "--tau does nothing with --method supervised"),
     (["--method", "supervised", "--mu", "3"], "--mu does nothing with --method supervised"),
     (["--method", "fixmatch", "--tau-inner", "0.9"], "--tau-inner does nothing with --method fix"),
@@ -820,12 +839,12 @@ def test_folder_refuses_bad_files_sizes_and_classes_in_one_line(tmp_path, capsys
     root = _folder(tmp_path / "d", {"train": 8, "test": 6})
     err = _folder_error(["--data-dir", root, "--workers", "0"], capsys)
     assert "images differ in size [(6, 6), (8, 8)]; pass --image-size N" in err
-    d = kd.load_dataset(kd.get_args(["--dataset", "folder", "--data-dir", root, "--image-size", "4",
+    d = kd.load_dataset(kd.get_args(["--dataset", "folder", "--data-dir", root, "--image-size", "8",
                                      "--workers", "0"]))
-    assert d["train_x"].shape == (6, 3, 4, 4) and d["test_x"].shape == (6, 3, 4, 4)
+    assert d["train_x"].shape == (6, 3, 8, 8) and d["test_x"].shape == (6, 3, 8, 8)
     bad = tmp_path / "d" / "test" / "b" / "1.png"
     bad.write_bytes(bad.read_bytes()[:40])              # truncated, found by a decoding worker
-    err = _folder_error(["--data-dir", root, "--image-size", "4", "--workers", "1"], capsys)
+    err = _folder_error(["--data-dir", root, "--image-size", "8", "--workers", "1"], capsys)
     assert f"cannot decode {bad} (" in err
     one = _folder(tmp_path / "one", {"train": 8, "test": 8}, classes=("a",))
     err = _folder_error(["--data-dir", one, "--workers", "0"], capsys)
@@ -849,10 +868,11 @@ def test_image_size_resizes_digits():
 def test_split_records_its_data_and_refuses_other_data(tmp_path, capsys):
     args = kd.get_args(["--out", str(tmp_path), "--labels", "20"])
     args.t0 = time.time()
-    data = dict(train_y=torch.arange(10).repeat(30), classes=10)
+    x = torch.randint(0, 256, (300, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = dict(train_y=torch.arange(10).repeat(30), classes=10, train_x=x)
     split = kd.prepare_out(args, data)
     s = json.load(open(tmp_path / "split.json"))
-    assert s["train_images"] == 300 and len(s["train_labels_sha256"]) == 64
+    assert s["train_images"] == 300 and len(s["train_labels_sha256"]) == len(s["train_pixels_sha256"]) == 64
     assert s["dataset"] == "digits" and s["labeled"] == split.tolist()
     args.resume = True
     assert torch.equal(kd.prepare_out(args, data), split)          # the same data: reused
@@ -860,12 +880,17 @@ def test_split_records_its_data_and_refuses_other_data(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         kd.prepare_out(args, data)
     assert e.value.code == 2 and "records train_labels_sha256" in capsys.readouterr().err
+    data["train_y"] = data["train_y"].roll(-1)
+    for other in (x.flip(-1), F.interpolate(x, 16)):                  # the same labels, other pixels
+        with pytest.raises(SystemExit) as e:
+            kd.prepare_out(args, dict(data, train_x=other))
+        assert e.value.code == 2 and "records train_pixels_sha256" in capsys.readouterr().err
     (tmp_path / "outer.pt").touch()
     other = kd.get_args(["--out", str(tmp_path / "kd"), "--labels", "20", "--outer-from", str(tmp_path)])
     other.t0 = time.time()
     with pytest.raises(SystemExit):                                  # --outer-from: the same check
-        kd.prepare_out(other, dict(train_y=torch.arange(10).repeat(31), classes=10))
-    assert "records train_images 300" in capsys.readouterr().err
+        kd.prepare_out(other, dict(train_y=torch.arange(10).repeat(31), classes=10, train_x=x))
+    assert "records train_images 300" in (err := capsys.readouterr().err) and "another --outer-from" in err
 
 
 def test_resume_keeps_the_runs_flags(tmp_path, capsys):
@@ -914,6 +939,61 @@ def test_full_disk_names_the_file_and_keeps_the_old_one(name, tmp_path, capsys):
     assert e.value.code == 2 and f"cannot write {path} (" in err and len(err.splitlines()) == 1
     assert os.strerror(errno.ENOSPC) in err
     assert path.read_bytes() == before and not os.path.lexists(str(path) + ".tmp")
+
+
+def test_a_disk_filling_up_mid_checkpoint_is_one_line_too(tmp_path):
+    # a write that fails part way (a filling disk; here a file-size limit) used to surface as
+    # torch.save's "unexpected pos" RuntimeError, a traceback, with the .tmp left behind
+    path = tmp_path / "ckpt_outer.pt"
+    kd.save(str(path), {"w": torch.zeros(3)})
+    before = path.read_bytes()
+    code = ("import resource, signal, sys, torch, kdfixmatch as kd; signal.signal(signal.SIGXFSZ, "
+            "signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (10 ** 5, resource.RLIM_INFINITY)); "
+            "kd.save(sys.argv[1], {'w': torch.ones(10 ** 5)})")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == f"kdfixmatch.py: error: cannot write {path} ({os.strerror(errno.EFBIG)})\n"
+    assert path.read_bytes() == before and not os.path.lexists(str(path) + ".tmp")
+
+
+def test_corrupt_run_files_are_one_line_naming_them(tmp_path, capsys):
+    fm = tmp_path / "fm"
+    kd.main([*_TINY, "--out", str(fm)])
+    capsys.readouterr()
+    (fm / "outer.pt").write_bytes((fm / "outer.pt").read_bytes()[:1000])   # cut short (a copy)
+    for argv in (["--method", "kdfixmatch", "--outer-from", str(fm), "--out", str(tmp_path / "kd")],
+                 ["--method", "fixmatch", "--out", str(fm), "--resume"]):
+        if "--resume" in argv:                               # a stage's file in a resumed run
+            (fm / "results.json").unlink()
+        with pytest.raises(SystemExit) as e:
+            kd.main([*_TINY[:-2], *argv] if "--resume" not in argv else argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and f"cannot load {fm / 'outer.pt'} (" in err
+
+
+def test_sce_is_the_inner_snns_loss_only(tmp_path, monkeypatch):
+    # the outer SNN is FixMatch (CE) even when --loss sce picks the inner SNN's unlabeled loss
+    seen, real = [], kernels.masked_pseudo_label_loss
+    def spy(weak, strong, tau, trusted, loss, *a, **k):
+        seen.append((trusted is None, loss))
+        return real(weak, strong, tau, trusted, loss, *a, **k)
+    monkeypatch.setattr(kernels, "masked_pseudo_label_loss", spy)
+    kd.main([*_TINY[:-2], "--method", "kdfixmatch", "--loss", "sce", "--out", str(tmp_path / "r")])
+    assert seen[:4] == [(True, "ce")] * 4 and seen[4:] == [(False, "sce")] * 4
+
+
+def test_edge_values_run_and_resume_as_given(tmp_path, capsys):
+    # --eval-every past --steps: one evaluation at the end, and the same command resumes (it used
+    # to be stored clamped and then "differ"); --momentum 0 is plain SGD (Nesterov needs some);
+    # tau 1: no pseudo label passes, so no precision is reported (not 0)
+    argv = [*_TINY, "--eval-every", "100", "--momentum", "0", "--tau", "1", "--out", str(tmp_path / "r")]
+    res = kd.main(argv)
+    assert res["evals"] == 1 and res["outer"]["pseudo_label_precision"] is None
+    rows = [json.loads(r) for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4] and rows[0]["pl_precision"] is None and rows[0]["mask"] == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        kd.get_args([*argv, "--resume"])
+    assert not e.value.code and "is complete" in capsys.readouterr().out   # exit status 0
 
 
 def test_one_writer_per_run_directory(tmp_path, capsys):

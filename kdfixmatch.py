@@ -11,20 +11,27 @@ Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.
             +5.81 (SVHN), +1.99 (CIFAR100), +3.88 (FOOD101) accuracy points. What we measured is in
             README.md, with commands and machines; results.json records every number a run makes.
 """
-import argparse, copy, ctypes, fcntl, hashlib, io, json, math, os, re, shlex, shutil, socket, sys, time
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache, partial
+import argparse, collections, concurrent.futures, copy, ctypes, fcntl, functools, hashlib, io, json
+import math, os, re, shlex, shutil, socket, sys, time
 
 def die(msg, status=2):
     """Bad input: one line, exit status 2, no traceback."""
     sys.exit(print(f"kdfixmatch.py: error: {msg}", file=sys.stderr) or status)
+def load(path, fix="replace it, or remove it and --resume to redo that stage", then=lambda c: c, **kw):
+    """torch.load(path) (.json: json.load), then `then`; corrupt, cut short or foreign: one line."""
+    try:
+        return then(json.load(open(path)) if path.endswith(".json") else torch.load(path, "cpu", **kw))
+    except Exception as e:
+        die(f"cannot load {path} ({getattr(e, 'strerror', None) or type(e).__name__}); {fix}")
 # ==== Hyper-parameters: every default in one block, with the paper's symbol ====================
-DATASET_DEFAULTS = {  # labels, arch, steps K per SNN, batch B, mu, eval every, image size (px)
-    "digits":   (50, "small_cnn", 500, 32, 5, 100, None),   # mu 5: KD >= 97 % on 3 seeds, fastest
-    **dict.fromkeys(["cifar10", "cifar100", "svhn", "folder"], (4000, "wrn28_2", 2 ** 20, 64, 7, 1024,
-                                                                 None)),
-    "food101":  (4000, "efficientnet_b0", 2 ** 20, 64, 7, 1024, 128)}  # ours: 75k images in memory
+FIXMATCH = dict(labels=4000, arch="wrn28_2", steps=2 ** 20, batch_size=64, mu=7, eval_every=1024,
+                image_size=None, wd=5e-4, ema_warmup=False, sce_alpha=0.1, sce_beta=1.0)
+DATASET_DEFAULTS = {  # the flags a dataset sets: FixMatch's (official code), SCE's CIFAR-10 unless said
+    "digits": dict(FIXMATCH, labels=50, arch="small_cnn", steps=500, batch_size=32, mu=5, eval_every=100,
+                   ema_warmup=True),                  # ours, for a CPU: the fastest at KD >= 97 %
+    **dict.fromkeys(["cifar10", "svhn", "folder"], FIXMATCH),
+    "cifar100": dict(FIXMATCH, arch="wrn28_8", wd=1e-3, sce_alpha=6.0, sce_beta=0.1),  # SCE's CIFAR-100
+    "food101": dict(FIXMATCH, arch="efficientnet_b0", image_size=128)}   # ours: 75k images in memory
 VALID = [  # (flags, is valid, the valid range): every numeric flag, checked before anything runs
     ("labels steps batch_size mu eval_every dec_max_iters dec_batch kmeans_init sinkhorn_iters "
      "suave_hidden suave_dim", lambda v: v >= 1, "a positive integer"),
@@ -34,6 +41,8 @@ VALID = [  # (flags, is valid, the valid range): every numeric flag, checked bef
     ("ema momentum label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("sce_A", lambda v: v < 0, "< 0 (A is log 0)"), ("image_size", lambda v: v >= 8, ">= 8 (pixels)"),
     ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)")]
+OUTER_RECIPE = ("dataset data_dir labels image_size arch pretrained weights steps batch_size mu tau "
+                "lambda_u lr momentum wd ema ema_warmup seed").split()   # --outer-from: from that run
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -44,7 +53,7 @@ def get_args(argv=None):
     a("--labels", type=int, help="labeled examples, class-balanced [digits 50, else 4000]")
     a("--image-size", type=int, help="resize images once at load [native; food101 128]")
     a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-folder decoding workers")
-    a("--arch", choices=["small_cnn", "wrn28_2", "efficientnet_b0"], help="[see DATASET_DEFAULTS]")
+    a("--arch", choices=["small_cnn", "wrn28_2", "wrn28_8", "efficientnet_b0"], help="[per dataset]")
     a("--pretrained", action="store_true", help="ImageNet weights for efficientnet_b0 (the paper)")
     a("--weights", help="a local efficientnet_b0 ImageNet state_dict file (offline --pretrained)")
     # FixMatch (Sohn et al. 2020) = the outer SNN, and the inner SNN's recipe
@@ -55,15 +64,15 @@ def get_args(argv=None):
     a("--lambda-u", type=float, default=1.0, help="lambda_u, weight of the unlabeled loss")
     a("--lr", type=float, default=0.03, help="eta, SGD learning rate; decays as cos(7 pi k / 16 K)")
     a("--momentum", type=float, default=0.9, help="beta, Nesterov momentum")
-    a("--wd", type=float, default=5e-4, help="weight decay on conv/linear weights (1e-3 CIFAR-100)")
+    a("--wd", type=float, help="weight decay on conv/linear weights [5e-4; cifar100 1e-3]")
     a("--ema", type=float, default=0.999, help="EMA decay of the weights used to evaluate and label")
-    a("--ema-warmup", action=argparse.BooleanOptionalAction, help="decay min(ema, (1+k)/(10+k)); ours")
+    a("--ema-warmup", action=argparse.BooleanOptionalAction, help="min(ema,(1+k)/(10+k)); ours [digits]")
     # KD-FixMatch
     a("--tau-select", type=float, default=0.80, help="tau_select, outer confidence to be a candidate")
     a("--tau-inner", type=float, default=0.95, help="tau_inner, inner confidence threshold")
     a("--loss", default="ce", choices=["ce", "sce"], help="inner SNN's unlabeled loss")
-    a("--sce-alpha", type=float, default=0.1, help="SCE alpha (weight of CE)")
-    a("--sce-beta", type=float, default=1.0, help="SCE beta (weight of reverse CE)")
+    a("--sce-alpha", type=float, help="SCE alpha, weight of CE [0.1; cifar100 6.0]")
+    a("--sce-beta", type=float, help="SCE beta, weight of reverse CE [1.0; cifar100 0.1]")
     a("--sce-A", type=float, default=-4.0, help="SCE A = log 0 in the reverse CE")
     a("--no-dec", action="store_true", help="ablation: trusted subset = confident samples only")
     a("--dec-tol", type=float, default=0.001, help="DEC stops when < this share of points moves")
@@ -100,21 +109,22 @@ def get_args(argv=None):
         die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
     if os.path.exists(os.path.join(args.out, "diverged.json")):   # after a NaN stop, also these
         free |= {"lr", "wd", "momentum", "lambda_u", "ema", "ema_warmup", "sinkhorn_eps", "sce_beta"}
-    old = json.load(open(cfg)) if args.resume else {}
+    of = not args.resume and args.method == "kdfixmatch" and args.outer_from
+    src = cfg if args.resume else of and os.path.join(of, "config.json")   # --outer-from: also
+    old = load(src, "restore it") if src and os.path.exists(src) else {}   # the outer SNN's recipe
+    old = {k: v for k, v in old.items() if not of or k in OUTER_RECIPE}
     for k in sorted(k for k in given & old.keys() - free if old[k] != getattr(args, k)):
-        die(f"--resume: --{k.replace('_', '-')} {getattr(args, k)} differs from {old[k]} in "
-            f"config.json; resume with the original flags (or none) or start a new --out")
+        die(f"{'--resume' if args.resume else '--outer-from'}: --{k.replace('_', '-')} "
+            f"{getattr(args, k)} differs from {old[k]} in {src}; " + ("resume with the original flags "
+            "(or none) or start a new --out" if args.resume else "drop it, or train a new outer SNN"))
     vars(args).update({k: v for k, v in old.items() if k not in given | {"out", "resume"}})
     if args.resume and os.path.exists(os.path.join(args.out, "results.json")):   # exit status 0
         sys.exit(print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume"))
-    keys = "labels arch steps batch_size mu eval_every image_size".split()
-    vars(args).update({k: v for k, v in zip(keys, DATASET_DEFAULTS[args.dataset])
-                       if getattr(args, k) is None})
+    vars(args).update({k: v for k, v in DATASET_DEFAULTS[args.dataset].items() if vars(args)[k] is None})
     for flags, ok, text in VALID:
         for f, v in ((f, getattr(args, f)) for f in flags.split()):
             if v is not None and not (math.isfinite(v) and ok(v)):
                 die(f"--{f.replace('_', '-')} {v}: must be {text}")
-    args.ema_warmup = args.dataset == "digits" if args.ema_warmup is None else args.ema_warmup
     m, M, kd = args.method, f"--method {args.method}", args.method == "kdfixmatch"
     for flags, why in (                               # a flag that would do nothing is refused
             ("mu", m == "supervised" and M), ("lambda_u tau", m in ("supervised", "suave") and M),
@@ -130,17 +140,16 @@ def get_args(argv=None):
         for f in set(flags.split()) & given if why else ():
             die(f"--{f.replace('_', '-')} does nothing with {why}; drop it")
     missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(args.data_dir, s))]
+    if args.outer_from and not os.path.exists(os.path.join(args.outer_from, "outer.pt")):
+        die(f"--outer-from {args.outer_from}: no finished outer SNN (outer.pt) there")
     if args.dataset == "folder" and missing:
         die(f"--dataset folder needs --data-dir DIR with DIR/train/<class>/ and DIR/test/<class>/ "
             f"(no {os.path.join(args.data_dir, missing[0])})")
-    if args.outer_from and not os.path.exists(os.path.join(args.outer_from, "outer.pt")):
-        die(f"--outer-from {args.outer_from}: no finished outer SNN (outer.pt) there")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         die(f"--device {args.device}: unknown; use auto, cpu, cuda or cuda:N")
     return args
 
-if __name__ == "__main__":                            # flags first: a typo costs no torch import
-    ARGS = get_args()
+if __name__ == "__main__": ARGS = get_args()         # flags first: a typo costs no torch import
 import numpy as np, PIL.Image, torch, torch.nn as nn, torch.nn.functional as F, torchvision
 import torchvision.transforms.v2.functional as TF
 from scipy.optimize import linear_sum_assignment
@@ -195,7 +204,7 @@ def _to_uint8(ds, size, workers):
         x = x if x.shape[1] in (1, 3) else x.permute(0, 3, 1, 2)     # SVHN is NCHW, CIFAR NHWC
         x = torch.cat([TF.resize(c, [size] * 2, antialias=True) for c in x.split(4096)] if size else [x])
         return [(x.contiguous(), torch.tensor(getattr(ds, "targets", None) or ds.labels))]
-    ds.loader = partial(_decode, size=size)           # a tensor per batch, not per image (the
+    ds.loader = functools.partial(_decode, size=size)  # a tensor per batch, not per image (the
     loader = torch.utils.data.DataLoader(ds, 256, num_workers=workers, collate_fn=_stack)
     return list(tqdm(loader, desc="decode", leave=False, disable=None))   # file descriptors)
 def _decode(path, size=None):
@@ -252,11 +261,13 @@ def slot_params(op, level, sign, H, W):
     rot = torch.deg2rad(pick("rotate", -30 * sm))     # up to 30 degrees (TF.rotate's sign)
     sx, sy = pick("shear_x", torch.atan(0.3 * sm)), pick("shear_y", torch.atan(0.3 * sm))
     tx, ty = (pick("translate_" + a, torch.round(0.3 * sm * n)) for a, n in (("x", W), ("y", H)))
+    ox, oy = (pick("shear_x", n / 2) + pick("shear_y", n / 2) for n in (W, H))   # shears pivot on
     a, c = torch.cos(rot - sy) / torch.cos(sy), torch.sin(rot - sy) / torch.cos(sy)
     b, d = -(a * torch.tan(sx) + torch.sin(rot)), torch.cos(rot) - c * torch.tan(sx)
     bits = 8 - (4 * level + 5) // 10                  # posterize 8..4 bits: the paper's table
     return dict(pt=torch.stack([f, 1 - f, (255 << (8 - bits)) & 255, torch.ceil(256 * (1 - m))], 1),
-                theta=torch.stack([d, -b, b * ty - d * tx, -c, a, c * tx - a * ty], 1))
+                theta=torch.stack([d, -b, d * (ox - tx) - b * (oy - ty) - ox, -c, a,   # the top-left
+                                   a * (oy - ty) - c * (ox - tx) - oy], 1))   # corner (official code)
 def apply_plan(x, plan):
     """Apply drawn (or given) per-sample parameters to the uint8 batch x, on x's device."""
     (N, C, H, W), slots, fused = x.shape, range(2 * ("op" in plan)), kernels.augment_takes(x)
@@ -329,14 +340,14 @@ def build_model(arch, in_ch, classes, pretrained=False, weights=None):
         conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
         body = nn.Sequential(*conv(in_ch, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64),
                              *conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        return nn.Sequential(OrderedDict(body=body, head=nn.Linear(128, classes)))
-    if arch == "wrn28_2": return wrn28(in_ch, classes, width=2)
+        return nn.Sequential(collections.OrderedDict(body=body, head=nn.Linear(128, classes)))
+    if arch.startswith("wrn28_"): return wrn28(in_ch, classes, width=int(arch[6:]))   # WRN-28-2, -8
     if in_ch != 3: die("--arch efficientnet_b0 needs 3-channel images")
     m = torchvision.models.efficientnet_b0()
     if weights: load(weights, "pass torchvision's efficientnet_b0 state_dict", m.load_state_dict)
     elif pretrained: m.load_state_dict(_imagenet_weights())   # a download (or torch.hub's cache)
     body = nn.Sequential(m.features, m.avgpool, nn.Flatten(), nn.Dropout(0.2))
-    return nn.Sequential(OrderedDict(body=body, head=nn.Linear(1280, classes)))
+    return nn.Sequential(collections.OrderedDict(body=body, head=nn.Linear(1280, classes)))
 def _imagenet_weights():
     w = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
     try:
@@ -364,7 +375,7 @@ def wrn28(in_ch, classes, width=2):                   # 28 = 6 * 4 + 4 layers
               for g in range(3) for i in range(4)]
     body = nn.Sequential(nn.Conv2d(in_ch, c[0], 3, 1, 1, bias=False), *blocks, nn.BatchNorm2d(
         c[3], momentum=0.001), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    model = nn.Sequential(OrderedDict(body=body, head=nn.Linear(c[3], classes)))
+    model = nn.Sequential(collections.OrderedDict(body=body, head=nn.Linear(c[3], classes)))
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
@@ -414,15 +425,13 @@ def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=1e-3
         opt.zero_grad(), kl.backward(), opt.step()
     with torch.no_grad(): clusters, pseudo = kernels.dec_soft_assign(z, mu).argmax(1).cpu(), pseudo.cpu()
     table = torch.zeros(k, k, dtype=torch.long).index_put_((clusters, pseudo), torch.tensor(1), True)
-    rows, cols = linear_sum_assignment(table.numpy(), maximize=True)
-    to_class = torch.tensor(cols)[torch.tensor(rows).argsort()]
+    to_class = torch.tensor(linear_sum_assignment(table.numpy(), maximize=True)[1])   # rows: 0..k-1
     return to_class[clusters] == pseudo, dict(iters=it, moved=moved, cluster_to_class=to_class.tolist())
-def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0, reduction="mean"):
-    """Symmetric CE (Wang et al. 2019): alpha CE + beta RCE, with log 0 := A, i.e. RCE = -A (1 - p_y)."""
+def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0):
+    """Per-sample symmetric CE (Wang et al. 2019): alpha CE + beta RCE; RCE = -A (1 - p_y), A = log 0."""
     ce = F.cross_entropy(logits, target, reduction="none")
     p_y = logits.softmax(-1).gather(-1, target[:, None]).squeeze(-1)
-    row = alpha * ce + beta * (-A) * (1 - p_y)
-    return {"none": row, "mean": row.mean(), "sum": row.sum()}[reduction]
+    return alpha * ce + beta * (-A) * (1 - p_y)
 # ==== Suave (Fini et al. 2023): cluster prototypes = class prototypes, one cross-entropy for all
 class Prototypes(nn.Linear):
     """Unit prototypes, renormalised in place before each forward (Suave's code); fp32 cosine scores."""
@@ -479,7 +488,7 @@ def to_device(t, dev):        # a host -> GPU copy from pinned memory does not w
 def to_input(x, args):        # uint8 images -> normalised float on the device, channels_last
     x = (to_device(x, args.dev).float() / 255 - args.mean) / args.std
     return x.contiguous(memory_format=torch.channels_last)
-@lru_cache(maxsize=8)                                 # drawn once per epoch, not once per batch
+@functools.lru_cache(maxsize=8)                         # drawn once per epoch, not once per batch
 def _epoch_perm(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 def make_batch(data, split, step, seed, args, unlabeled=True):
@@ -506,7 +515,7 @@ def batches(data, split, steps, seed, args, unlabeled=True, prefetch=None):
     def build(step):
         with torch.cuda.stream(side):                 # (no-op for None: the CPU)
             return make_batch(data, split, step, seed, args, unlabeled), side and side.record_event()
-    with ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
         nxt = [pool.submit(build, s) for s in steps[:1]]
         for i in range(len(steps)):
             (b, done), nxt = nxt[0].result(), [pool.submit(build, s) for s in steps[i + 1:i + 2]]
@@ -551,7 +560,7 @@ def train_snn(args, data, stage, split, trusted=None):
     trim_metrics(args, stage, st["step"])
     trusted = None if trusted is None else kernels.check_trusted(trusted, data["classes"]).to(args.dev)
     bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30)   # a log file: a line per 30 s
+               mininterval=0.5 if sys.stderr.isatty() else 30, maxinterval=60)   # a log: a line per 30 s
     window, t0 = [], time.time()
     for step, b in zip(bar, batches(data, split, range(st["step"], K), seed, args,
                                     unlabeled=stage != "supervised")):
@@ -570,8 +579,7 @@ def train_snn(args, data, stage, split, trusted=None):
         st.update(step=done, train_s=st["train_s"] + time.time() - t0,
                   pl_hit=st["pl_hit"] + int(w[:, 2].sum()), pl_n=st["pl_n"] + int(w[:, 3].sum()))
         row, hit, n = dict(loss=float(w[-1, 0]), lr=sched.get_last_lr()[0]), st["pl_hit"], st["pl_n"]
-        if stage != "supervised":                     # precision of the pseudo labels used
-            row.update(mask=float(w[-1, 1]), pl_precision=hit / n if n else None)
+        if stage != "supervised": row.update(mask=float(w[-1, 1]), pl_precision=hit / n if n else None)
         if evaluate_now:
             st["evals"].append(evaluate(ema, data["test_x"], data["test_y"], args))
             log_metrics(args, dict(stage=stage, step=done, test_acc=st["evals"][-1], **row))
@@ -601,16 +609,15 @@ def bench(args, data, split):
     """--bench: images/s of (1) augment, (2) a step on a fixed batch (ceiling), (3) the real loop."""
     model, fwd, ema, opt, sched = make_model(args, data)
     n, images = (200 if args.dev.type == "cuda" else 20), args.batch_size * (1 + 2 * args.mu)
-    sync, rates = torch.cuda.synchronize if args.dev.type == "cuda" else lambda: None, []
+    now, rates = lambda: (args.dev.type == "cuda" and torch.cuda.synchronize(), time.time())[1], []
     fixed, real = make_batch(data, split, 0, 0, args), batches(data, split, range(2 * n), 0, args)
     step = lambda k, b: train_step(args, fwd, ema, opt, sched, "outer", b, None, k)
     for fn in (lambda k: make_batch(data, split, k, 0, args), lambda k: step(k, fixed),
                lambda k: step(k, next(real))):       # (3) as train_snn: prefetched
         for k in range(n + n // 4):                   # a warm-up (and compilation), then n steps
-            if k == n // 4: sync(), (t := time.time())
+            if k == n // 4: t = now()                 # (now: once the GPU's queued work is done)
             fn(k)
-        sync()
-        rates.append(images * n / (time.time() - t))
+        rates.append(images * n / (now() - t))
     ms, prec = [f"{r:.0f} ({1000 * images / r:.1f} ms)" for r in rates], "bf16" if args.bf16 else "fp32"
     fused = kernels.augment_takes(fixed["x_s"])
     print(f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev}, {prec}"
@@ -621,14 +628,12 @@ def bench(args, data, split):
 # ==== Bookkeeping: atomic writes, checkpoints, metrics, one writer per run directory ===========
 def save(path, obj):
     """Atomic write (temp file, rename): .pt, a list as JSON lines, else JSON; strict (no NaN)."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb" if path.endswith(".pt") else "w") as f:   # (a .pt is serialised
-            if path.endswith(".pt"):                  # in memory first: torch.save's own writes
-                torch.save(obj, b := io.BytesIO()), f.write(b.getbuffer())   # hide a full disk)
-            else:
-                f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in obj)
-                        if isinstance(obj, list) else json.dumps(obj, indent=2, allow_nan=False))
+    tmp, b = path + ".tmp", io.BytesIO()              # a .pt is serialised in memory first:
+    try:                                              # torch.save's own writes hide a full disk
+        with open(tmp, "wb" if path.endswith(".pt") else "w") as f:
+            f.write(torch.save(obj, b) or b.getbuffer() if path.endswith(".pt") else
+                    "".join(json.dumps(r, allow_nan=False) + "\n" for r in obj) if isinstance(obj, list)
+                    else json.dumps(obj, indent=2, allow_nan=False))
         os.replace(tmp, path)
     except (OSError, ValueError) as e:                # a full disk; a NaN, which JSON cannot hold
         if os.path.lexists(tmp): os.remove(tmp)
@@ -645,12 +650,6 @@ def _metrics(args, rows=None):
     return [json.loads(line) for line in text.split("\n")[:-1]]
 def vars_of(args):
     return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16", "t0", "lock")}
-def load(path, fix="replace it, or remove it and --resume to redo that stage", then=lambda c: c, **kw):
-    """torch.load(path), then `then` on it; a corrupt, cut short or foreign file: one line naming it."""
-    try:
-        return then(torch.load(path, "cpu", **kw))
-    except Exception as e:
-        die(f"cannot load {path} ({getattr(e, 'strerror', None) or type(e).__name__}); {fix}")
 def _restore(path, model, ema, opt, sched, args):
     """A checkpoint, with lr, momentum and wd from the flags (they may change after a NaN stop)."""
     c = load(path, weights_only=False)
@@ -685,11 +684,12 @@ def prepare_out(args, data):
                data_dir=os.path.abspath(args.data_dir), train_images=len(y), train_labels_sha256=
                sha(y.long()), train_pixels_sha256=sha(x[::max(1, len(x) // 10000)]))  # a sample
     f = path if args.resume else args.outer_from and os.path.join(args.outer_from, "split.json")
+    other = f"another --{'out' if f == path else 'outer-from'}"
     if f and os.path.exists(f):                       # never redraw a persisted split, nor
-        s = json.load(open(f))                        # point its indices into other data
+        s = load(f, f"restore it, or use {other}")   # point its indices into other data
         for k in sorted(k for k in set(s) & set(rec) - {"data_dir"} if s[k] != rec[k]):
             die(f"{f} records {k} {s[k]} (data {s.get('data_dir')}), this run {rec[k]}; "
-                f"use that data and those flags, or another --{'out' if f == path else 'outer-from'}")
+                f"use that data and those flags, or {other}")
         split = torch.tensor(s["labeled"])
     else:
         split = labeled_split(y, args.labels, data["classes"], args.seed)
@@ -742,13 +742,13 @@ def main(argv=None):
     split = (labeled_split(data["train_y"], args.labels, data["classes"], args.seed) if args.bench
              else prepare_out(args, data))
     x = data["train_x"][::max(1, len(data["train_x"]) // 10000)].float() / 255   # a strided sample
-    args.mean = x.mean((0, 2, 3)).view(1, -1, 1, 1).to(args.dev)      # (folders are class-sorted)
-    args.std = x.std((0, 2, 3)).clamp_min(1 / 255).view(1, -1, 1, 1).to(args.dev)  # 0: constant
+    ms = (torch.tensor([[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]) if args.pretrained or args.weights
+          else (x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp_min(1 / 255)))   # ImageNet weights: its
+    args.mean, args.std = (v.view(1, -1, 1, 1).to(args.dev) for v in ms)   # statistics; std 0: constant
     for k, x in (("x", data["train_x"]), ("test_x", data["test_x"])):   # on the GPU when they fit
         on_gpu = cuda and x.numel() < torch.cuda.mem_get_info(args.dev)[0] // 4
         data[k] = x.to(args.dev) if on_gpu else x.pin_memory() if cuda else x
-        if cuda:
-            print(f"{k}: {x.numel() / 2 ** 20:.0f} MiB in {'GPU' if on_gpu else 'pinned host'} memory")
+        if cuda: print(f"{k}: {x.numel() >> 20} MiB in {'GPU' if on_gpu else 'pinned host'} memory")
     data["y"] = data["train_y"].to(args.dev)
     if args.bench: return bench(args, data, split)
     res = dict(method=args.method, dataset=args.dataset, labels=args.labels, seed=args.seed,

@@ -104,7 +104,7 @@ def get_args(argv=None):
     if not args.out.strip() or os.path.isfile(args.out):
         die(f"--out {args.out!r} is not a directory; choose another --out")
     cfg, free = os.path.join(args.out, "config.json"), {"out", "resume", "workers", "device",
-                                                         "precision", "compile", "data_dir"}
+                                                         "precision", "compile", "data_dir", "bench"}
     if args.resume and not os.path.exists(cfg):
         die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
     if os.path.exists(os.path.join(args.out, "diverged.json")):   # after a NaN stop, also these
@@ -125,7 +125,8 @@ def get_args(argv=None):
         for f, v in ((f, getattr(args, f)) for f in flags.split()):
             if v is not None and not (math.isfinite(v) and ok(v)):
                 die(f"--{f.replace('_', '-')} {v}: must be {text}")
-    m, M, kd = args.method, f"--method {args.method}", args.method == "kdfixmatch"
+    m, M = args.method, "--bench" if args.bench else f"--method {args.method}"
+    kd = m == "kdfixmatch" and not args.bench
     for flags, why in (                               # a flag that would do nothing is refused
             ("mu", m == "supervised" and M), ("lambda_u tau", m in ("supervised", "suave") and M),
             ("tau", args.outer_from and "--outer-from"),
@@ -136,7 +137,7 @@ def get_args(argv=None):
             ("suave_temperature sinkhorn_eps sinkhorn_iters label_smoothing suave_hidden suave_dim",
              m != "suave" and M),
             ("pretrained weights", args.arch != "efficientnet_b0" and f"--arch {args.arch}"),
-            ("method steps resume", args.bench and "--bench (it times the FixMatch step)")):
+            ("method steps resume out seed eval_every", args.bench and "--bench (it times FixMatch)")):
         for f in set(flags.split()) & given if why else ():
             die(f"--{f.replace('_', '-')} does nothing with {why}; drop it")
     missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(args.data_dir, s))]
@@ -343,18 +344,14 @@ def build_model(arch, in_ch, classes, pretrained=False, weights=None):
         return nn.Sequential(collections.OrderedDict(body=body, head=nn.Linear(128, classes)))
     if arch.startswith("wrn28_"): return wrn28(in_ch, classes, width=int(arch[6:]))   # WRN-28-2, -8
     if in_ch != 3: die("--arch efficientnet_b0 needs 3-channel images")
-    m = torchvision.models.efficientnet_b0()
+    m, w = torchvision.models.efficientnet_b0(), torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
     if weights: load(weights, "pass torchvision's efficientnet_b0 state_dict", m.load_state_dict)
-    elif pretrained: m.load_state_dict(_imagenet_weights())   # a download (or torch.hub's cache)
+    elif pretrained:                                  # a download (or torch.hub's cache)
+        try: m.load_state_dict(w.get_state_dict(progress=False))
+        except Exception as e: die(f"--pretrained: cannot download ({type(e).__name__}); place "
+            f"{os.path.basename(w.url)} in {torch.hub.get_dir()}/checkpoints/ or pass --weights FILE")
     body = nn.Sequential(m.features, m.avgpool, nn.Flatten(), nn.Dropout(0.2))
     return nn.Sequential(collections.OrderedDict(body=body, head=nn.Linear(1280, classes)))
-def _imagenet_weights():
-    w = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
-    try:
-        return w.get_state_dict(progress=False)
-    except Exception as e:                            # offline
-        die(f"--pretrained: cannot download the ImageNet weights ({type(e).__name__}); place "
-            f"{w.url.rsplit('/', 1)[-1]} in {torch.hub.get_dir()}/checkpoints/ or pass --weights FILE")
 class WideBlock(nn.Module):
     """Pre-activation residual block of WRN-28 as FixMatch uses it (BN momentum 0.001, LeakyReLU)."""
     def __init__(self, cin, cout, stride, activate_before_residual=False):
@@ -426,6 +423,7 @@ def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=1e-3
     with torch.no_grad(): clusters, pseudo = kernels.dec_soft_assign(z, mu).argmax(1).cpu(), pseudo.cpu()
     table = torch.zeros(k, k, dtype=torch.long).index_put_((clusters, pseudo), torch.tensor(1), True)
     to_class = torch.tensor(linear_sum_assignment(table.numpy(), maximize=True)[1])   # rows: 0..k-1
+    it += moved >= tol                                # at the cap: max_iters steps taken
     return to_class[clusters] == pseudo, dict(iters=it, moved=moved, cluster_to_class=to_class.tolist())
 def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0):
     """Per-sample symmetric CE (Wang et al. 2019): alpha CE + beta RCE; RCE = -A (1 - p_y), A = log 0."""
@@ -562,26 +560,30 @@ def train_snn(args, data, stage, split, trusted=None):
     bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30, maxinterval=60)   # a log: a line per 30 s
     window, t0 = [], time.time()
+    state = [t for m in (model, ema) for t in m.state_dict().values() if t.is_floating_point()]
     for step, b in zip(bar, batches(data, split, range(st["step"], K), seed, args,
                                     unlabeled=stage != "supervised")):
         window.append(train_step(args, fwd, ema, opt, sched, stage, b, trusted, step))
         done, evaluate_now = step + 1, (step + 1) % args.eval_every == 0 or step + 1 == K
         if done % 32 and not evaluate_now: continue    # the GPU runs ahead: read back every 32
         w, window = torch.stack(window).cpu(), []
-        if not w[:, 0].isfinite().all():              # never train on (or report) a NaN
-            bad = done - len(w) + int((~w[:, 0].isfinite()).nonzero()[0, 0]) + 1
-            save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad)), bar.close()
-            fix = dict(suave="--sinkhorn-eps, ", supervised="").get(stage, "--lambda-u, ") + "--wd, "
-            die(f"{stage} SNN: non-finite loss at step {bad}; stopped " + (f"at its checkpoint of step "
-                f"{st['step']}" if st["step"] else "before a checkpoint") + ". Resume with a lower --lr "
-                f"(or {fix}--momentum, --ema{', --precision fp32' * args.bf16}): python kdfixmatch.py "
-                f"--out {shlex.quote(args.out)} --resume --lr ...", status=1)
         st.update(step=done, train_s=st["train_s"] + time.time() - t0,
                   pl_hit=st["pl_hit"] + int(w[:, 2].sum()), pl_n=st["pl_n"] + int(w[:, 3].sum()))
+        acc = evaluate(ema, data["test_x"], data["test_y"], args) if evaluate_now else 0.0
+        norms = torch.stack(torch._foreach_norm(state, math.inf)).cpu()   # weights, BN stats: max |x|
+        if not (ok := torch.cat([w[:, 0], norms, torch.tensor([acc])]).isfinite()).all():  # no NaN
+            bad = done - len(w) + min(int((~ok).nonzero()[0, 0]), len(w) - 1) + 1
+            save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad)), bar.close()
+            fix = dict(suave="--sinkhorn-eps, ", supervised="").get(stage, "--lambda-u, ") + "--wd, "
+            ck = (done - len(w)) // args.eval_every * args.eval_every   # (checkpoints: evaluations)
+            at = f"at its checkpoint of step {ck}" if ck else "before a checkpoint"
+            die(f"{stage} SNN: non-finite loss or weights at step {bad}; stopped {at}. Resume with a "
+                f"lower --lr (or {fix}--momentum, --ema{', --precision fp32' * args.bf16}): python "
+                f"kdfixmatch.py --out {shlex.quote(args.out)} --resume --lr ...", status=1)
         row, hit, n = dict(loss=float(w[-1, 0]), lr=sched.get_last_lr()[0]), st["pl_hit"], st["pl_n"]
         if stage != "supervised": row.update(mask=float(w[-1, 1]), pl_precision=hit / n if n else None)
         if evaluate_now:
-            st["evals"].append(evaluate(ema, data["test_x"], data["test_y"], args))
+            st["evals"].append(acc)
             log_metrics(args, dict(stage=stage, step=done, test_acc=st["evals"][-1], **row))
             save(ckpt, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                             sched=sched.state_dict(), st=st, rng=torch.get_rng_state(), cuda_rng=
@@ -603,8 +605,8 @@ def evaluate(model, x, y, args, features=False):
     with torch.no_grad(), torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
         fs = [model.eval().body(to_input(x[i:i + 1024], args)) for i in range(0, len(x), 1024)]
         logits = torch.cat([model.head(f).float().cpu() for f in fs])
-    return (logits, torch.cat([f.float().cpu() for f in fs])) if features else \
-        (logits.argmax(1) == y).float().mean().item()
+    acc = (logits.argmax(1) == y).float().mean().item() if logits.isfinite().all() else math.nan
+    return (logits, torch.cat([f.float().cpu() for f in fs])) if features else acc
 def bench(args, data, split):
     """--bench: images/s of (1) augment, (2) a step on a fixed batch (ceiling), (3) the real loop."""
     model, fwd, ema, opt, sched = make_model(args, data)
@@ -685,7 +687,7 @@ def prepare_out(args, data):
                sha(y.long()), train_pixels_sha256=sha(x[::max(1, len(x) // 10000)]))  # a sample
     f = path if args.resume else args.outer_from and os.path.join(args.outer_from, "split.json")
     other = f"another --{'out' if f == path else 'outer-from'}"
-    if f and os.path.exists(f):                       # never redraw a persisted split, nor
+    if f and (f != path or os.path.exists(f)):        # never redraw a persisted split, nor
         s = load(f, f"restore it, or use {other}")   # point its indices into other data
         for k in sorted(k for k in set(s) & set(rec) - {"data_dir"} if s[k] != rec[k]):
             die(f"{f} records {k} {s[k]} (data {s.get('data_dir')}), this run {rec[k]}; "
@@ -694,15 +696,16 @@ def prepare_out(args, data):
     else:
         split = labeled_split(y, args.labels, data["classes"], args.seed)
     div = os.path.join(args.out, "diverged.json")
-    if args.resume:                                   # counts the earlier pieces' wall time; after
-        args.t0 -= max([r.get("wall_s", 0) for r in _metrics(args)], default=0)   # a NaN stop,
-        if not os.path.exists(div): return split      # the flags given now are the run's
-        os.replace(div, os.path.join(args.out, f"diverged-{int(time.time())}.json"))
-    save(os.path.join(args.out, "config.json"), vars_of(args))
-    if not args.resume:
-        save(path, dict(rec, labeled=split.tolist()))
+    if args.resume:                                   # counts the earlier pieces' wall time
+        args.t0 -= max([r.get("wall_s", 0) for r in _metrics(args)], default=0)
+        if not os.path.exists(div): return split
+    else:                                             # a fresh start: no rows of an abandoned one
+        save(path, dict(rec, labeled=split.tolist())), _metrics(args, [])
         for f in (__file__, kernels.__file__):        # the code beside its results
             shutil.copy(f, os.path.join(args.out, os.path.basename(f)))
+    if os.path.exists(div):                           # after a NaN stop the flags given now are
+        os.replace(div, os.path.join(args.out, f"diverged-{int(time.time())}.json"))   # the run's
+    save(os.path.join(args.out, "config.json"), vars_of(args))   # last: what --resume looks for
     return split
 # ==== The pipeline =============================================================================
 def trusted_subset(args, data, outer):
@@ -735,9 +738,8 @@ def main(argv=None):
     args.bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     torch.set_flush_denormal(True)                    # CPU: confident nets make denormals, 1.5x slower
     torch.backends.cudnn.benchmark = True             # fixed shapes: cuDNN picks its fastest convs
-    if not cuda and hasattr(libc := ctypes.CDLL(None), "mallopt"):   # glibc: keep freed batch-
-        libc.mallopt(-3, 1 << 30), libc.mallopt(-1, 1 << 30)   # sized buffers, not unmap and fault
-        # them back in each step (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD): 11 % of a CPU run
+    if not cuda and hasattr(libc := ctypes.CDLL(None), "mallopt"):   # glibc: keep freed buffers,
+        libc.mallopt(-3, 1 << 30), libc.mallopt(-1, 1 << 30)   # not refault them: 11 % of a CPU step
     data = load_dataset(args)
     split = (labeled_split(data["train_y"], args.labels, data["classes"], args.seed) if args.bench
              else prepare_out(args, data))
@@ -751,9 +753,8 @@ def main(argv=None):
         if cuda: print(f"{k}: {x.numel() >> 20} MiB in {'GPU' if on_gpu else 'pinned host'} memory")
     data["y"] = data["train_y"].to(args.dev)
     if args.bench: return bench(args, data, split)
-    res = dict(method=args.method, dataset=args.dataset, labels=args.labels, seed=args.seed,
-               arch=args.arch, steps=args.steps, device=str(args.dev),
-               versions=dict(torch=torch.__version__, torchvision=torchvision.__version__))
+    res = dict({k: vars(args)[k] for k in "method dataset labels seed arch steps".split()}, device=str(
+        args.dev), versions=dict(torch=torch.__version__, torchvision=torchvision.__version__))
     if args.method in ("supervised", "suave"):
         _, res[args.method] = train_snn(args, data, args.method, split)
     else:                                             # --outer-from: a finished run's outer SNN
@@ -776,10 +777,9 @@ def report(res):
           f"{res['steps']} steps/SNN, seed {res['seed']}), wall time {res['wall_s']:.0f} s:")
     for stage, name in (("supervised", "supervised floor"), ("outer", "FixMatch (outer SNN)"),
                         ("inner", "KD-FixMatch (inner SNN)"), ("suave", "Suave")):
-        if r := res.get(stage):
-            m20 = r["test_acc_median20"]    # FixMatch's figure, when a stage made 20 evaluations
-            print(f"  {name:24s} test acc {pct(r['test_acc'])}, " + (f"median of last 20 {pct(m20)}"
-                  if m20 else f"{r['evals']} evaluations") + f", {r['images_per_s']:.0f} img/s")
+        if r := res.get(stage):                       # (FixMatch reports the median of the last 20)
+            print(f"  {name:24s} test acc {pct(r['test_acc'])}, median of last 20 "
+                  f"{pct(r['test_acc_median20'])} ({r['evals']} evals), {r['images_per_s']:.0f} img/s")
     if t := res.get("trusted"):
         print(f"  outer pseudo labels, all {t['unlabeled']} unlabeled: precision "
               f"{pct(t['outer_pseudo_label_precision'])}\n  confident (>= tau_select): "
@@ -790,7 +790,8 @@ if __name__ == "__main__":
     try:
         main(ARGS)
     except KeyboardInterrupt:                         # one line, and how to go on
-        go = os.path.exists(os.path.join(ARGS.out, "config.json"))
+        go = ARGS.resume or os.path.exists(c := os.path.join(ARGS.out, "config.json")) and \
+            load(c) == vars_of(ARGS)                  # (not another start's)
         print("kdfixmatch.py: interrupted; " + (f"resume with: python {sys.argv[0]} --out "
               f"{shlex.quote(ARGS.out)} --resume" if go else "nothing saved yet"), file=sys.stderr)
         sys.exit(130)

@@ -393,7 +393,7 @@ def test_a_steps_batch_is_a_few_device_operations(monkeypatch):
     assert counts[True] <= 15 and counts[False] > 300, counts
 
 
-def test_prefetched_batches_are_each_steps_batch_in_order(tmp_path, capsys):
+def test_prefetched_batches_are_each_steps_batch_in_order(tmp_path, capsys, monkeypatch):
     # train_snn builds batch t + 1 in a thread (on a CUDA side stream) while batch t trains
     args = kd.get_args(["--batch-size", "4", "--mu", "2", "--device", _DEV])
     args.dev = torch.device(_DEV)
@@ -409,10 +409,10 @@ def test_prefetched_batches_are_each_steps_batch_in_order(tmp_path, capsys):
         assert list(kd.batches(data, split, range(0), 3, args, prefetch=prefetch)) == []
         first = next(kd.batches(data, split, range(2), 3, args, False, prefetch))
         assert set(first) == {"x_l", "y_l"}
-    rates = kd.main(["--bench", "--batch-size", "8", "--mu", "2", "--device", _DEV,
-                     "--out", str(tmp_path / "none")])   # --bench: images/s, writes no run
+    monkeypatch.chdir(tmp_path)                        # (where runs/latest would go)
+    rates = kd.main(["--bench", "--batch-size", "8", "--mu", "2", "--device", _DEV])
     assert set(rates) == {"augment", "ceiling", "real"} and min(rates.values()) > 0
-    assert not (tmp_path / "none").exists()
+    assert not list(tmp_path.iterdir())                # --bench: images/s, writes no run
     assert ("(one launch per view)" if _DEV == "cuda" else "(per-op)") in capsys.readouterr().out
 
 
@@ -497,8 +497,13 @@ BAD_INPUT = [  # (argv, a piece of the one-line error); {tmp} is the test's temp
     (["--workers", "-1"], "--workers -1: must be >= 0"),
     (["--image-size", "0"], "--image-size 0: must be >= 8 (pixels)"),
     (["--image-size", "4"], "--image-size 4: must be >= 8 (pixels)"),
-    (["--bench", "--method", "suave"], "--method does nothing with --bench (it times the FixMatch"),
+    (["--bench", "--method", "suave"], "--method does nothing with --bench (it times FixMatch)"),
     (["--bench", "--steps", "9"], "--steps does nothing with --bench"),
+    (["--bench", "--seed", "1"], "--seed does nothing with --bench"),               # it ignored these
+    (["--bench", "--eval-every", "5"], "--eval-every does nothing with --bench"),
+    (["--bench", "--out", "x"], "--out does nothing with --bench"),
+    (["--bench", "--tau-select", "0.9"], "--tau-select does nothing with --bench"),
+    (["--bench", "--suave-dim", "64"], "--suave-dim does nothing with --bench"),
     (["--method", "supervised", "--tau", "0.9"], "--tau does nothing with --method supervised"),
     (["--method", "supervised", "--mu", "3"], "--mu does nothing with --method supervised"),
     (["--method", "fixmatch", "--tau-inner", "0.9"], "--tau-inner does nothing with --method fix"),
@@ -525,7 +530,8 @@ def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path):
     (tmp_path / "a-file").write_text("")
     (tmp_path / "only-train" / "train").mkdir(parents=True)
     argv, needle = [a.replace("{tmp}", str(tmp_path)) for a in argv], needle.replace("{tmp}", str(tmp_path))
-    r = run_cli(*argv, *([] if "--out" in argv else ["--out", str(tmp_path / "run")]), timeout=120)
+    own = "--out" in argv or "--bench" in argv                      # (--bench writes nothing)
+    r = run_cli(*argv, *([] if own else ["--out", str(tmp_path / "run")]), timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -630,9 +636,9 @@ def test_summary_prints_the_median_of_20_only_when_there_are_20_evaluations(caps
     res = dict(method="fixmatch", dataset="digits", labels=50, arch="small_cnn", steps=500,
                seed=0, wall_s=1.0, outer=stage)
     kd.report(res)
-    assert "test acc 90.00%, 5 evaluations" in capsys.readouterr().out
+    assert "test acc 90.00%, median of last 20 - (5 evals)" in capsys.readouterr().out
     kd.report(dict(res, outer=dict(stage, evals=40, test_acc_median20=0.85)))
-    assert "test acc 90.00%, median of last 20 85.00%" in capsys.readouterr().out
+    assert "test acc 90.00%, median of last 20 85.00% (40 evals)" in capsys.readouterr().out
 
 
 def test_digits_end_to_end_fixmatch_kdfixmatch_and_suave_beat_the_supervised_floor(tmp_path):
@@ -714,7 +720,7 @@ def test_a_diverging_run_stops_at_once_and_resumes_with_other_flags(tmp_path):
     err = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("kdfixmatch.py")]
     assert r.returncode == 1 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().endswith(err[0])          # the last thing said
-    assert re.search(r"outer SNN: non-finite loss at step \d+; stopped before a checkpoint",
+    assert re.search(r"outer SNN: non-finite loss or weights at step \d+; stopped before a checkpoint",
                      err[0]) and "--resume --lr" in err[0], err[0]
     assert not (out / "results.json").exists() and (out / "diverged.json").exists()
     assert not (out / "metrics.jsonl").exists() or not open(out / "metrics.jsonl").read()
@@ -1014,6 +1020,10 @@ def test_outer_from_trains_the_inner_with_the_outers_recipe(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--outer-from: --steps 8 differs from 4 in {fm / 'config.json'}" in err
     assert kd.get_args([*argv, "--steps", "4", "--loss", "sce", "--eval-every", "1"]).mu == 1
+    (fm / "split.json").unlink()                              # an outer without its split: refused
+    with pytest.raises(SystemExit) as e:                      # (it used to draw one and check nothing)
+        kd.main([*argv, "--workers", "0"])
+    assert e.value.code == 2 and f"cannot load {fm / 'split.json'} (No such file" in capsys.readouterr().err
 
 
 def test_sce_is_the_inner_snns_loss_only(tmp_path, monkeypatch):
@@ -1924,3 +1934,81 @@ def test_dataset_defaults_follow_each_recipe(tmp_path, monkeypatch):
     torch.testing.assert_close(args.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
     args = kd.main(base)
     torch.testing.assert_close(args.mean.flatten(), x.float().mean((0, 2, 3)) / 255)
+
+
+def test_non_finite_weights_stop_the_run_before_any_evaluation_or_checkpoint(tmp_path):
+    # --lr 1e6 can leave the loss finite (BatchNorm rescales huge weights) while BN's running
+    # variance overflows: the EMA model then predicts NaN, i.e. class 0 everywhere. The run used
+    # to finish with exit 0 and report that as an accuracy, and to checkpoint the infinite state.
+    for steps, every in ((2, 2), (40, 5)):
+        out = tmp_path / f"run{steps}"
+        with pytest.raises(SystemExit) as e:
+            kd.main([*_TINY[:-2], "--steps", str(steps), "--eval-every", str(every), "--lr", "1e6",
+                     "--out", str(out)])
+        assert e.value.code == 1 and not (out / "results.json").exists()
+        assert not (out / "metrics.jsonl").read_text()                 # nothing evaluated
+        for f in out.glob("*.pt"):                                     # nothing non-finite saved
+            c = torch.load(f, weights_only=False)
+            assert all(t.isfinite().all() for part in ("model", "ema") for t in c[part].values()
+                       if t.is_floating_point())
+
+
+def test_a_fresh_start_leaves_nothing_of_an_abandoned_one(tmp_path, monkeypatch):
+    # an abandoned start (no checkpoint yet) left a NaN stop's diverged.json, which unlocked --lr
+    # for a later --resume of the new run, and metrics rows of another stage, and a foreign row
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "diverged.json").write_text('{"stage": "outer", "step": 3}')
+    (out / "metrics.jsonl").write_text('{"stage": "inner", "step": 20}\n{"x": 1}\n')
+    written, real = [], kd.save
+    monkeypatch.setattr(kd, "save", lambda path, obj: written.append(os.path.basename(path)) or real(path, obj))
+    kd.main([*_TINY, "--out", str(out)])                              # FixMatch: the outer SNN
+    assert written.index("split.json") < written.index("config.json")   # config.json: what --resume
+    assert {r["stage"] for r in map(json.loads, open(out / "metrics.jsonl"))} == {"outer"}   # needs
+    assert not (out / "diverged.json").exists() and list(out.glob("diverged-*.json"))
+    (out / "results.json").unlink()                                    # as if killed at the end
+    with pytest.raises(SystemExit) as e:
+        kd.get_args(["--out", str(out), "--resume", "--lr", "0.5"])
+    assert e.value.code == 2                                           # no NaN stop: lr is the run's
+
+
+def test_ctrl_c_offers_resume_only_for_this_commands_run(tmp_path):
+    # an earlier start (A) left config.json; B, interrupted before writing its own, must not offer
+    # `--resume`, which would run A's flags; A's own command may. The interrupt lands while the
+    # run decodes a FIFO (it blocks there until the test opens the other end).
+    data, out = tmp_path / "data", tmp_path / "run"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (data / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (9, 9, 9)).save(data / split / c / "1.png")
+    os.mkfifo(fifo := data / "train" / "a" / "0.png")               # decoded first
+    a = ["--dataset", "folder", "--data-dir", str(data), "--workers", "0", "--labels", "2",
+         "--steps", "4", "--device", "cpu", "--out", str(out)]
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(kd.vars_of(kd.get_args(a))))   # A's start left it
+
+    def interrupt(argv):
+        p = subprocess.Popen([sys.executable, str(HERE / "kdfixmatch.py"), *argv], cwd=HERE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        fd, deadline = None, time.time() + 120
+        while fd is None and p.poll() is None and time.time() < deadline:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)     # only once the run reads it
+            except OSError:
+                time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=60)[1]
+        os.close(fd)
+        assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+        return err
+
+    b = [x if x != "4" else "6" for x in a]                          # B: --steps 6
+    assert "kdfixmatch.py: interrupted; nothing saved yet" in interrupt(b)
+    assert f"resume with: python {HERE / 'kdfixmatch.py'} --out {out} --resume" in interrupt(a)
+
+
+def test_dec_iters_counts_the_steps_taken():
+    z, y = _blobs(seed=0)
+    for cap in (1, 5):                                  # at the cap: cap steps (it said cap - 1)
+        assert kd.dec_cluster(z, y, 4, max_iters=cap, tol=0.0, n_init=1)[1]["iters"] == cap

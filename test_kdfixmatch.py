@@ -1998,8 +1998,9 @@ def test_ctrl_c_offers_resume_only_for_this_commands_run(tmp_path):
             except OSError:
                 time.sleep(0.05)
         p.send_signal(signal.SIGINT)
+        time.sleep(0.5)                                  # then EOF: a read the signal did not
+        os.close(fd)                                     # interrupt returns, and Python raises
         err = p.communicate(timeout=60)[1]
-        os.close(fd)
         assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
         return err
 

@@ -15,7 +15,7 @@
 # dataset that cannot be found or downloaded becomes an "unavailable" row. Interrupt at any time
 # and run the same command again. Summary: $OUT_DIR/table.md and $OUT_DIR/table.png.
 #
-# Run:  bash run_all.sh --smoke             # digits on CPU: the whole machinery, 16 cells, ~3 min
+# Run:  bash run_all.sh --smoke             # digits on CPU: the whole machinery, 16 cells, ~2 min
 #       bash run_all.sh                     # the paper's table (weeks of GPU time, see Cost)
 #       bash run_all.sh --gpus 0,1,2,3      # one cell per GPU at a time
 #       bash run_all.sh --print-commands    # one line per unfinished cell: SLURM array, parallel
@@ -42,8 +42,8 @@
 # Cost: a cell is one SNN training of K steps (fixmatch; kd-ce and kd-sce: the inner SNN + DEC,
 # the outer is the fixmatch cell's), or two (fixmatch-2x). At K = 2^20 one SNN training is days on
 # one GPU (FixMatch's schedule; we have not timed EfficientNet-B0 at this K), so a (dataset, labels,
-# seed) is 5 trainings and the full table 4 x 4 x 3 x 5 = 240. --smoke on a 2-core CPU: 10-17 s
-# per cell (half of it starting python), 3m18s in all. Exit status: 0 all done (or unavailable),
+# seed) is 5 trainings and the full table 4 x 4 x 3 x 5 = 240. --smoke on a 2-core CPU: about 6 s
+# per cell (half of it starting python), 1m34s in all. Exit status: 0 all done (or unavailable),
 # 1 a cell failed or could not run, 2 bad options or a cell recorded with other --steps / --arch.
 set -uo pipefail
 

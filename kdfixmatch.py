@@ -107,9 +107,9 @@ def get_args(argv=None):
                                                          "precision", "compile", "data_dir", "bench"}
     if args.resume and not os.path.exists(cfg):
         die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
-    if os.path.exists(os.path.join(args.out, "diverged.json")):   # after a NaN stop, also these
+    if args.resume and os.path.exists(os.path.join(args.out, "diverged.json")):   # after a NaN stop
         free |= {"lr", "wd", "momentum", "lambda_u", "ema", "ema_warmup", "sinkhorn_eps", "sce_beta"}
-    of = not args.resume and args.method == "kdfixmatch" and args.outer_from
+    of = not (args.resume or args.bench) and args.method == "kdfixmatch" and args.outer_from
     src = cfg if args.resume else of and os.path.join(of, "config.json")   # --outer-from: also
     old = load(src, "restore it") if src and os.path.exists(src) else {}   # the outer SNN's recipe
     old = {k: v for k, v in old.items() if not of or k in OUTER_RECIPE}

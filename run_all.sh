@@ -93,7 +93,7 @@ posint --seeds "$SEEDS"; posint --steps "$STEPS"
 for d in $DATASETS; do        # kdfixmatch.py's choices: a typo fails here, not in every cell
     [[ $d == @(digits|cifar10|cifar100|svhn|food101|folder) ]] || die "--datasets: unknown '$d'"
 done
-[[ $ARCH == @(small_cnn|wrn28_2|efficientnet_b0) ]] || die "--arch: unknown '$ARCH'"
+[[ $ARCH == @(small_cnn|wrn28_2|wrn28_8|efficientnet_b0) ]] || die "--arch: unknown '$ARCH'"
 [[ $PRETRAINED == [01] ]] || die "PRETRAINED must be 0 or 1, got '$PRETRAINED'"
 PY=$(command -v "$PYTHON") || die "PYTHON=$PYTHON: not found (set PYTHON to the python with torch)"
 OUT_DIR=$(realpath -m "$OUT_DIR") DATA_DIR=$(realpath -m "$DATA_DIR")

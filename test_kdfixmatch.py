@@ -1020,6 +1020,13 @@ def test_outer_from_trains_the_inner_with_the_outers_recipe(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--outer-from: --steps 8 differs from 4 in {fm / 'config.json'}" in err
     assert kd.get_args([*argv, "--steps", "4", "--loss", "sce", "--eval-every", "1"]).mu == 1
+    (tmp_path / "kd2").mkdir()                                # a NaN stop's record in a fresh --out
+    (tmp_path / "kd2" / "diverged.json").write_text('{"stage": "inner", "step": 3}')   # frees no
+    for extra, needle in ((["--lr", "0.5"], "--outer-from: --lr 0.5 differs from 0.05"),   # flag
+                          (["--bench", "--batch-size", "4"], "--outer-from does nothing with --bench")):
+        with pytest.raises(SystemExit) as e:
+            kd.get_args([*argv[:-2], *extra] if "--bench" in extra else [*argv, *extra])
+        assert e.value.code == 2 and needle in capsys.readouterr().err
     (fm / "split.json").unlink()                              # an outer without its split: refused
     with pytest.raises(SystemExit) as e:                      # (it used to draw one and check nothing)
         kd.main([*argv, "--workers", "0"])

@@ -21,6 +21,7 @@ The Triton paths:
 
 python kernels.py --bench times both against eager and torch.compile (needs a CUDA device).
 """
+
 import argparse
 import os
 import sys
@@ -36,20 +37,21 @@ def _use_triton(t):
 
 # ---------------------------------------------------------------------------------------------
 # Masked pseudo-label loss: reference
-def masked_pseudo_label_loss_torch(weak_logits, strong_logits, tau, trusted=None, loss="ce",
-                                   alpha=0.1, beta=1.0, A=-4.0):
+def masked_pseudo_label_loss_torch(
+    weak_logits, strong_logits, tau, trusted=None, loss="ce", alpha=0.1, beta=1.0, A=-4.0
+):
     probs = weak_logits.detach().float().softmax(-1)
-    conf, target = probs.max(-1)                     # pseudo label = argmax of the weak view
+    conf, target = probs.max(-1)  # pseudo label = argmax of the weak view
     mask = conf >= tau
-    if trusted is not None:                          # Heuristic 1: confident inner label first,
-        outer = ~mask & (trusted >= 0)               # else the trusted outer label, else masked
+    if trusted is not None:  # Heuristic 1: confident inner label first,
+        outer = ~mask & (trusted >= 0)  # else the trusted outer label, else masked
         target = torch.where(outer, trusted.to(target.dtype), target)
         mask = mask | outer
     logp_y = strong_logits.float().log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
-    row = -logp_y                                    # CE
-    if loss == "sce":                                # alpha*CE + beta*RCE, RCE = -A * (1 - p_y)
+    row = -logp_y  # CE
+    if loss == "sce":  # alpha*CE + beta*RCE, RCE = -A * (1 - p_y)
         row = alpha * row - beta * A * (1 - logp_y.exp())
-    row = torch.where(mask, row, torch.zeros_like(row))   # where, not *: masked inf stays out
+    row = torch.where(mask, row, torch.zeros_like(row))  # where, not *: masked inf stays out
     return row.mean(), mask.float(), target
 
 
@@ -63,13 +65,24 @@ def check_trusted(trusted, num_classes):
         lo, hi = torch.stack(torch.aminmax(trusted)).tolist()
         bad = lo if lo < -1 else hi if hi >= num_classes else None
         if bad is not None:
-            raise ValueError(f"trusted labels must lie in [-1, {num_classes}) (-1 = untrusted), "
-                             f"got {bad}")
+            raise ValueError(
+                f"trusted labels must lie in [-1, {num_classes}) (-1 = untrusted), got {bad}"
+            )
     return trusted
 
 
-def masked_pseudo_label_loss(weak_logits, strong_logits, tau, trusted=None, loss="ce",
-                             alpha=0.1, beta=1.0, A=-4.0, *, check=True):
+def masked_pseudo_label_loss(
+    weak_logits,
+    strong_logits,
+    tau,
+    trusted=None,
+    loss="ce",
+    alpha=0.1,
+    beta=1.0,
+    A=-4.0,
+    *,
+    check=True,
+):
     """FixMatch's unlabeled loss, mean over ALL rows of mask * per-row loss.
 
     weak_logits (B, C) carry no gradient; strong_logits (B, C) do. trusted: int (B,) outer pseudo
@@ -84,15 +97,18 @@ def masked_pseudo_label_loss(weak_logits, strong_logits, tau, trusted=None, loss
         raise ValueError(f"loss must be 'ce' or 'sce', got {loss!r}")
     if trusted is not None:
         if trusted.shape != strong_logits.shape[:1]:
-            raise ValueError(f"trusted {tuple(trusted.shape)} must have shape "
-                             f"({strong_logits.shape[0]},)")
+            raise ValueError(
+                f"trusted {tuple(trusted.shape)} must have shape ({strong_logits.shape[0]},)"
+            )
         if check:
             check_trusted(trusted, strong_logits.shape[-1])
     if _use_triton(strong_logits):
-        return _masked_pseudo_label_loss_triton(weak_logits, strong_logits, tau, trusted, loss,
-                                                alpha, beta, A)
-    return masked_pseudo_label_loss_torch(weak_logits, strong_logits, tau, trusted, loss,
-                                          alpha, beta, A)
+        return _masked_pseudo_label_loss_triton(
+            weak_logits, strong_logits, tau, trusted, loss, alpha, beta, A
+        )
+    return masked_pseudo_label_loss_torch(
+        weak_logits, strong_logits, tau, trusted, loss, alpha, beta, A
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,13 +137,14 @@ def dec_soft_assign(z, centroids, alpha=1.0):
 try:
     import triton
     import triton.language as tl
+
     _HAS_TRITON = True
 except Exception:  # no triton (or a broken install): the references serve
     _HAS_TRITON = False
 
 # Launch configurations. Triton's ahead-of-time compile for sm_90 (test_kernels_compile_for_sm90)
 # gives every variant below no register spills.
-_TILE = 2048              # elements per (rows x columns) tile of the row-wise kernels (8 warps)
+_TILE = 2048  # elements per (rows x columns) tile of the row-wise kernels (8 warps)
 _LOSS_MAX_BLOCK_C = 2048  # wider rows loop over column blocks (online max / sum-exp)
 _DEC_MAX_BLOCK_K = 128
 # DEC forward, per centroid tile width: (rows, features per tl.dot step, warps, pipeline stages).
@@ -186,12 +203,33 @@ if _HAS_TRITON:
         return tl.where(coef[:, None] != 0.0, coef[:, None] * g, 0.0)
 
     @triton.jit
-    def _pl_loss_kernel(weak_ptr, strong_ptr, trusted_ptr, grad_ptr, row_loss_ptr, mask_ptr,
-                        target_ptr, B, C, sw_r, sw_c, ss_r, ss_c, st_r, sg_r,
-                        tau, alpha, beta_A, grad_scale,
-                        HAS_TRUSTED: tl.constexpr, SCE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                        SINGLE_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
+    def _pl_loss_kernel(
+        weak_ptr,
+        strong_ptr,
+        trusted_ptr,
+        grad_ptr,
+        row_loss_ptr,
+        mask_ptr,
+        target_ptr,
+        B,
+        C,
+        sw_r,
+        sw_c,
+        ss_r,
+        ss_c,
+        st_r,
+        sg_r,
+        tau,
+        alpha,
+        beta_A,
+        grad_scale,
+        HAS_TRUSTED: tl.constexpr,
+        SCE: tl.constexpr,
+        WRITE_GRAD: tl.constexpr,
+        SINGLE_BLOCK: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < B
         rows = tl.minimum(rows, B - 1).to(tl.int64)  # tail rows re-read row B-1, never stored
@@ -260,14 +298,20 @@ if _HAS_TRITON:
             g_rows = grad_ptr + rows[:, None] * sg_r
             if SINGLE_BLOCK:
                 g = _pl_grad_tile(s, cols, target, s_max, log_sum, coef)
-                tl.store(g_rows + cols[None, :], g.to(grad_ptr.dtype.element_ty),
-                         mask=row_ok[:, None] & (cols[None, :] < C))
+                tl.store(
+                    g_rows + cols[None, :],
+                    g.to(grad_ptr.dtype.element_ty),
+                    mask=row_ok[:, None] & (cols[None, :] < C),
+                )
             else:
                 for c0 in range(0, C, BLOCK_C):
                     s = _load_logits(strong_ptr, rows, c0 + cols, ss_r, ss_c, C)
                     g = _pl_grad_tile(s, c0 + cols, target, s_max, log_sum, coef)
-                    tl.store(g_rows + (c0 + cols)[None, :], g.to(grad_ptr.dtype.element_ty),
-                             mask=row_ok[:, None] & ((c0 + cols)[None, :] < C))
+                    tl.store(
+                        g_rows + (c0 + cols)[None, :],
+                        g.to(grad_ptr.dtype.element_ty),
+                        mask=row_ok[:, None] & ((c0 + cols)[None, :] < C),
+                    )
 
     @triton.jit
     def _scale_inplace_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
@@ -280,9 +324,25 @@ if _HAS_TRITON:
         tl.store(x_ptr + offs, (x * s).to(x_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _dec_kernel_tile(z_ptr, c_ptr, mc_ptr, mm_ptr, rows, ks, N, K, D, sz_n, sz_d, inv_alpha,
-                         neg_p, ALPHA_ONE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _dec_kernel_tile(
+        z_ptr,
+        c_ptr,
+        mc_ptr,
+        mm_ptr,
+        rows,
+        ks,
+        N,
+        K,
+        D,
+        sz_n,
+        sz_d,
+        inv_alpha,
+        neg_p,
+        ALPHA_ONE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         # unnormalised Student-t kernel (1 + d2/alpha)^(-p) of a (rows x centroids) tile, with
         # d2 = |zc|^2 + |mc|^2 - 2 zc.mc on the centred zc = z - c, mc = mu - c (the reference's
         # shift), accumulated over D blocks. tf32x3 (3xTF32) keeps the dot fp32-accurate on
@@ -293,11 +353,17 @@ if _HAS_TRITON:
         for d0 in range(0, D, BLOCK_D):
             d = d0 + ds
             c = tl.load(c_ptr + d, mask=d < D, other=0.0)
-            zt = tl.load(z_ptr + rows[:, None] * sz_n + d[None, :] * sz_d,
-                         mask=(rows < N)[:, None] & (d < D)[None, :], other=0.0)
+            zt = tl.load(
+                z_ptr + rows[:, None] * sz_n + d[None, :] * sz_d,
+                mask=(rows < N)[:, None] & (d < D)[None, :],
+                other=0.0,
+            )
             zt = zt.to(tl.float32) - c[None, :]
-            mt = tl.load(mc_ptr + ks[None, :] * D + d[:, None],  # (features x centroids)
-                         mask=(ks < K)[None, :] & (d < D)[:, None], other=0.0)
+            mt = tl.load(
+                mc_ptr + ks[None, :] * D + d[:, None],  # (features x centroids)
+                mask=(ks < K)[None, :] & (d < D)[:, None],
+                other=0.0,
+            )
             zmu = tl.dot(zt, mt, acc=zmu, input_precision="tf32x3")
             zz += tl.sum(zt * zt, 1)
         mm = tl.load(mm_ptr + ks, mask=ks < K, other=0.0)
@@ -310,21 +376,58 @@ if _HAS_TRITON:
         return tl.where((ks < K)[None, :], u, 0.0)
 
     @triton.jit
-    def _dec_fwd_kernel(z_ptr, c_ptr, mc_ptr, mm_ptr, q_ptr, rowsum_ptr, N, K, D, sz_n, sz_d,
-                        inv_alpha, neg_p, ALPHA_ONE: tl.constexpr, SINGLE_K: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _dec_fwd_kernel(
+        z_ptr,
+        c_ptr,
+        mc_ptr,
+        mm_ptr,
+        q_ptr,
+        rowsum_ptr,
+        N,
+        K,
+        D,
+        sz_n,
+        sz_d,
+        inv_alpha,
+        neg_p,
+        ALPHA_ONE: tl.constexpr,
+        SINGLE_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < N
         kk = tl.arange(0, BLOCK_K).to(tl.int64)
         rowsum = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            u = _dec_kernel_tile(z_ptr, c_ptr, mc_ptr, mm_ptr, rows, k0 + kk, N, K, D, sz_n, sz_d,
-                                 inv_alpha, neg_p, ALPHA_ONE, BLOCK_N, BLOCK_K, BLOCK_D)
+            u = _dec_kernel_tile(
+                z_ptr,
+                c_ptr,
+                mc_ptr,
+                mm_ptr,
+                rows,
+                k0 + kk,
+                N,
+                K,
+                D,
+                sz_n,
+                sz_d,
+                inv_alpha,
+                neg_p,
+                ALPHA_ONE,
+                BLOCK_N,
+                BLOCK_K,
+                BLOCK_D,
+            )
             rowsum += tl.sum(u, 1)
             if SINGLE_K:  # all K in one tile: normalise in registers, write q once
                 u = u / rowsum[:, None]
-            tl.store(q_ptr + rows[:, None] * K + (k0 + kk)[None, :],
-                     u.to(q_ptr.dtype.element_ty), mask=row_ok[:, None] & ((k0 + kk) < K)[None, :])
+            tl.store(
+                q_ptr + rows[:, None] * K + (k0 + kk)[None, :],
+                u.to(q_ptr.dtype.element_ty),
+                mask=row_ok[:, None] & ((k0 + kk) < K)[None, :],
+            )
         if not SINGLE_K:  # K spans several tiles: rescale the unnormalised rows just written
             tl.debug_barrier()  # make this program's stores visible to all its threads
             for k0 in range(0, K, BLOCK_K):
@@ -335,10 +438,31 @@ if _HAS_TRITON:
         tl.store(rowsum_ptr + rows, rowsum, mask=row_ok)
 
     @triton.jit
-    def _dec_bwd_kernel(q_ptr, g_ptr, rowsum_ptr, z_ptr, c_ptr, G_ptr, gz_ptr, zc_ptr, N, K, D,
-                        sg_n, sg_k, sz_n, sz_d, inv_p, coef, ALPHA_ONE: tl.constexpr,
-                        WRITE_GZ: tl.constexpr, WRITE_ZC: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _dec_bwd_kernel(
+        q_ptr,
+        g_ptr,
+        rowsum_ptr,
+        z_ptr,
+        c_ptr,
+        G_ptr,
+        gz_ptr,
+        zc_ptr,
+        N,
+        K,
+        D,
+        sg_n,
+        sg_k,
+        sz_n,
+        sz_d,
+        inv_p,
+        coef,
+        ALPHA_ONE: tl.constexpr,
+        WRITE_GZ: tl.constexpr,
+        WRITE_ZC: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         # G = dL/d d2 = coef * t * q * (g - sum_k g q), coef = -(alpha+1)/(2 alpha), with
         # t = 1/(1 + d2/alpha) recovered from q: t^p = q * rowsum (rowsum saved by the forward).
         # Then the N x D inputs of the backward's addmm, from one read of z: 2 rowsum(G) zc
@@ -350,17 +474,20 @@ if _HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             ok = row_ok[:, None] & ((k0 + kk) < K)[None, :]
             q = tl.load(q_ptr + rows[:, None] * K + (k0 + kk)[None, :], mask=ok, other=0.0)
-            g = tl.load(g_ptr + rows[:, None] * sg_n + (k0 + kk)[None, :] * sg_k, mask=ok,
-                        other=0.0)
+            g = tl.load(
+                g_ptr + rows[:, None] * sg_n + (k0 + kk)[None, :] * sg_k, mask=ok, other=0.0
+            )
             r += tl.sum(q.to(tl.float32) * g.to(tl.float32), 1)
         S = tl.load(rowsum_ptr + rows, mask=row_ok, other=1.0)
         G_rowsum = tl.zeros([BLOCK_N], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ok = row_ok[:, None] & ((k0 + kk) < K)[None, :]
-            q = tl.load(q_ptr + rows[:, None] * K + (k0 + kk)[None, :], mask=ok,
-                        other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + rows[:, None] * sg_n + (k0 + kk)[None, :] * sg_k, mask=ok,
-                        other=0.0).to(tl.float32)
+            q = tl.load(q_ptr + rows[:, None] * K + (k0 + kk)[None, :], mask=ok, other=0.0).to(
+                tl.float32
+            )
+            g = tl.load(
+                g_ptr + rows[:, None] * sg_n + (k0 + kk)[None, :] * sg_k, mask=ok, other=0.0
+            ).to(tl.float32)
             t = q * S[:, None]
             if not ALPHA_ONE:  # floor: log(0) of padded/underflowed q; G is ~0 there anyway
                 t = tl.exp(tl.log(tl.maximum(t, 1e-30)) * inv_p)
@@ -372,20 +499,23 @@ if _HAS_TRITON:
             d = d0 + ds
             ok = row_ok[:, None] & (d < D)[None, :]
             c = tl.load(c_ptr + d, mask=d < D, other=0.0)
-            zc = tl.load(z_ptr + rows[:, None] * sz_n + d[None, :] * sz_d, mask=ok,
-                         other=0.0).to(tl.float32) - c[None, :]
+            zc = (
+                tl.load(z_ptr + rows[:, None] * sz_n + d[None, :] * sz_d, mask=ok, other=0.0).to(
+                    tl.float32
+                )
+                - c[None, :]
+            )
             offs = rows[:, None] * D + d[None, :]
             if WRITE_GZ:
                 tl.store(gz_ptr + offs, (2.0 * G_rowsum)[:, None] * zc, mask=ok)
             if WRITE_ZC:
                 tl.store(zc_ptr + offs, zc, mask=ok)
 
-
     # -- FixMatch augmentation: one program per image, its channels x pixels in one tile -------
     @triton.jit
     def _blend(a, b, g):
         # the reference's fma: a + b * g in float64 (g: float32, or a float32 value's literal),
-        return (a.to(tl.float64) + b.to(tl.float64) * g).to(tl.float32)   # rounded once
+        return (a.to(tl.float64) + b.to(tl.float64) * g).to(tl.float32)  # rounded once
 
     @triton.jit
     def _to_u8(v):
@@ -411,9 +541,19 @@ if _HAS_TRITON:
         return v
 
     @triton.jit
-    def _augment_kernel(x_ptr, out_ptr, lut_ptr, prm_ptr, P, C: tl.constexpr, H: tl.constexpr,
-                        W: tl.constexpr, STRONG: tl.constexpr, CP: tl.constexpr,
-                        HWP: tl.constexpr):
+    def _augment_kernel(
+        x_ptr,
+        out_ptr,
+        lut_ptr,
+        prm_ptr,
+        P,
+        C: tl.constexpr,
+        H: tl.constexpr,
+        W: tl.constexpr,
+        STRONG: tl.constexpr,
+        CP: tl.constexpr,
+        HWP: tl.constexpr,
+    ):
         n = tl.program_id(0).to(tl.int64)
         c = tl.arange(0, CP)[:, None]
         p = tl.arange(0, HWP)[None, :]
@@ -427,26 +567,31 @@ if _HAS_TRITON:
         sy = tl.where(sy >= H, 2 * (H - 1) - sy, tl.abs(sy))
         sx = tl.where(sx >= W, 2 * (W - 1) - sx, tl.abs(sx))
         sx = tl.where(tl.load(row) > 0, W - 1 - sx, sx)
-        img = tl.load(x_ptr + n * (C * H * W) + c * (H * W) + sy * W + sx, mask=valid,
-                      other=0).to(tl.int32)
+        img = tl.load(x_ptr + n * (C * H * W) + c * (H * W) + sy * W + sx, mask=valid, other=0).to(
+            tl.int32
+        )
         if STRONG:
-            for j in tl.static_range(2):                      # FixMatch's RandAugment, 2 slots
-                q = row + 5 + 11 * j                          # op, f, 1 - f, mask, thr, theta
+            for j in tl.static_range(2):  # FixMatch's RandAugment, 2 slots
+                q = row + 5 + 11 * j  # op, f, 1 - f, mask, thr, theta
                 op, f, g = tl.load(q).to(tl.int32), tl.load(q + 1), tl.load(q + 2)
-                if C == 1:                                    # color on one channel: as PIL,
-                    op = tl.where(op == 4, 0, op)             # nothing
+                if C == 1:  # color on one channel: as PIL,
+                    op = tl.where(op == 4, 0, op)  # nothing
                 xf = img.to(tl.float32)
-                if op == 1:                                   # autocontrast, per channel
+                if op == 1:  # autocontrast, per channel
                     lo = tl.min(tl.where(valid, xf, 255.0), 1)[:, None]
                     hi = tl.max(tl.where(valid, xf, 0.0), 1)[:, None]
-                    img = _to_u8(tl.math.div_rn(xf - tl.where(hi == lo, 0.0, lo),
-                                                tl.where(hi == lo, 1.0, (hi - lo) * (1 / 255))))
-                elif op == 2:                                 # equalize, per channel (PIL's LUT)
+                    img = _to_u8(
+                        tl.math.div_rn(
+                            xf - tl.where(hi == lo, 0.0, lo),
+                            tl.where(hi == lo, 1.0, (hi - lo) * (1 / 255)),
+                        )
+                    )
+                elif op == 2:  # equalize, per channel (PIL's LUT)
                     bins = tl.arange(0, 256)
                     for k in tl.static_range(C):
                         hist = tl.histogram(tl.sum(tl.where((c == k) & valid, img, 0), 0), 256)
-                        hist = tl.where(bins == 0, hist - (HWP - H * W), hist)   # the padding
-                        last = tl.max(tl.where(hist > 0, bins, 0), 0)    # the top value's count
+                        hist = tl.where(bins == 0, hist - (HWP - H * W), hist)  # the padding
+                        last = tl.max(tl.where(hist > 0, bins, 0), 0)  # the top value's count
                         step = (H * W - tl.sum(tl.where(bins == last, hist, 0), 0)) // 255
                         lut = (tl.cumsum(hist, 0) - hist + step // 2) // tl.maximum(step, 1)
                         lut = tl.where(step == 0, bins, tl.minimum(lut, 255))
@@ -454,52 +599,60 @@ if _HAS_TRITON:
                     tl.debug_barrier()
                     img = tl.load(lut_ptr + (n * C + c) * 256 + img, mask=valid).to(tl.int32)
                     tl.debug_barrier()
-                elif op == 3:                                 # brightness: blend with black
+                elif op == 3:  # brightness: blend with black
                     img = _to_u8(xf * f)
-                elif (op == 4) | (op == 5):                   # color, contrast: blend with the
-                    if C == 3:                                # gray image or its mean.
+                elif (op == 4) | (op == 5):  # color, contrast: blend with the
+                    if C == 3:  # gray image or its mean.
                         r = tl.sum(tl.where(c == 0, xf, 0.0), 0)[None, :] * 0.2989
-                        r = _blend(r, tl.sum(tl.where(c == 1, xf, 0.0), 0)[None, :],
-                                   0.5870000123977661)        # TF.rgb_to_grayscale: two fused
-                        r = _blend(r, tl.sum(tl.where(c == 2, xf, 0.0), 0)[None, :],
-                                   0.11400000005960464)       # mul-adds by float32(0.587) and
+                        r = _blend(
+                            r, tl.sum(tl.where(c == 1, xf, 0.0), 0)[None, :], 0.5870000123977661
+                        )  # TF.rgb_to_grayscale: two fused
+                        r = _blend(
+                            r, tl.sum(tl.where(c == 2, xf, 0.0), 0)[None, :], 0.11400000005960464
+                        )  # mul-adds by float32(0.587) and
                         gray = r.to(tl.int32).to(tl.float32)  # float32(0.114), exact in float64
                     else:
                         gray = xf
                     mean = tl.sum(tl.sum(tl.where(valid & (c == 0), gray, 0.0), 1), 0)
                     gray = tl.where(op == 5, tl.math.div_rn(mean, H * W * 1.0), gray)
                     img = _to_u8(_blend(xf * f, gray, g))
-                elif op == 6:                                 # sharpness: the 3x3 (1 1 1, 1 5 1,
+                elif op == 6:  # sharpness: the 3x3 (1 1 1, 1 5 1,
                     inner = valid & (y >= 1) & (y < H - 1) & (x >= 1) & (x < W - 1)  # 1 1 1)
-                    s = 4 * img                               # blur, exact in integers; the
-                    tl.store(buf + own, img.to(tl.uint8), mask=valid)   # border is kept
+                    s = 4 * img  # blur, exact in integers; the
+                    tl.store(buf + own, img.to(tl.uint8), mask=valid)  # border is kept
                     tl.debug_barrier()
                     for d in tl.static_range(9):
-                        s += tl.load(buf + own + (d // 3 - 1) * W + d % 3 - 1, mask=inner,
-                                     other=0).to(tl.int32)
+                        s += tl.load(
+                            buf + own + (d // 3 - 1) * W + d % 3 - 1, mask=inner, other=0
+                        ).to(tl.int32)
                     tl.debug_barrier()
                     s = ((s + 6) // 13 - img).to(tl.float32)
                     img = tl.where(inner, _to_u8(_blend(xf, s, g)), img)
-                elif op == 7:                                 # posterize: keep the top bits
+                elif op == 7:  # posterize: keep the top bits
                     img = img & tl.load(q + 3).to(tl.int32)
-                elif op == 8:                                 # solarize: invert from thr up
+                elif op == 8:  # solarize: invert from thr up
                     img = tl.where(img >= tl.load(q + 4).to(tl.int32), 255 - img, img)
-                elif op >= 9:                                 # rotate, shear, translate: the
-                    gx = x.to(tl.float32) - (W - 1) * 0.5     # affine grid of `affine`, then
-                    gy = y.to(tl.float32) - (H - 1) * 0.5     # grid_sample (nearest, fill 128)
-                    u = (gx * tl.math.div_rn(tl.load(q + 5), 0.5 * W)
-                         + gy * tl.math.div_rn(tl.load(q + 6), 0.5 * W)
-                         + tl.math.div_rn(tl.load(q + 7), 0.5 * W))
-                    v = (gx * tl.math.div_rn(tl.load(q + 8), 0.5 * H)
-                         + gy * tl.math.div_rn(tl.load(q + 9), 0.5 * H)
-                         + tl.math.div_rn(tl.load(q + 10), 0.5 * H))
+                elif op >= 9:  # rotate, shear, translate: the
+                    gx = x.to(tl.float32) - (W - 1) * 0.5  # affine grid of `affine`, then
+                    gy = y.to(tl.float32) - (H - 1) * 0.5  # grid_sample (nearest, fill 128)
+                    u = (
+                        gx * tl.math.div_rn(tl.load(q + 5), 0.5 * W)
+                        + gy * tl.math.div_rn(tl.load(q + 6), 0.5 * W)
+                        + tl.math.div_rn(tl.load(q + 7), 0.5 * W)
+                    )
+                    v = (
+                        gx * tl.math.div_rn(tl.load(q + 8), 0.5 * H)
+                        + gy * tl.math.div_rn(tl.load(q + 9), 0.5 * H)
+                        + tl.math.div_rn(tl.load(q + 10), 0.5 * H)
+                    )
                     u, v = _nearest(((u + 1) * W - 1) * 0.5), _nearest(((v + 1) * H - 1) * 0.5)
                     ok = valid & (u >= 0) & (u < W) & (v >= 0) & (v < H)
                     img = _reread(buf, img, own, c * (H * W) + v * W + u, ok, 128)
-            iy = y - tl.load(row + 3).to(tl.int32) + H // 4   # Cutout: half the side, gray
+            iy = y - tl.load(row + 3).to(tl.int32) + H // 4  # Cutout: half the side, gray
             ix = x - tl.load(row + 4).to(tl.int32) + W // 4
             img = tl.where((iy >= 0) & (iy < H // 2) & (ix >= 0) & (ix < W // 2), 127, img)
         tl.store(buf + own, img.to(tl.uint8), mask=valid)
+
 
 # ---------------------------------------------------------------------------------------------
 # Masked pseudo-label loss: autograd wrapper (the gradient is written by the forward kernel)
@@ -517,14 +670,33 @@ class _MaskedPseudoLabelLoss(torch.autograd.Function):
         mask = torch.empty(B, dtype=torch.float32, device=dev)
         target = torch.empty(B, dtype=torch.int64, device=dev)
         _pl_loss_kernel[(triton.cdiv(B, block_r),)](
-            weak_logits, strong_logits, trusted if trusted is not None else target,
-            grad if write_grad else row_loss, row_loss, mask, target, B, C,
-            weak_logits.stride(0), weak_logits.stride(1),
-            strong_logits.stride(0), strong_logits.stride(1),
-            trusted.stride(0) if trusted is not None else 0, C,
-            float(tau), float(alpha), float(beta) * float(A), 1.0 / B,
-            HAS_TRUSTED=trusted is not None, SCE=sce, WRITE_GRAD=write_grad,
-            SINGLE_BLOCK=block_c >= C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
+            weak_logits,
+            strong_logits,
+            trusted if trusted is not None else target,
+            grad if write_grad else row_loss,
+            row_loss,
+            mask,
+            target,
+            B,
+            C,
+            weak_logits.stride(0),
+            weak_logits.stride(1),
+            strong_logits.stride(0),
+            strong_logits.stride(1),
+            trusted.stride(0) if trusted is not None else 0,
+            C,
+            float(tau),
+            float(alpha),
+            float(beta) * float(A),
+            1.0 / B,
+            HAS_TRUSTED=trusted is not None,
+            SCE=sce,
+            WRITE_GRAD=write_grad,
+            SINGLE_BLOCK=block_c >= C,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=8,
+        )
         ctx.mark_non_differentiable(mask, target)
         ctx.save_for_backward(grad)
         return row_loss.sum() / B, mask, target
@@ -535,17 +707,36 @@ class _MaskedPseudoLabelLoss(torch.autograd.Function):
         # through the same graph fails autograd's version check rather than scaling it twice)
         (grad,) = ctx.saved_tensors
         _scale_inplace_kernel[(triton.cdiv(grad.numel(), 1024),)](
-            grad, grad_loss.float(), grad.numel(), BLOCK=1024, num_warps=4)
+            grad, grad_loss.float(), grad.numel(), BLOCK=1024, num_warps=4
+        )
         return None, grad, None, None, None, None, None, None, None
 
 
-def _masked_pseudo_label_loss_triton(weak_logits, strong_logits, tau, trusted=None, loss="ce",
-                                     alpha=0.1, beta=1.0, A=-4.0, max_block_c=_LOSS_MAX_BLOCK_C):
+def _masked_pseudo_label_loss_triton(
+    weak_logits,
+    strong_logits,
+    tau,
+    trusted=None,
+    loss="ce",
+    alpha=0.1,
+    beta=1.0,
+    A=-4.0,
+    max_block_c=_LOSS_MAX_BLOCK_C,
+):
     """Fused Triton path of masked_pseudo_label_loss (one launch); trusted is not checked here.
     The supervised CE is the special case trusted=labels, tau > 1 (no row confident, every row
     takes its label): mean CE."""
-    return _MaskedPseudoLabelLoss.apply(weak_logits.detach(), strong_logits, tau, trusted,
-                                        loss == "sce", alpha, beta, A, max_block_c)
+    return _MaskedPseudoLabelLoss.apply(
+        weak_logits.detach(),
+        strong_logits,
+        tau,
+        trusted,
+        loss == "sce",
+        alpha,
+        beta,
+        A,
+        max_block_c,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,17 +756,36 @@ class _DecSoftAssign(torch.autograd.Function):
             raise ValueError(f"z {tuple(z.shape)}, centroids {tuple(centroids.shape)}: D differs")
         alpha = float(alpha)
         mu = centroids.detach().float()
-        c = mu.mean(0)                                     # the shift, as in the reference
+        c = mu.mean(0)  # the shift, as in the reference
         mc = (mu - c).contiguous()
         block_k = _dec_block_k(K, max_block_k)
         block_n, block_d, warps, stages = _DEC_FWD_TILES[block_k]
-        q = torch.empty((N, K), dtype=torch.promote_types(z.dtype, centroids.dtype),
-                        device=z.device)
+        q = torch.empty(
+            (N, K), dtype=torch.promote_types(z.dtype, centroids.dtype), device=z.device
+        )
         rowsum = torch.empty(N, dtype=torch.float32, device=z.device)
         _dec_fwd_kernel[(triton.cdiv(N, block_n),)](
-            z, c, mc, (mc * mc).sum(1), q, rowsum, N, K, D, z.stride(0), z.stride(1),
-            1.0 / alpha, -(alpha + 1) / 2, ALPHA_ONE=alpha == 1.0, SINGLE_K=block_k >= K,
-            BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+            z,
+            c,
+            mc,
+            (mc * mc).sum(1),
+            q,
+            rowsum,
+            N,
+            K,
+            D,
+            z.stride(0),
+            z.stride(1),
+            1.0 / alpha,
+            -(alpha + 1) / 2,
+            ALPHA_ONE=alpha == 1.0,
+            SINGLE_K=block_k >= K,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+            num_warps=warps,
+            num_stages=stages,
+        )
         ctx.alpha, ctx.mu_dtype = alpha, centroids.dtype
         ctx.save_for_backward(z, q, rowsum, c, mc)
         return q
@@ -589,15 +799,40 @@ class _DecSoftAssign(torch.autograd.Function):
         block_n, block_k, block_d = _dec_bwd_config(K, D)
         f32 = dict(dtype=torch.float32, device=q.device)
         G = torch.empty((N, K), **f32)
-        gz = torch.empty((N, D), **f32) if need_z else G      # G: an unused placeholder
+        gz = torch.empty((N, D), **f32) if need_z else G  # G: an unused placeholder
         zc = torch.empty((N, D), **f32) if need_mu else G
         _dec_bwd_kernel[(triton.cdiv(N, block_n),)](
-            q, g, rowsum, z, c, G, gz, zc, N, K, D, g.stride(0), g.stride(1), z.stride(0),
-            z.stride(1), 1.0 / p, -p / alpha, ALPHA_ONE=alpha == 1.0, WRITE_GZ=need_z,
-            WRITE_ZC=need_mu, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8)
+            q,
+            g,
+            rowsum,
+            z,
+            c,
+            G,
+            gz,
+            zc,
+            N,
+            K,
+            D,
+            g.stride(0),
+            g.stride(1),
+            z.stride(0),
+            z.stride(1),
+            1.0 / p,
+            -p / alpha,
+            ALPHA_ONE=alpha == 1.0,
+            WRITE_GZ=need_z,
+            WRITE_ZC=need_mu,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+            num_warps=8,
+        )
         grad_z = gz.addmm_(G, mc, alpha=-2).to(z.dtype) if need_z else None
-        grad_mu = (torch.addmm(mc * (2 * G.sum(0))[:, None], G.T, zc, alpha=-2).to(ctx.mu_dtype)
-                   if need_mu else None)
+        grad_mu = (
+            torch.addmm(mc * (2 * G.sum(0))[:, None], G.T, zc, alpha=-2).to(ctx.mu_dtype)
+            if need_mu
+            else None
+        )
         return grad_z, grad_mu, None, None
 
 
@@ -607,7 +842,7 @@ def _dec_soft_assign_triton(z, centroids, alpha=1.0, max_block_k=_DEC_MAX_BLOCK_
 
 # ---------------------------------------------------------------------------------------------
 # FixMatch augmentation: a whole weak or strong view of a batch in one launch
-AUG_MAX_PIXELS = 1024     # H * W of one image's tile in registers (32 x 32; 64 x 64 spills)
+AUG_MAX_PIXELS = 1024  # H * W of one image's tile in registers (32 x 32; 64 x 64 spills)
 
 
 def augment_takes(x):
@@ -631,10 +866,21 @@ def augment(x, prm, strong):
     out = torch.empty_like(x)
     lut = torch.empty((N, C, 256) if strong else (1,), dtype=torch.uint8, device=x.device)
     if N:
-        _augment_kernel[(N,)](x.contiguous(), out, lut, prm.contiguous(), prm.shape[1], C, H, W,
-                              STRONG=strong, CP=triton.next_power_of_2(C),
-                              HWP=triton.next_power_of_2(H * W), num_warps=_aug_warps(C, H, W),
-                              enable_fp_fusion=False)
+        _augment_kernel[(N,)](
+            x.contiguous(),
+            out,
+            lut,
+            prm.contiguous(),
+            prm.shape[1],
+            C,
+            H,
+            W,
+            STRONG=strong,
+            CP=triton.next_power_of_2(C),
+            HWP=triton.next_power_of_2(H * W),
+            num_warps=_aug_warps(C, H, W),
+            enable_fp_fusion=False,
+        )
     return out
 
 
@@ -648,9 +894,11 @@ def augment(x, prm, strong):
 # (kind, dtype, shape, large, quick); loss shape (B, C), B = mu*64 = 448 in training; DEC shape
 # (N, K, D, z needs grad, max_block_k): N = 256 is one DEC step on the centroids of fixed features
 _BENCH_CASES = [
-    ("loss", "float32", (448, 10), False, True), ("loss", "float32", (448, 100), False, False),
+    ("loss", "float32", (448, 10), False, True),
+    ("loss", "float32", (448, 100), False, False),
     ("loss", "bfloat16", (448, 101), False, False),
-    ("loss", "float32", (7168, 1000), True, True), ("loss", "bfloat16", (7168, 1000), True, False),
+    ("loss", "float32", (7168, 1000), True, True),
+    ("loss", "bfloat16", (7168, 1000), True, False),
     ("dec", "float32", (256, 10, 1280, False, 128), False, True),
     ("dec", "float32", (256, 100, 1280, False, 128), False, False),
     ("dec", "float32", (1_000_000, 10, 1280, True, 128), True, True),
@@ -661,8 +909,11 @@ _BENCH_CASES = [
 
 def _max_rel_err(outs, refs):
     # worst max|a - b| / max|b| over the outputs (forward value and gradients)
-    return max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-               for a, b in zip(outs, refs) if b is not None)
+    return max(
+        ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+        for a, b in zip(outs, refs)
+        if b is not None
+    )
 
 
 def _bench_case(kind, dtype, shape, dev, compile_fn):
@@ -680,9 +931,11 @@ def _bench_case(kind, dtype, shape, dev, compile_fn):
             loss.backward()
             return loss.detach(), strong.grad
 
-        impls = dict(eager=masked_pseudo_label_loss_torch,
-                     compile=compile_fn(masked_pseudo_label_loss_torch),
-                     triton=_masked_pseudo_label_loss_triton)
+        impls = dict(
+            eager=masked_pseudo_label_loss_torch,
+            compile=compile_fn(masked_pseudo_label_loss_torch),
+            triton=_masked_pseudo_label_loss_triton,
+        )
         # read weak and strong, write d strong (backward at grad 1 moves nothing more); per row
         # read trusted (int64), write loss, mask (fp32) and label (int64)
         nbytes = 3 * B * C * strong.element_size() + B * (8 + 4 + 4 + 8)
@@ -700,12 +953,16 @@ def _bench_case(kind, dtype, shape, dev, compile_fn):
 
     impls = dict(triton=lambda a, b: _dec_soft_assign_triton(a, b, 1.0, block_k))
     if block_k == _DEC_MAX_BLOCK_K:  # the variant row times the kernel alone
-        impls = dict(eager=dec_soft_assign_torch, compile=compile_fn(dec_soft_assign_torch),
-                     **impls)
+        impls = dict(
+            eager=dec_soft_assign_torch, compile=compile_fn(dec_soft_assign_torch), **impls
+        )
     # forward reads z and writes q; backward reads g and z and writes dz (if z needs it)
     nbytes = z.element_size() * (N * D * (3 if grad_z else 2) + 2 * N * K)
-    name = (f"dec {str(dtype)[6:]} N={N} K={K} D={D}" + (" +dz" if grad_z else "")
-            + ("" if block_k == _DEC_MAX_BLOCK_K else f" BLOCK_K={block_k}"))
+    name = (
+        f"dec {str(dtype)[6:]} N={N} K={K} D={D}"
+        + (" +dz" if grad_z else "")
+        + ("" if block_k == _DEC_MAX_BLOCK_K else f" BLOCK_K={block_k}")
+    )
     return name, nbytes, impls, step
 
 
@@ -716,8 +973,9 @@ def _bench_run(cases, dev, timers, compile_fn, log=print):
     for kind, dtype, shape, large, _ in cases:
         res = dict(name=f"{kind} {dtype} {shape}", large=large, t={}, wall={}, notes=[])
         try:
-            res["name"], res["bytes"], impls, step = _bench_case(kind, dtype, shape, dev,
-                                                                 compile_fn)
+            res["name"], res["bytes"], impls, step = _bench_case(
+                kind, dtype, shape, dev, compile_fn
+            )
             outs = {}
             for key, f in impls.items():
                 try:
@@ -760,12 +1018,15 @@ def _bench_row(r, copy_gbs):
             goal = (f"{sp[0]:.2f}x eager", sp[0] >= 2)
     else:
         extra = ""
-    wall = "/".join(_cell(r["wall"].get(k), 0, 2 if r["large"] else 0)
-                    for k in ("eager", "compile", "triton"))
+    wall = "/".join(
+        _cell(r["wall"].get(k), 0, 2 if r["large"] else 0) for k in ("eager", "compile", "triton")
+    )
     prec = 3 if r["large"] else 1
-    line = (f"{r['name']:<40}{_cell(e, 9, prec)}{_cell(c, 9, prec)}{_cell(tri, 9, prec)}"
-            f"{_cell(sp[0], 9, 2, 'x')}{_cell(sp[1], 8, 2, 'x')}{wall:>18}{extra:>16}"
-            f"{'-' if err is None else f'{err:.1e}':>9}")
+    line = (
+        f"{r['name']:<40}{_cell(e, 9, prec)}{_cell(c, 9, prec)}{_cell(tri, 9, prec)}"
+        f"{_cell(sp[0], 9, 2, 'x')}{_cell(sp[1], 8, 2, 'x')}{wall:>18}{extra:>16}"
+        f"{'-' if err is None else f'{err:.1e}':>9}"
+    )
     return "\n".join([line] + [f"    ! {n}" for n in r["notes"]]), goal
 
 
@@ -774,11 +1035,13 @@ def _bench_table(results, copy_gbs):
     lines, goals = [], []
     for large in (False, True):
         unit = "ms" if large else "us"
-        lines += [f"\n{'large' if large else 'small'} shapes ({unit}: CUDA graph; wall: per call, "
-                  f"launches included; forward + backward)",
-                  f"{'case':<40}{'eager':>9}{'compile':>9}{'triton':>9}{'vs eager':>9}"
-                  f"{'vs comp':>8}{'wall e/c/t ' + unit:>18}{'GB/s  % copy' if large else '':>16}"
-                  f"{'err':>9}"]
+        lines += [
+            f"\n{'large' if large else 'small'} shapes ({unit}: CUDA graph; wall: per call, "
+            f"launches included; forward + backward)",
+            f"{'case':<40}{'eager':>9}{'compile':>9}{'triton':>9}{'vs eager':>9}"
+            f"{'vs comp':>8}{'wall e/c/t ' + unit:>18}{'GB/s  % copy' if large else '':>16}"
+            f"{'err':>9}",
+        ]
         for r in (r for r in results if r["large"] == large):
             text, goal = _bench_row(r, copy_gbs)
             lines.append(text)
@@ -826,31 +1089,42 @@ def _bench(quick=False, only=None):
     dst = torch.empty_like(src)
     copy_gbs = 2 * src.numel() / graph_us(lambda: dst.copy_(src)) / 1e3
     del src, dst
-    print(f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}, triton "
-          f"{triton.__version__}; allow_tf32 matmul/cudnn: "
-          f"{torch.backends.cuda.matmul.allow_tf32}/{torch.backends.cudnn.allow_tf32}, "
-          f"float32_matmul_precision {torch.get_float32_matmul_precision()}")
+    print(
+        f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}, triton "
+        f"{triton.__version__}; allow_tf32 matmul/cudnn: "
+        f"{torch.backends.cuda.matmul.allow_tf32}/{torch.backends.cudnn.allow_tf32}, "
+        f"float32_matmul_precision {torch.get_float32_matmul_precision()}"
+    )
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write), the 100 % of '% copy'")
-    print("GB/s counts the bytes the op must move: loss = read weak + strong, write d strong, "
-          "per-row labels/mask/loss;\nDEC = read z, write q, read g and z, write dz (if z needs "
-          "it). vs eager / vs comp: their time / Triton's. err: max |triton - eager| / max |eager| "
-          "over value and grads")
+    print(
+        "GB/s counts the bytes the op must move: loss = read weak + strong, write d strong, "
+        "per-row labels/mask/loss;\nDEC = read z, write q, read g and z, write dz (if z needs "
+        "it). vs eager / vs comp: their time / Triton's. err: max |triton - eager| / max |eager| "
+        "over value and grads"
+    )
     B, C = 448, 100
     trusted = torch.randint(-1, C, (B,), device=dev)
-    print(f"check_trusted (masked_pseudo_label_loss's check=True, one aminmax + sync): "
-          f"{wall_us(lambda: check_trusted(trusted, C)):.0f} us wall per call", flush=True)
+    print(
+        f"check_trusted (masked_pseudo_label_loss's check=True, one aminmax + sync): "
+        f"{wall_us(lambda: check_trusted(trusted, C)):.0f} us wall per call",
+        flush=True,
+    )
     cases = [c for c in _BENCH_CASES if (c[4] or not quick) and only in (None, c[0])]
     print("rows as they finish (columns as in the tables at the end):", flush=True)
     timers = types.SimpleNamespace(graph=graph_us, wall=wall_us)
-    results = _bench_run(cases, dev, timers, compile_fn,
-                         log=lambda r: print(_bench_row(r, copy_gbs)[0], flush=True))
+    results = _bench_run(
+        cases, dev, timers, compile_fn, log=lambda r: print(_bench_row(r, copy_gbs)[0], flush=True)
+    )
     print(_bench_table(results, copy_gbs))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", action="store_true",
-                        help="time the Triton kernels against eager and torch.compile (CUDA)")
+    parser.add_argument(
+        "--bench",
+        action="store_true",
+        help="time the Triton kernels against eager and torch.compile (CUDA)",
+    )
     parser.add_argument("--quick", action="store_true", help="with --bench: four cases only")
     parser.add_argument("--only", choices=("loss", "dec"), help="with --bench: one kernel's cases")
     args = parser.parse_args()

@@ -1,4 +1,5 @@
 """Tests for kdfixmatch.py and kernels.py. Run: python -m pytest -q test_kdfixmatch.py"""
+
 import os
 
 import torch
@@ -34,38 +35,48 @@ CIFAR_JPEG = HERE.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
 
 
 def run_cli(*argv, timeout=600):
-    return subprocess.run([sys.executable, str(HERE / "kdfixmatch.py"), *argv], capture_output=True,
-                          text=True, timeout=timeout, cwd=HERE)
+    return subprocess.run(
+        [sys.executable, str(HERE / "kdfixmatch.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=HERE,
+    )
 
 
 def test_sce_loss_matches_hand_computed_values():
-    logits = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]])   # p = (.25,.75), (.75,.25)
+    logits = torch.tensor([[0.0, math.log(3.0)], [math.log(3.0), 0.0]])  # p = (.25,.75), (.75,.25)
     target = torch.tensor([1, 1])
     ce = torch.tensor([-math.log(0.75), -math.log(0.25)])
-    rce = 4.0 * torch.tensor([0.25, 0.75])                       # -A * (1 - p_y), A = -4
+    rce = 4.0 * torch.tensor([0.25, 0.75])  # -A * (1 - p_y), A = -4
     want = 0.1 * ce + 1.0 * rce
-    torch.testing.assert_close(kd.sce_loss(logits, target), want)          # per sample
+    torch.testing.assert_close(kd.sce_loss(logits, target), want)  # per sample
     # alpha=1, beta=0 is plain CE; A = ln 1e-4 is the authors' released-code variant
-    torch.testing.assert_close(kd.sce_loss(logits, target, 1.0, 0.0),
-                               F.cross_entropy(logits, target, reduction="none"))
+    torch.testing.assert_close(
+        kd.sce_loss(logits, target, 1.0, 0.0), F.cross_entropy(logits, target, reduction="none")
+    )
     A = math.log(1e-4)
-    torch.testing.assert_close(kd.sce_loss(logits, target, 6.0, 0.1, A),
-                               6.0 * ce + 0.1 * -A * torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(
+        kd.sce_loss(logits, target, 6.0, 0.1, A), 6.0 * ce + 0.1 * -A * torch.tensor([0.25, 0.75])
+    )
 
 
 def test_kernel_reference_sce_agrees_with_sce_loss():
     g = torch.Generator().manual_seed(0)
     weak, strong = torch.randn(16, 7, generator=g) * 4, torch.randn(16, 7, generator=g)
-    loss, mask, target = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.5, None, "sce",
-                                                               0.3, 2.0, -6.0)
+    loss, mask, target = kernels.masked_pseudo_label_loss_torch(
+        weak, strong, 0.5, None, "sce", 0.3, 2.0, -6.0
+    )
     rows = kd.sce_loss(strong, target, 0.3, 2.0, -6.0)
     torch.testing.assert_close(loss, (rows * mask).sum() / 16)
 
 
 def test_select_confident_threshold_edges():
-    probs = torch.tensor([[0.80, 0.20], [0.7999, 0.2001], [0.1, 0.9], [0.5, 0.5]], dtype=torch.float64)
+    probs = torch.tensor(
+        [[0.80, 0.20], [0.7999, 0.2001], [0.1, 0.9], [0.5, 0.5]], dtype=torch.float64
+    )
     idx, labels = kd.select_confident(probs, 0.80)
-    assert idx.tolist() == [0, 2] and labels.tolist() == [0, 1]     # >= tau_select, not >
+    assert idx.tolist() == [0, 2] and labels.tolist() == [0, 1]  # >= tau_select, not >
     idx, _ = kd.select_confident(probs, 0.0)
     assert idx.tolist() == [0, 1, 2, 3]
     idx, labels = kd.select_confident(probs, 1.0)
@@ -73,30 +84,43 @@ def test_select_confident_threshold_edges():
 
 
 def test_fixmatch_step_mask_mean_over_all_rows_and_no_gradient_through_weak():
-    model = lambda x: x                                  # the "images" are the logits themselves
+    # The "images" are the logits themselves.
+    def model(x):
+        return x
+
     x_l = torch.tensor([[2.0, 0.0, 0.0]], requires_grad=True)
     y_l = torch.tensor([0])
-    x_w = torch.tensor([[9.0, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 9.0], [0.3, 0.0, 0.0]],
-                       requires_grad=True)            # rows 0 and 2 are confident (> 0.95)
+    x_w = torch.tensor(
+        [[9.0, 0.0, 0.0], [0.0, 0.1, 0.0], [0.0, 0.0, 9.0], [0.3, 0.0, 0.0]], requires_grad=True
+    )  # rows 0 and 2 are confident (> 0.95)
     x_s = torch.randn(4, 3, requires_grad=True)
     loss, s = kd.fixmatch_step(model, x_l, y_l, x_w, x_s, tau=0.95, lambda_u=2.0)
     assert s["mask"].tolist() == [1.0, 0.0, 1.0, 0.0]
     ce_s = F.cross_entropy(x_s.detach(), torch.tensor([0, 1, 2, 0]), reduction="none")
-    want_u = (ce_s[0] + ce_s[2]) / 4                     # averaged over all mu*B rows, not the kept 2
+    want_u = (ce_s[0] + ce_s[2]) / 4  # averaged over all mu*B rows, not the kept 2
     want = F.cross_entropy(x_l.detach(), y_l) + 2.0 * want_u
     torch.testing.assert_close(loss.detach(), want)
     loss.backward()
-    assert torch.count_nonzero(x_w.grad) == 0            # pseudo labels carry no gradient
+    assert torch.count_nonzero(x_w.grad) == 0  # pseudo labels carry no gradient
     g = (x_s.detach().softmax(1) - F.one_hot(torch.tensor([0, 1, 2, 0]), 3)) * 2.0 / 4
     torch.testing.assert_close(x_s.grad, g * torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
 
 
 def test_fixmatch_step_is_one_forward_pass_over_all_views():
     calls = []
-    model = lambda x: calls.append(len(x)) or x
-    kd.fixmatch_step(model, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long),
-                     torch.zeros(6, 3), torch.zeros(6, 3))
-    assert calls == [14]                                 # shared BatchNorm statistics
+
+    def model(x):
+        calls.append(len(x))
+        return x
+
+    kd.fixmatch_step(
+        model,
+        torch.zeros(2, 3),
+        torch.zeros(2, dtype=torch.long),
+        torch.zeros(6, 3),
+        torch.zeros(6, 3),
+    )
+    assert calls == [14]  # shared BatchNorm statistics
 
 
 def test_heuristic_1_three_cases():
@@ -110,26 +134,33 @@ def test_heuristic_1_three_cases():
     assert [target[i].item() for i in (0, 1, 3)] == [2, 1, 1]
     ce = F.cross_entropy(strong, target, reduction="none")
     torch.testing.assert_close(loss, (ce[0] + ce[1] + ce[3]) / 4)
-    _, s = kd.fixmatch_step(lambda x: x, torch.zeros(1, 3), torch.zeros(1).long(), weak, strong,
-                            tau=0.95, trusted=trusted)          # and so does the training step
+    _, s = kd.fixmatch_step(
+        lambda x: x,
+        torch.zeros(1, 3),
+        torch.zeros(1).long(),
+        weak,
+        strong,
+        tau=0.95,
+        trusted=trusted,
+    )  # and so does the training step
     assert s["mask"].tolist() == mask.tolist() and torch.equal(s["pseudo"], target)
 
 
 def test_sinkhorn_rows_sum_to_one_and_balances_a_skewed_batch():
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(256, 10, generator=g) * 0.2
-    scores[:, 0] += 0.5                                  # every sample prefers prototype 0
+    scores[:, 0] += 0.5  # every sample prefers prototype 0
     q = kd.sinkhorn(scores, eps=0.05, iters=3)
     torch.testing.assert_close(q.sum(1), torch.ones(256))
-    skew = (scores / 0.05).softmax(1).sum(0)             # plain softmax: prototype 0 takes it all
+    skew = (scores / 0.05).softmax(1).sum(0)  # plain softmax: prototype 0 takes it all
     assert skew[0] > 200
     assert (q.sum(0) - 25.6).abs().max() < 0.05 * 25.6  # equal share per prototype (3 iterations)
     q50 = kd.sinkhorn(scores, eps=0.05, iters=50)
     torch.testing.assert_close(q50.sum(0), torch.full((10,), 25.6), rtol=1e-4, atol=1e-3)
-    torch.set_flush_denormal(True)                       # as main() runs it
-    try:                                                 # a small eps, one prototype far from
-        far = torch.cat([scores[:, :9] + 0.5, torch.full((256, 1), -1.0)], 1)   # every sample:
-        q = kd.sinkhorn(far, eps=0.01, iters=3)          # exp(-200) underflows; no 0 / 0
+    torch.set_flush_denormal(True)  # as main() runs it
+    try:  # a small eps, one prototype far from
+        far = torch.cat([scores[:, :9] + 0.5, torch.full((256, 1), -1.0)], 1)  # every sample:
+        q = kd.sinkhorn(far, eps=0.01, iters=3)  # exp(-200) underflows; no 0 / 0
     finally:
         torch.set_flush_denormal(False)
     assert q.isfinite().all() and (q >= 0).all()
@@ -149,16 +180,19 @@ def test_suave_step_swapped_prediction_has_no_gradient_through_targets():
     scores = model(torch.cat([x_l, x_1, x_2]))
     s_l, s_1, s_2 = scores[:4], scores[4:16], scores[16:]
     t_1, t_2 = kd.sinkhorn(s_1.detach()), kd.sinkhorn(s_2.detach())
-    ce = lambda t, sc: -(t * (sc / 0.1).log_softmax(1)).sum(1).mean()
+
+    def ce(t, sc):
+        return -(t * (sc / 0.1).log_softmax(1)).sum(1).mean()
+
     loss_u = (ce(t_1, s_2) + ce(t_2, s_1)) / 2
     loss_l = F.cross_entropy(s_l / 0.1, y_l, label_smoothing=0.01)
-    want = (4 * loss_l + 24 * loss_u) / 28               # share of the batch, every view counted
+    want = (4 * loss_l + 24 * loss_u) / 28  # share of the batch, every view counted
     torch.testing.assert_close(loss, want)
     want.backward()
     for a, b in zip(got, model.parameters()):
         torch.testing.assert_close(a, b.grad)
     assert torch.equal(s["pseudo"], t_1.argmax(1))
-    with torch.no_grad():                                # scores are cosines: prototypes unit norm
+    with torch.no_grad():  # scores are cosines: prototypes unit norm
         assert float(model(torch.randn(5, 6)).abs().max()) <= 1 + 1e-6
 
 
@@ -174,14 +208,14 @@ def test_suave_prototypes_renormalised_in_place_fp32_and_without_weight_decay():
     torch.testing.assert_close(proto.weight.norm(dim=1), torch.ones(5))
     out.square().sum().backward()
     w = proto.weight.detach().clone().requires_grad_()
-    F.linear(F.normalize(x, dim=1), w).square().sum().backward()   # no d(normalize)/dW term
+    F.linear(F.normalize(x, dim=1), w).square().sum().backward()  # no d(normalize)/dW term
     torch.testing.assert_close(proto.weight.grad, w.grad)
     with torch.autocast("cpu", torch.bfloat16):
         assert proto(x).dtype == torch.float32
     args = kd.get_args(["--method", "suave", "--device", "cpu"])
     args.dev = torch.device("cpu")
     data = dict(train_x=torch.zeros(1, 1, 8, 8, dtype=torch.uint8), classes=10)
-    model, _, _, opt, _ = kd.make_model(args, data, suave=True)   # model, forward, EMA, opt, lr
+    model, _, _, opt, _ = kd.make_model(args, data, suave=True)  # model, forward, EMA, opt, lr
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(model.head[-1].weight) not in decayed and id(model.head[0].weight) in decayed
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
@@ -198,7 +232,7 @@ def test_dec_cluster_recovers_planted_clusters_and_drops_disagreeing_labels():
     z, y = _blobs()
     pseudo = y.clone()
     flipped = torch.zeros(len(y), dtype=torch.bool)
-    flipped[torch.arange(0, len(y), 12)] = True          # 1 in 12 planted with a wrong label
+    flipped[torch.arange(0, len(y), 12)] = True  # 1 in 12 planted with a wrong label
     pseudo[flipped] = (y[flipped] + 1) % 4
     keep, info = kd.dec_cluster(z, pseudo, 4, n_init=5)
     assert torch.equal(keep, ~flipped)
@@ -208,8 +242,8 @@ def test_dec_cluster_recovers_planted_clusters_and_drops_disagreeing_labels():
 
 def test_dec_cluster_ignores_cluster_numbering():
     z, y = _blobs(seed=1)
-    perm = torch.tensor([2, 0, 3, 1])                    # pseudo labels are a relabelling of
-    keep, _ = kd.dec_cluster(z, perm[y], 4, n_init=5)    # the clusters: Hungarian undoes it
+    perm = torch.tensor([2, 0, 3, 1])  # pseudo labels are a relabelling of
+    keep, _ = kd.dec_cluster(z, perm[y], 4, n_init=5)  # the clusters: Hungarian undoes it
     assert bool(keep.all())
 
 
@@ -226,18 +260,22 @@ def _tv_op(name, im, level, sign):
     f = 0.1 + 1.8 * m
     shear = [math.degrees(math.atan(0.3 * m * sign)), 0.0]
     shift = [round(0.3 * m * sign * im.shape[-1]), round(0.3 * m * sign * im.shape[-2])]
-    return {"identity": lambda: im, "autocontrast": lambda: TF.autocontrast(im),
-            "equalize": lambda: TF.equalize(im), "brightness": lambda: TF.adjust_brightness(im, f),
-            "color": lambda: TF.adjust_saturation(im, f), "contrast": lambda: TF.adjust_contrast(im, f),
-            "sharpness": lambda: TF.adjust_sharpness(im, f),
-            "posterize": lambda: TF.posterize(im, 8 - round(4 * m)),     # 8..4 bits (paper table)
-            "solarize": lambda: TF.solarize(im, 256 * (1 - m)),
-            "rotate": lambda: TF.rotate(im, 30 * m * sign, fill=128),
-            "shear_x": lambda: TF.affine(im, 0.0, [0, 0], 1.0, shear, fill=128, center=[0, 0]),
-            "shear_y": lambda: TF.affine(im, 0.0, [0, 0], 1.0, shear[::-1], fill=128, center=[0, 0]),
-            "translate_x": lambda: TF.affine(im, 0.0, [shift[0], 0], 1.0, [0.0, 0.0], fill=128),
-            "translate_y": lambda: TF.affine(im, 0.0, [0, shift[1]], 1.0, [0.0, 0.0], fill=128),
-            }[name]()
+    return {
+        "identity": lambda: im,
+        "autocontrast": lambda: TF.autocontrast(im),
+        "equalize": lambda: TF.equalize(im),
+        "brightness": lambda: TF.adjust_brightness(im, f),
+        "color": lambda: TF.adjust_saturation(im, f),
+        "contrast": lambda: TF.adjust_contrast(im, f),
+        "sharpness": lambda: TF.adjust_sharpness(im, f),
+        "posterize": lambda: TF.posterize(im, 8 - round(4 * m)),  # 8..4 bits (paper table)
+        "solarize": lambda: TF.solarize(im, 256 * (1 - m)),
+        "rotate": lambda: TF.rotate(im, 30 * m * sign, fill=128),
+        "shear_x": lambda: TF.affine(im, 0.0, [0, 0], 1.0, shear, fill=128, center=[0, 0]),
+        "shear_y": lambda: TF.affine(im, 0.0, [0, 0], 1.0, shear[::-1], fill=128, center=[0, 0]),
+        "translate_x": lambda: TF.affine(im, 0.0, [shift[0], 0], 1.0, [0.0, 0.0], fill=128),
+        "translate_y": lambda: TF.affine(im, 0.0, [0, shift[1]], 1.0, [0.0, 0.0], fill=128),
+    }[name]()
 
 
 def _tv_augment(im, plan, i):
@@ -245,12 +283,19 @@ def _tv_augment(im, plan, i):
     H, W = im.shape[-2:]
     ph, pw = round(0.125 * H), round(0.125 * W)
     im = TF.horizontal_flip(im) if plan["flip"][i] else im
-    im = TF.crop(TF.pad(im, [pw, ph], padding_mode="reflect"), int(plan["dy"][i]) + ph,
-                 int(plan["dx"][i]) + pw, H, W)
+    im = TF.crop(
+        TF.pad(im, [pw, ph], padding_mode="reflect"),
+        int(plan["dy"][i]) + ph,
+        int(plan["dx"][i]) + pw,
+        H,
+        W,
+    )
     if "op" not in plan:
         return im
     for j in range(2):
-        im = _tv_op(kd.RA_OPS[plan["op"][i, j]], im, int(plan["level"][i, j]), int(plan["sign"][i, j]))
+        im = _tv_op(
+            kd.RA_OPS[plan["op"][i, j]], im, int(plan["level"][i, j]), int(plan["sign"][i, j])
+        )
     y0, x0 = int(plan["cy"][i]) - H // 4, int(plan["cx"][i]) - W // 4
     y1, x1 = min(H, y0 + H // 2), min(W, x0 + W // 2)
     y0, x0 = max(0, y0), max(0, x0)
@@ -262,12 +307,23 @@ def _plan_covering_every_op(N, H, W, seed=0):
     plan = kd.draw_plan(N, H, W, True, True, torch.Generator().manual_seed(seed))
     plan["op"][:, 0] = torch.arange(N) % 14
     plan["level"][:, 0] = torch.arange(N) // 14 % 9 + 1
-    plan["cy"][:4], plan["cx"][:4] = torch.tensor([0, H - 1, 0, H - 1]), torch.tensor([0, 0, W - 1, W - 1])
+    plan["cy"][:4], plan["cx"][:4] = (
+        torch.tensor([0, H - 1, 0, H - 1]),
+        torch.tensor([0, 0, W - 1, W - 1]),
+    )
     return plan
 
 
-@pytest.mark.parametrize("path", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not kernels._HAS_TRITON, reason="triton does not import"))])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "torch",
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(not kernels._HAS_TRITON, reason="triton does not import"),
+        ),
+    ],
+)
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 8, 8), (3, 13, 17)])
 def test_batched_augment_equals_torchvision_image_by_image(shape, path, monkeypatch):
     """Every op at every level, flip, translate and Cutout (also at the corners), on RGB, gray and
@@ -281,10 +337,10 @@ def test_batched_augment_equals_torchvision_image_by_image(shape, path, monkeypa
     g = torch.Generator().manual_seed(1)
     N = 14 * 9 * 2
     x = torch.randint(0, 256, (N, *shape), dtype=torch.uint8, generator=g)
-    x[:28] = x[:28] // 64 * 50                         # few gray levels; flat images for autocontrast
+    x[:28] = x[:28] // 64 * 50  # few gray levels; flat images for autocontrast
     x[28:42] = 77
-    x[42:, :, shape[1] // 2] = torch.tensor([250, 47, 199][:shape[0]], dtype=torch.uint8)[:, None]
-    launches = []                                      # (a row whose gray needs fused mul-adds)
+    x[42:, :, shape[1] // 2] = torch.tensor([250, 47, 199][: shape[0]], dtype=torch.uint8)[:, None]
+    launches = []  # (a row whose gray needs fused mul-adds)
     if path == "triton":
         fused = kernels.augment
         monkeypatch.setattr(kernels, "augment", lambda *a: launches.append(1) or fused(*a))
@@ -306,13 +362,14 @@ def test_batched_augment_equals_torchvision_image_by_image(shape, path, monkeypa
         geometric = (plan["op"] >= kd.GEOMETRIC).any(1)
         assert torch.equal(out[~geometric], ref[~geometric])
         assert (out[geometric] != ref[geometric]).float().mean() <= 1e-3
-    assert len(launches) == (2 if path == "triton" else 0)    # one per view
+    assert len(launches) == (2 if path == "triton" else 0)  # one per view
 
 
 def test_augment_kernel_only_for_small_images(monkeypatch):
     # a tile of more than AUG_MAX_PIXELS would spill registers: larger images take the ops path
     def boom(*a):
         raise AssertionError("kernel launched")
+
     monkeypatch.setattr(kernels, "_use_triton", lambda t: True)
     monkeypatch.setattr(kernels, "augment", boom)
     side = math.isqrt(kernels.AUG_MAX_PIXELS) + 1
@@ -326,26 +383,33 @@ def test_augment_kernel_only_for_small_images(monkeypatch):
 def test_augment_draws_per_sample_with_the_policy_frequencies():
     N, g = 28_000, torch.Generator().manual_seed(0)
     plan = kd.draw_plan(N, 32, 32, True, True, g)
-    for j in range(2):                                 # each op drawn 1/14 per slot, applied half
+    for j in range(2):  # each op drawn 1/14 per slot, applied half
         counts = torch.bincount(plan["op"][:, j], minlength=14).double() / N
-        assert abs(counts[0] - (0.5 + 1 / 28)) < 0.01             # identity: drawn or not applied
+        assert abs(counts[0] - (0.5 + 1 / 28)) < 0.01  # identity: drawn or not applied
         assert ((counts[1:] - 1 / 28).abs() < 4 * math.sqrt(1 / 28 / N)).all(), counts
     assert torch.bincount(plan["level"].flatten()).tolist()[0] == 0
-    assert (torch.bincount(plan["level"].flatten())[1:].double() / (2 * N) - 1 / 9).abs().max() < 0.01
-    assert abs(plan["flip"].double().mean() - 0.5) < 0.01 and abs(plan["sign"].double().mean()) < 0.02
+    assert (
+        torch.bincount(plan["level"].flatten())[1:].double() / (2 * N) - 1 / 9
+    ).abs().max() < 0.01
+    assert (
+        abs(plan["flip"].double().mean() - 0.5) < 0.01 and abs(plan["sign"].double().mean()) < 0.02
+    )
     assert plan["dy"].min() == -4 and plan["dy"].max() == 4 and plan["cx"].max() == 31
     assert plan["op"][:, 0].unique().numel() == 14 and (plan["op"][:, 0] != plan["op"][:, 1]).any()
     img = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(64, -1, -1, -1)
     views = kd.augment(img, strong=True, generator=torch.Generator().manual_seed(3))
-    assert len({v.numpy().tobytes() for v in views}) == 64       # one image, 64 different views
+    assert len({v.numpy().tobytes() for v in views}) == 64  # one image, 64 different views
     again = kd.augment(img, strong=True, generator=torch.Generator().manual_seed(3))
     other = kd.augment(img, strong=True, generator=torch.Generator().manual_seed(4))
     assert torch.equal(views, again) and not torch.equal(views, other)
     weak = kd.augment(img, flip=False, generator=torch.Generator().manual_seed(3))
-    for v in weak:                                     # a copy shifted by at most 12.5 % = 4 px
-        assert any(torch.equal(v[:, 4:-4, 4:-4], img[0, :, 4 + dy:28 + dy, 4 + dx:28 + dx])
-                   for dy in range(-4, 5) for dx in range(-4, 5))
-    assert (views == 127).all(1).sum((1, 2)).min() >= 8 * 8      # Cutout: a gray box, always
+    for v in weak:  # a copy shifted by at most 12.5 % = 4 px
+        assert any(
+            torch.equal(v[:, 4:-4, 4:-4], img[0, :, 4 + dy : 28 + dy, 4 + dx : 28 + dx])
+            for dy in range(-4, 5)
+            for dx in range(-4, 5)
+        )
+    assert (views == 127).all(1).sum((1, 2)).min() >= 8 * 8  # Cutout: a gray box, always
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -369,22 +433,33 @@ def test_a_steps_batch_is_a_few_device_operations(monkeypatch):
     batch (64 labeled, 448 unlabeled x weak + strong) is 3 launches and a handful of copies and
     gathers; apply_plan's own ops would be hundreds. The plan's draws stay on the host."""
     from types import SimpleNamespace
+
     from torch.utils import _pytree as pytree
     from torch.utils._python_dispatch import TorchDispatchMode
+
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, f, types, a=(), kw=None):
             out = f(*a, **(kw or {}))
-            self.n += not f.is_view and any(isinstance(t, torch.Tensor) and t.device.type == "meta"
-                                            for t in pytree.tree_leaves((a, kw, out)))
+            self.n += not f.is_view and any(
+                isinstance(t, torch.Tensor) and t.device.type == "meta"
+                for t in pytree.tree_leaves((a, kw, out))
+            )
             return out
+
     N, launches = 1000, []
-    data = dict(x=torch.empty(N, 3, 32, 32, dtype=torch.uint8, device="meta"), flip=True,
-                y=torch.empty(N, dtype=torch.int64, device="meta"), train_y=torch.zeros(N))
+    data = dict(
+        x=torch.empty(N, 3, 32, 32, dtype=torch.uint8, device="meta"),
+        flip=True,
+        y=torch.empty(N, dtype=torch.int64, device="meta"),
+        train_y=torch.zeros(N),
+    )
     args = SimpleNamespace(batch_size=64, mu=7, dev=torch.device("meta"))
-    monkeypatch.setattr(kernels, "augment", lambda x, p, s: launches.append(s) or torch.empty_like(x))
+    monkeypatch.setattr(
+        kernels, "augment", lambda x, p, s: launches.append(s) or torch.empty_like(x)
+    )
     counts = {}
     for fused in (True, False):
-        monkeypatch.setattr(kernels, "augment_takes", lambda x: fused)
+        monkeypatch.setattr(kernels, "augment_takes", lambda x, fused=fused: fused)
         with Count() as c:
             c.n = 0
             b = kd.make_batch(data, torch.arange(100), 0, 0, args)
@@ -400,7 +475,7 @@ def test_prefetched_batches_are_each_steps_batch_in_order(tmp_path, capsys, monk
     data = kd.load_dataset(args)
     data.update(x=data["train_x"].to(args.dev), y=data["train_y"].to(args.dev))
     split = kd.labeled_split(data["train_y"], 20, 10, 0)
-    for prefetch in (True, False):                     # (on a CPU, train_snn does not prefetch)
+    for prefetch in (True, False):  # (on a CPU, train_snn does not prefetch)
         got = list(kd.batches(data, split, range(5, 12), 3, args, prefetch=prefetch))
         assert len(got) == 7 and not torch.equal(got[0]["x_s"], got[1]["x_s"])
         for step, b in zip(range(5, 12), got):
@@ -409,10 +484,10 @@ def test_prefetched_batches_are_each_steps_batch_in_order(tmp_path, capsys, monk
         assert list(kd.batches(data, split, range(0), 3, args, prefetch=prefetch)) == []
         first = next(kd.batches(data, split, range(2), 3, args, False, prefetch))
         assert set(first) == {"x_l", "y_l"}
-    monkeypatch.chdir(tmp_path)                        # (where runs/latest would go)
+    monkeypatch.chdir(tmp_path)  # (where runs/latest would go)
     rates = kd.main(["--bench", "--batch-size", "8", "--mu", "2", "--device", _DEV])
     assert set(rates) == {"augment", "ceiling", "real"} and min(rates.values()) > 0
-    assert not list(tmp_path.iterdir())                # --bench: images/s, writes no run
+    assert not list(tmp_path.iterdir())  # --bench: images/s, writes no run
     assert ("(one launch per view)" if _DEV == "cuda" else "(per-op)") in capsys.readouterr().out
 
 
@@ -422,15 +497,21 @@ def _wrn28_parameters(width, classes):
     for g in range(3):
         for i in range(4):
             cin, cout = c[g + (i > 0)], c[g + 1]
-            n += 2 * cin + 9 * cin * cout + 2 * cout + 9 * cout * cout + (cin * cout if cin != cout else 0)
+            n += (
+                2 * cin
+                + 9 * cin * cout
+                + 2 * cout
+                + 9 * cout * cout
+                + (cin * cout if cin != cout else 0)
+            )
     return n + 2 * c[3] + (c[3] + 1) * classes
 
 
 def test_wrn28_2_is_fixmatchs_backbone():
     m = kd.build_model("wrn28_2", 3, 10)
-    assert sum(p.numel() for p in m.parameters()) == 1_467_610   # as in FixMatch's PyTorch port
-    assert _wrn28_parameters(2, 10) == 1_467_610                   # the formula, checked there
-    wide = kd.build_model("wrn28_8", 3, 100)                       # CIFAR-100's: 23.4M
+    assert sum(p.numel() for p in m.parameters()) == 1_467_610  # as in FixMatch's PyTorch port
+    assert _wrn28_parameters(2, 10) == 1_467_610  # the formula, checked there
+    wide = kd.build_model("wrn28_8", 3, 100)  # CIFAR-100's: 23.4M
     assert sum(p.numel() for p in wide.parameters()) == _wrn28_parameters(8, 100) == 23_401_012
     bns = [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
     assert len(bns) == 25 and all(b.momentum == 0.001 for b in bns)
@@ -440,24 +521,29 @@ def test_wrn28_2_is_fixmatchs_backbone():
 def test_efficientnet_weights_offline_error_and_local_file(tmp_path, monkeypatch, capsys):
     def offline(*a, **k):
         raise OSError("network is unreachable")
+
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(SystemExit) as e:
         kd.build_model("efficientnet_b0", 3, 10, pretrained=True)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--weights FILE" in err and "efficientnet_b0_rwightman" in err
-    ref = torchvision.models.efficientnet_b0()                 # a stand-in "ImageNet" file
+    ref = torchvision.models.efficientnet_b0()  # a stand-in "ImageNet" file
     torch.save(ref.state_dict(), tmp_path / "w.pth")
     m = kd.build_model("efficientnet_b0", 3, 10, weights=str(tmp_path / "w.pth"))
     torch.testing.assert_close(m.body[0][0][0].weight, ref.features[0][0].weight)
     assert m.head.out_features == 10
     (tmp_path / "junk.pth").write_text("junk\n")
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet.pth")
-    for name in ("missing.pth", "junk.pth", "resnet.pth"):      # one line naming the file
+    for name in ("missing.pth", "junk.pth", "resnet.pth"):  # one line naming the file
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             kd.build_model("efficientnet_b0", 3, 10, weights=str(tmp_path / name))
         err = capsys.readouterr().err
-        assert e.value.code == 2 and len(err.splitlines()) == 1 and f"cannot load {tmp_path / name}" in err
+        assert (
+            e.value.code == 2
+            and len(err.splitlines()) == 1
+            and f"cannot load {tmp_path / name}" in err
+        )
         assert "efficientnet_b0 state_dict" in err
 
 
@@ -484,7 +570,7 @@ BAD_INPUT = [  # (argv, a piece of the one-line error); {tmp} is the test's temp
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--tau", "1.5"], "--tau 1.5: must be in [0, 1]"),
     (["--ema", "nan"], "--ema nan: must be in [0, 1)"),
-    (["--ema", "1"], "--ema 1.0: must be in [0, 1)"),              # would never leave the init
+    (["--ema", "1"], "--ema 1.0: must be in [0, 1)"),  # would never leave the init
     (["--lr", "-1"], "--lr -1.0: must be > 0"),
     (["--lr", "inf"], "--lr inf: must be > 0"),
     (["--wd=-1e-4"], "--wd -0.0001: must be >= 0"),
@@ -499,7 +585,7 @@ BAD_INPUT = [  # (argv, a piece of the one-line error); {tmp} is the test's temp
     (["--image-size", "4"], "--image-size 4: must be >= 8 (pixels)"),
     (["--bench", "--method", "suave"], "--method does nothing with --bench (it times FixMatch)"),
     (["--bench", "--steps", "9"], "--steps does nothing with --bench"),
-    (["--bench", "--seed", "1"], "--seed does nothing with --bench"),               # it ignored these
+    (["--bench", "--seed", "1"], "--seed does nothing with --bench"),  # it ignored these
     (["--bench", "--eval-every", "5"], "--eval-every does nothing with --bench"),
     (["--bench", "--out", "x"], "--out does nothing with --bench"),
     (["--bench", "--tau-select", "0.9"], "--tau-select does nothing with --bench"),
@@ -521,16 +607,22 @@ BAD_INPUT = [  # (argv, a piece of the one-line error); {tmp} is the test's temp
     (["--out", "{tmp}/a-file"], "is not a directory; choose another --out"),
     (["--out", "{tmp}/a-file/run", "--steps", "1"], "cannot write {tmp}/a-file/run (Not a dir"),
     (["--resume", "--out", "/nonexistent/kdfm"], "--resume: nothing to resume"),
-] + ([(["--device", "cuda"], "--device cuda: not here (0 GPUs)")] if not torch.cuda.is_available()
-     else [])
+] + (
+    [(["--device", "cuda"], "--device cuda: not here (0 GPUs)")]
+    if not torch.cuda.is_available()
+    else []
+)
 
 
 @pytest.mark.parametrize("argv, needle", BAD_INPUT)
 def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path):
     (tmp_path / "a-file").write_text("")
     (tmp_path / "only-train" / "train").mkdir(parents=True)
-    argv, needle = [a.replace("{tmp}", str(tmp_path)) for a in argv], needle.replace("{tmp}", str(tmp_path))
-    own = "--out" in argv or "--bench" in argv                      # (--bench writes nothing)
+    argv, needle = (
+        [a.replace("{tmp}", str(tmp_path)) for a in argv],
+        needle.replace("{tmp}", str(tmp_path)),
+    )
+    own = "--out" in argv or "--bench" in argv  # (--bench writes nothing)
     r = run_cli(*argv, *([] if own else ["--out", str(tmp_path / "run")]), timeout=120)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
@@ -540,6 +632,7 @@ def test_bad_input_is_one_line_exit_2(argv, needle, tmp_path):
 def test_missing_dataset_offline_names_the_path(tmp_path, monkeypatch, capsys):
     def offline(*a, **k):
         raise OSError("network is unreachable")
+
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)
     monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
     monkeypatch.setattr(torchvision.datasets.svhn, "download_url", offline, raising=False)
@@ -557,35 +650,54 @@ def test_torchvision_loaders_on_small_fixtures(tmp_path, monkeypatch):
     are not the real files), Food-101 in its folder layout."""
     import scipy.io
     from PIL import Image
+
     rng = np.random.default_rng(0)
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
     monkeypatch.setattr(torchvision.datasets.SVHN, "_check_integrity", lambda self: True)
     c = tmp_path / "cifar-100-python"
     c.mkdir()
     for split, n in (("train", 30), ("test", 10)):
-        pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                     "fine_labels": list(range(n))}, open(c / split, "wb"))
+        pickle.dump(
+            {
+                "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                "fine_labels": list(range(n)),
+            },
+            open(c / split, "wb"),
+        )
     pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, open(c / "meta", "wb"))
     for split, n in (("train", 20), ("test", 6)):
-        scipy.io.savemat(tmp_path / f"{split}_32x32.mat",
-                         {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
-                          "y": (np.arange(n) % 10 + 1)[:, None]})      # SVHN labels are 1..10
+        scipy.io.savemat(
+            tmp_path / f"{split}_32x32.mat",
+            {
+                "X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                "y": (np.arange(n) % 10 + 1)[:, None],
+            },
+        )  # SVHN labels are 1..10
     f = tmp_path / "food-101"
-    for split, cls in (("train", ["apple_pie", "waffles"]), ("test", ["apple_pie", "waffles"])):
+    for _split, cls in (("train", ["apple_pie", "waffles"]), ("test", ["apple_pie", "waffles"])):
         for k in cls:
             (f / "images" / k).mkdir(parents=True, exist_ok=True)
     meta = {"apple_pie": ["apple_pie/1", "apple_pie/2"], "waffles": ["waffles/3", "waffles/4"]}
     (f / "meta").mkdir()
     json.dump(meta, open(f / "meta" / "train.json", "w"))
-    json.dump({"apple_pie": ["apple_pie/5"], "waffles": ["waffles/6"]}, open(f / "meta" / "test.json", "w"))
+    json.dump(
+        {"apple_pie": ["apple_pie/5"], "waffles": ["waffles/6"]},
+        open(f / "meta" / "test.json", "w"),
+    )
     for k, ids in (("apple_pie", [1, 2, 5]), ("waffles", [3, 4, 6])):
         for i in ids:
             Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(
-                f / "images" / k / f"{i}.jpg")
-    for name, n_train, classes, size in (("cifar100", 30, 100, 32), ("svhn", 20, 10, 32),
-                                         ("food101", 4, 2, 24)):
+                f / "images" / k / f"{i}.jpg"
+            )
+    for name, n_train, classes, size in (
+        ("cifar100", 30, 100, 32),
+        ("svhn", 20, 10, 32),
+        ("food101", 4, 2, 24),
+    ):
         argv = ["--dataset", name, "--data-dir", str(tmp_path), "--workers", "0"]
-        d = kd.load_dataset(kd.get_args(argv + (["--image-size", "24"] if name == "food101" else [])))
+        d = kd.load_dataset(
+            kd.get_args(argv + (["--image-size", "24"] if name == "food101" else []))
+        )
         assert d["train_x"].shape == (n_train, 3, size, size) and d["train_x"].dtype == torch.uint8
         assert d["classes"] == classes and d["flip"] == (name != "svhn")
         assert int(d["train_y"].min()) >= 0 and int(d["train_y"].max()) < classes
@@ -598,21 +710,42 @@ def _results(out):
 
 def test_killed_run_resumes_every_stage_and_never_redraws_labels(tmp_path):
     out = tmp_path / "run"
-    argv = ["--labels", "20", "--steps", "40", "--eval-every", "20", "--batch-size", "16",
-            "--mu", "2", "--workers", "0", "--device", "cpu", "--out", str(out)]   # bit-exact on
-    # the CPU; a GPU's cuDNN autotuning and atomic adds make even two fresh runs differ in the last bits
-    p = subprocess.Popen([sys.executable, str(HERE / "kdfixmatch.py"), *argv], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [
+        "--labels",
+        "20",
+        "--steps",
+        "40",
+        "--eval-every",
+        "20",
+        "--batch-size",
+        "16",
+        "--mu",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    # Bit-exact on the CPU; a GPU's cuDNN autotuning and atomic adds make even two fresh runs
+    # differ in the last bits.
+    p = subprocess.Popen(
+        [sys.executable, str(HERE / "kdfixmatch.py"), *argv],
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (out / "ckpt_inner.pt").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)                        # killed inside the inner SNN
+    p.send_signal(signal.SIGKILL)  # killed inside the inner SNN
     p.wait()
     assert (out / "outer.pt").exists() and (out / "trusted.pt").exists()
     assert not (out / "results.json").exists()
     split = json.load(open(out / "split.json"))["labeled"]
     r = run_cli(*argv)
-    assert "already holds a run" in r.stderr and r.returncode == 2       # no silent overwrite
+    assert "already holds a run" in r.stderr and r.returncode == 2  # no silent overwrite
     r = run_cli(*argv, "--resume")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.load(open(out / "split.json"))["labeled"] == split
@@ -621,20 +754,33 @@ def test_killed_run_resumes_every_stage_and_never_redraws_labels(tmp_path):
     # batches are a pure function of (seed, step): the resumed run IS the uninterrupted one
     argv[-1] = str(tmp_path / "straight")
     assert run_cli(*argv).returncode == 0
-    same = [(m["test_acc"], m["loss"]) for m in map(json.loads, open(tmp_path / "straight" / "metrics.jsonl"))]
-    assert same == [(m["test_acc"], m["loss"]) for m in map(json.loads, open(out / "metrics.jsonl"))]
+    same = [
+        (m["test_acc"], m["loss"])
+        for m in map(json.loads, open(tmp_path / "straight" / "metrics.jsonl"))
+    ]
+    assert same == [
+        (m["test_acc"], m["loss"]) for m in map(json.loads, open(out / "metrics.jsonl"))
+    ]
     res = _results(out)
     assert set(res) >= {"outer", "inner", "trusted", "test_acc", "test_acc_median20", "wall_s"}
     assert res["inner"]["test_acc"] == res["test_acc"]
-    assert res["test_acc_median20"] is None and res["evals"] == 2   # FixMatch's median needs 20
+    assert res["test_acc_median20"] is None and res["evals"] == 2  # FixMatch's median needs 20
     r = run_cli(*argv, "--resume", "--steps", "80")
     assert r.returncode == 2 and "--steps 80 differs" in r.stderr
 
 
 def test_summary_prints_the_median_of_20_only_when_there_are_20_evaluations(capsys):
     stage = dict(test_acc=0.9, evals=5, test_acc_median20=None, images_per_s=1.0)
-    res = dict(method="fixmatch", dataset="digits", labels=50, arch="small_cnn", steps=500,
-               seed=0, wall_s=1.0, outer=stage)
+    res = dict(
+        method="fixmatch",
+        dataset="digits",
+        labels=50,
+        arch="small_cnn",
+        steps=500,
+        seed=0,
+        wall_s=1.0,
+        outer=stage,
+    )
     kd.report(res)
     assert "test acc 90.00%, median of last 20 - (5 evals)" in capsys.readouterr().out
     kd.report(dict(res, outer=dict(stage, evals=40, test_acc_median20=0.85)))
@@ -643,18 +789,22 @@ def test_summary_prints_the_median_of_20_only_when_there_are_20_evaluations(caps
 
 def test_digits_end_to_end_fixmatch_kdfixmatch_and_suave_beat_the_supervised_floor(tmp_path):
     common = ["--labels", "30", "--steps", "500", "--eval-every", "100"]
-    runs = {m: run_cli("--method", m, *common, "--out", str(tmp_path / m))
-            for m in ("supervised", "kdfixmatch", "suave")}
+    runs = {
+        m: run_cli("--method", m, *common, "--out", str(tmp_path / m))
+        for m in ("supervised", "kdfixmatch", "suave")
+    }
     for m, r in runs.items():
         assert r.returncode == 0, (m, r.stderr[-2000:])
     floor, res = _results(tmp_path / "supervised")["test_acc"], _results(tmp_path / "kdfixmatch")
     fixmatch, kdfm, t = res["outer"]["test_acc"], res["inner"]["test_acc"], res["trusted"]
     suave = _results(tmp_path / "suave")["test_acc"]
-    print(f"digits, 30 labels: supervised {floor:.3f} fixmatch {fixmatch:.3f} "
-          f"kdfixmatch {kdfm:.3f} suave {suave:.3f}")
-    assert min(fixmatch, kdfm, suave) >= floor + 0.05            # a clear margin (floor ~87%)
+    print(
+        f"digits, 30 labels: supervised {floor:.3f} fixmatch {fixmatch:.3f} "
+        f"kdfixmatch {kdfm:.3f} suave {suave:.3f}"
+    )
+    assert min(fixmatch, kdfm, suave) >= floor + 0.05  # a clear margin (floor ~87%)
     assert 0 < t["trusted_size"] <= t["confident_size"] <= t["unlabeled"] == 1500
-    assert t["trusted_precision"] >= t["outer_pseudo_label_precision"]     # the filter filters
+    assert t["trusted_precision"] >= t["outer_pseudo_label_precision"]  # the filter filters
     out = runs["kdfixmatch"].stdout
     assert "KD-FixMatch (inner SNN)" in out and "trusted subset" in out and "FixMatch (outer" in out
 
@@ -662,7 +812,7 @@ def test_digits_end_to_end_fixmatch_kdfixmatch_and_suave_beat_the_supervised_flo
 def test_cifar10_jpeg_copy_through_folder(tmp_path):
     if not CIFAR_JPEG.exists():
         pytest.skip(f"{CIFAR_JPEG} is not here (it is in CI)")
-    keep = {"train": 300, "test": 10}                    # a slice: ImageFolder layout, real JPEGs
+    keep = {"train": 300, "test": 10}  # a slice: ImageFolder layout, real JPEGs
     with tarfile.open(CIFAR_JPEG) as tar:
         members = []
         counts = {}
@@ -680,12 +830,43 @@ def test_cifar10_jpeg_copy_through_folder(tmp_path):
     assert d["train_x"].shape == (3000, 3, 32, 32) and d["classes"] == 10
     assert torch.bincount(d["train_y"]).tolist() == [300] * 10 and d["flip"]
     # decoding workers must not hold a file descriptor per image (the full copy once ran out)
-    argv = ["--dataset", "folder", "--data-dir", str(root), "--labels", "100", "--arch",
-            "small_cnn", "--steps", "4", "--batch-size", "8", "--mu", "2", "--workers", "2",
-            "--method", "fixmatch", "--out", str(tmp_path / "run")]
-    r = subprocess.run(["bash", "-c", 'ulimit -n 256 && exec "$@"', "-", sys.executable,
-                        str(HERE / "kdfixmatch.py"), *argv], capture_output=True, text=True,
-                       timeout=180, cwd=HERE)                # the old bug hung after the error
+    argv = [
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(root),
+        "--labels",
+        "100",
+        "--arch",
+        "small_cnn",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--mu",
+        "2",
+        "--workers",
+        "2",
+        "--method",
+        "fixmatch",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    r = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'ulimit -n 256 && exec "$@"',
+            "-",
+            sys.executable,
+            str(HERE / "kdfixmatch.py"),
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=HERE,
+    )  # the old bug hung after the error
     assert r.returncode == 0, r.stderr[-2000:]
     assert _results(tmp_path / "run")["dataset"] == "folder"
 
@@ -698,13 +879,40 @@ import shutil  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
-_TINY = ["--labels", "20", "--steps", "4", "--eval-every", "2", "--batch-size", "4", "--mu", "1",
-         "--workers", "0", "--method", "fixmatch"]
+_TINY = [
+    "--labels",
+    "20",
+    "--steps",
+    "4",
+    "--eval-every",
+    "2",
+    "--batch-size",
+    "4",
+    "--mu",
+    "1",
+    "--workers",
+    "0",
+    "--method",
+    "fixmatch",
+]
 
 
 def test_bad_flags_fail_before_torch_is_imported(tmp_path):
-    r = subprocess.run([sys.executable, "-X", "importtime", str(HERE / "kdfixmatch.py"), "--lr", "-1",
-                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            str(HERE / "kdfixmatch.py"),
+            "--lr",
+            "-1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--lr -1.0: must be > 0" in r.stderr
     assert not [ln for ln in r.stderr.splitlines() if ln.rstrip().endswith(("| torch", "| numpy"))]
 
@@ -714,22 +922,45 @@ def test_a_diverging_run_stops_at_once_and_resumes_with_other_flags(tmp_path):
     naming the stage and step, and writes no results.json and no NaN; --resume --lr 0.03 then
     trains the stage (from its last checkpoint; here there is none yet) with the new lr."""
     out = tmp_path / "run"
-    argv = ["--labels", "20", "--steps", "80", "--eval-every", "40", "--batch-size", "8", "--mu", "2",
-            "--workers", "0", "--method", "fixmatch", "--device", "cpu", "--out", str(out)]
-    r = run_cli(*argv, "--lr", "1e6")                # (stderr also carries the progress bar)
+    argv = [
+        "--labels",
+        "20",
+        "--steps",
+        "80",
+        "--eval-every",
+        "40",
+        "--batch-size",
+        "8",
+        "--mu",
+        "2",
+        "--workers",
+        "0",
+        "--method",
+        "fixmatch",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    r = run_cli(*argv, "--lr", "1e6")  # (stderr also carries the progress bar)
     err = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("kdfixmatch.py")]
     assert r.returncode == 1 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().endswith(err[0])          # the last thing said
-    assert re.search(r"outer SNN: non-finite loss or weights at step \d+; stopped before a checkpoint",
-                     err[0]) and "--resume --lr" in err[0], err[0]
+    assert r.stderr.strip().endswith(err[0])  # the last thing said
+    assert (
+        re.search(
+            r"outer SNN: non-finite loss or weights at step \d+; stopped before a checkpoint",
+            err[0],
+        )
+        and "--resume --lr" in err[0]
+    ), err[0]
     assert not (out / "results.json").exists() and (out / "diverged.json").exists()
     assert not (out / "metrics.jsonl").exists() or not open(out / "metrics.jsonl").read()
     r = run_cli("--out", str(out), "--resume", "--lr", "0.03")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.load(open(out / "config.json"))["lr"] == 0.03
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]   # strict JSON: no NaN
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]  # strict JSON: no NaN
     assert [r["step"] for r in rows] == [40, 80] and all(math.isfinite(r["loss"]) for r in rows)
-    r = run_cli("--out", str(out), "--resume")                     # finished: left as it is
+    r = run_cli("--out", str(out), "--resume")  # finished: left as it is
     assert r.returncode == 0 and "is complete" in r.stdout
 
 
@@ -737,24 +968,49 @@ def test_a_resumed_checkpoint_trains_with_the_changed_flags_after_a_nan_stop(tmp
     """The optimiser's state comes from the checkpoint, but its lr, momentum and weight decay
     from the flags: after a NaN stop, --resume --lr 0.01 must train at 0.01 (not the saved lr)."""
     out = tmp_path / "run"
-    argv = ["--labels", "20", "--steps", "60", "--eval-every", "20", "--batch-size", "8", "--mu", "2",
-            "--workers", "0", "--method", "fixmatch", "--device", "cpu", "--out", str(out)]
-    p = subprocess.Popen([sys.executable, str(HERE / "kdfixmatch.py"), *argv], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [
+        "--labels",
+        "20",
+        "--steps",
+        "60",
+        "--eval-every",
+        "20",
+        "--batch-size",
+        "8",
+        "--mu",
+        "2",
+        "--workers",
+        "0",
+        "--method",
+        "fixmatch",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    p = subprocess.Popen(
+        [sys.executable, str(HERE / "kdfixmatch.py"), *argv],
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (out / "ckpt_outer.pt").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
     r = run_cli("--out", str(out), "--resume", "--lr", "0.01")
-    assert r.returncode == 2 and "--lr 0.01 differs from 0.03" in r.stderr   # no NaN stop: refused
+    assert r.returncode == 2 and "--lr 0.01 differs from 0.03" in r.stderr  # no NaN stop: refused
     json.dump(dict(stage="outer", step=30), open(out / "diverged.json", "w"))  # as after a NaN stop
     r = run_cli("--out", str(out), "--resume", "--lr", "0.01", "--momentum", "0.5")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    sched = lambda lr, k: lr * math.cos(7 * math.pi * k / (16 * 60))
-    assert abs(rows[0]["lr"] - sched(0.03, 20)) < 1e-9          # before the stop
-    assert abs(rows[-1]["lr"] - sched(0.01, 60)) < 1e-9         # after it: the new lr
+
+    def sched(lr, k):
+        return lr * math.cos(7 * math.pi * k / (16 * 60))
+
+    assert abs(rows[0]["lr"] - sched(0.03, 20)) < 1e-9  # before the stop
+    assert abs(rows[-1]["lr"] - sched(0.01, 60)) < 1e-9  # after it: the new lr
     ckpt_cfg = json.load(open(out / "config.json"))
     assert ckpt_cfg["lr"] == 0.01 and ckpt_cfg["momentum"] == 0.5
     assert list(out.glob("diverged-*.json")) and not (out / "diverged.json").exists()
@@ -765,15 +1021,36 @@ def test_progress_to_a_file_writes_a_line_per_interval_not_per_step(tmp_path):
     a run of hundreds of steps, not one per step as set_postfix used to force."""
     with open(tmp_path / "log", "w") as log:
         t = time.time()
-        r = subprocess.run([sys.executable, str(HERE / "kdfixmatch.py"), "--method", "fixmatch",
-                            "--steps", "300", "--eval-every", "100", "--device", "cpu",
-                            "--out", str(tmp_path / "run")], stdout=log, stderr=log, timeout=600)
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "kdfixmatch.py"),
+                "--method",
+                "fixmatch",
+                "--steps",
+                "300",
+                "--eval-every",
+                "100",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "run"),
+            ],
+            stdout=log,
+            stderr=log,
+            timeout=600,
+        )
     assert r.returncode == 0
-    bar = [ln for ln in open(tmp_path / "log").read().replace("\r", "\n").splitlines() if "outer:" in ln]
-    assert 1 <= len(bar) <= 3 + (time.time() - t) / 30, bar   # a loaded machine: more intervals
+    bar = [
+        ln
+        for ln in open(tmp_path / "log").read().replace("\r", "\n").splitlines()
+        if "outer:" in ln
+    ]
+    assert 1 <= len(bar) <= 3 + (time.time() - t) / 30, bar  # a loaded machine: more intervals
+
 
 def _img(path, mode, rows, **save):
-    """An image file in `mode` with these pixel values (rows of pixels, a pixel a value or bands)."""
+    """An image file in `mode` with these pixels (rows of pixels; a pixel: a value or bands)."""
     a = np.array(rows, dtype={"F": "<f4", "I": "<i4", "I;16": "<u2"}.get(mode, "u1"))
     Image.frombytes(mode, a.shape[1::-1], a.tobytes()).save(path, **save)
     return str(path)
@@ -785,43 +1062,55 @@ def test_decode_every_mode_to_the_right_rgb_pixels(tmp_path, monkeypatch):
         assert not isinstance(x, str), x
         assert x.dtype == torch.uint8 and x.shape[0] == 3
         return x.permute(1, 2, 0).reshape(-1, 3).tolist()
-    grey = lambda *vs: [[v] * 3 for v in vs]
+
+    def grey(*vs):
+        return [[v] * 3 for v in vs]
+
     assert rgb(_img(tmp_path / "l.png", "L", [[0, 7, 200, 255]])) == grey(0, 7, 200, 255)
     im = Image.new("1", (2, 1))
     im.putpixel((1, 0), 1)
     im.save(tmp_path / "1.png")
     assert rgb(str(tmp_path / "1.png")) == grey(0, 255)
-    im = Image.new("P", (3, 1))                          # palette colours, transparency ignored
+    im = Image.new("P", (3, 1))  # palette colours, transparency ignored
     im.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90])
     im.putdata([0, 1, 2])
     im.save(tmp_path / "p.png", transparency=1)
     assert rgb(str(tmp_path / "p.png")) == [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
     # alpha is dropped: the colour under it is kept, whatever the alpha
-    assert rgb(_img(tmp_path / "rgba.png", "RGBA", [[[1, 2, 3, 0], [4, 5, 6, 128]]])) == [[1, 2, 3],
-                                                                                         [4, 5, 6]]
+    assert rgb(_img(tmp_path / "rgba.png", "RGBA", [[[1, 2, 3, 0], [4, 5, 6, 128]]])) == [
+        [1, 2, 3],
+        [4, 5, 6],
+    ]
     assert rgb(_img(tmp_path / "la.png", "LA", [[[9, 0], [99, 255]]])) == grey(9, 99)
     # 16 bits: round(v / 257), so an 8-bit value widened as v * 257 comes back exactly
-    assert rgb(_img(tmp_path / "i16.png", "I;16", [[0, 257 * 100, 65535, 1000]])) == grey(0, 100, 255, 4)
+    assert rgb(_img(tmp_path / "i16.png", "I;16", [[0, 257 * 100, 65535, 1000]])) == grey(
+        0, 100, 255, 4
+    )
     assert rgb(_img(tmp_path / "i32.tif", "I", [[0, 257 * 3, 65535]])) == grey(0, 3, 255)
     assert rgb(_img(tmp_path / "f.tif", "F", [[0.0, 0.5, 1.0, 0.1]])) == grey(0, 128, 255, 26)
     assert rgb(_img(tmp_path / "cmyk.tif", "CMYK", [[[0, 255, 255, 0], [0, 0, 0, 255]]])) == [
-        [255, 0, 0], [0, 0, 0]]
-    lab = rgb(_img(tmp_path / "lab.tif", "LAB", [[[255, 0, 0], [0, 0, 0]]]))   # a*, b* signed
-    assert min(lab[0]) >= 250 and max(lab[1]) <= 5      # white and black
-    ycc = _img(tmp_path / "ycc.tif", "YCbCr", [[[76, 85, 255]] * 2] * 2)     # BT.601 red
+        [255, 0, 0],
+        [0, 0, 0],
+    ]
+    lab = rgb(_img(tmp_path / "lab.tif", "LAB", [[[255, 0, 0], [0, 0, 0]]]))  # a*, b* signed
+    assert min(lab[0]) >= 250 and max(lab[1]) <= 5  # white and black
+    ycc = _img(tmp_path / "ycc.tif", "YCbCr", [[[76, 85, 255]] * 2] * 2)  # BT.601 red
     try:
         Image.open(ycc).load()
-    except OSError:     # some Pillow builds (the GPU machine's) cannot read their own YCbCr TIFF
-        assert kd._decode(ycc).startswith(f"cannot decode {ycc} (OSError")    # refused, named
+    except OSError:  # some Pillow builds (the GPU machine's) cannot read their own YCbCr TIFF
+        assert kd._decode(ycc).startswith(f"cannot decode {ycc} (OSError")  # refused, named
     else:
         assert all(p[0] >= 250 and max(p[1:]) <= 3 for p in rgb(ycc))
     # modes PIL opens but cannot write (TIFF's associated alpha, HSV): from memory
     pa = Image.new("PA", (1, 1), (1, 7))
     pa.putpalette([5, 6, 7, 50, 60, 70])
-    for im, want in ((Image.new("La", (1, 1), (100, 128)), grey(199)),       # un-premultiplied
-                     (Image.new("RGBa", (1, 1), (100, 50, 20, 128)), [[199, 99, 39]]),
-                     (Image.new("HSV", (1, 1), (0, 255, 255)), [[255, 0, 0]]), (pa, [[50, 60, 70]]),
-                     (Image.new("I;16B", (1, 1), 257 * 9), grey(9))):
+    for im, want in (
+        (Image.new("La", (1, 1), (100, 128)), grey(199)),  # un-premultiplied
+        (Image.new("RGBa", (1, 1), (100, 50, 20, 128)), [[199, 99, 39]]),
+        (Image.new("HSV", (1, 1), (0, 255, 255)), [[255, 0, 0]]),
+        (pa, [[50, 60, 70]]),
+        (Image.new("I;16B", (1, 1), 257 * 9), grey(9)),
+    ):
         monkeypatch.setattr(kd.PIL.Image, "open", lambda path, im=im: im)
         assert rgb("in-memory") == want, im.mode
     monkeypatch.undo()
@@ -831,7 +1120,7 @@ def test_decode_every_mode_to_the_right_rgb_pixels(tmp_path, monkeypatch):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
     big = _img(tmp_path / "big.png", "L", np.random.default_rng(0).integers(0, 256, (64, 64)))
-    (tmp_path / "cut.png").write_bytes(Path(big).read_bytes()[:300])     # truncated
+    (tmp_path / "cut.png").write_bytes(Path(big).read_bytes()[:300])  # truncated
     for f in ("empty.png", "junk.jpg", "cut.png"):
         msg = kd._decode(str(tmp_path / f))
         assert isinstance(msg, str) and msg.startswith(f"cannot decode {tmp_path / f} ("), msg
@@ -858,11 +1147,14 @@ def test_folder_refuses_bad_files_sizes_and_classes_in_one_line(tmp_path, capsys
     root = _folder(tmp_path / "d", {"train": 8, "test": 6})
     err = _folder_error(["--data-dir", root, "--workers", "0"], capsys)
     assert "images differ in size [(6, 6), (8, 8)]; pass --image-size N" in err
-    d = kd.load_dataset(kd.get_args(["--dataset", "folder", "--data-dir", root, "--image-size", "8",
-                                     "--workers", "0"]))
+    d = kd.load_dataset(
+        kd.get_args(
+            ["--dataset", "folder", "--data-dir", root, "--image-size", "8", "--workers", "0"]
+        )
+    )
     assert d["train_x"].shape == (6, 3, 8, 8) and d["test_x"].shape == (6, 3, 8, 8)
     bad = tmp_path / "d" / "test" / "b" / "1.png"
-    bad.write_bytes(bad.read_bytes()[:40])              # truncated, found by a decoding worker
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated, found by a decoding worker
     err = _folder_error(["--data-dir", root, "--image-size", "8", "--workers", "1"], capsys)
     assert f"cannot decode {bad} (" in err
     one = _folder(tmp_path / "one", {"train": 8, "test": 8}, classes=("a",))
@@ -887,45 +1179,71 @@ def test_image_size_resizes_digits():
 def test_split_records_its_data_and_refuses_other_data(tmp_path, capsys):
     args = kd.get_args(["--out", str(tmp_path), "--labels", "20"])
     args.t0 = time.time()
-    x = torch.randint(0, 256, (300, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = torch.randint(
+        0, 256, (300, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     data = dict(train_y=torch.arange(10).repeat(30), classes=10, train_x=x)
     split = kd.prepare_out(args, data)
     s = json.load(open(tmp_path / "split.json"))
-    assert s["train_images"] == 300 and len(s["train_labels_sha256"]) == len(s["train_pixels_sha256"]) == 64
+    assert (
+        s["train_images"] == 300
+        and len(s["train_labels_sha256"]) == len(s["train_pixels_sha256"]) == 64
+    )
     assert s["dataset"] == "digits" and s["labeled"] == split.tolist()
     args.resume = True
-    assert torch.equal(kd.prepare_out(args, data), split)          # the same data: reused
-    data["train_y"] = data["train_y"].roll(1)                        # same size, other labels
+    assert torch.equal(kd.prepare_out(args, data), split)  # the same data: reused
+    data["train_y"] = data["train_y"].roll(1)  # same size, other labels
     with pytest.raises(SystemExit) as e:
         kd.prepare_out(args, data)
     assert e.value.code == 2 and "records train_labels_sha256" in capsys.readouterr().err
     data["train_y"] = data["train_y"].roll(-1)
-    for other in (x.flip(-1), F.interpolate(x, 16)):                  # the same labels, other pixels
+    for other in (x.flip(-1), F.interpolate(x, 16)):  # the same labels, other pixels
         with pytest.raises(SystemExit) as e:
             kd.prepare_out(args, dict(data, train_x=other))
         assert e.value.code == 2 and "records train_pixels_sha256" in capsys.readouterr().err
     (tmp_path / "outer.pt").touch()
-    other = kd.get_args(["--out", str(tmp_path / "kd"), "--labels", "20", "--outer-from", str(tmp_path)])
+    other = kd.get_args(
+        ["--out", str(tmp_path / "kd"), "--labels", "20", "--outer-from", str(tmp_path)]
+    )
     other.t0 = time.time()
-    with pytest.raises(SystemExit):                                  # --outer-from: the same check
+    with pytest.raises(SystemExit):  # --outer-from: the same check
         kd.prepare_out(other, dict(train_y=torch.arange(10).repeat(31), classes=10, train_x=x))
-    assert "records train_images 300" in (err := capsys.readouterr().err) and "another --outer-from" in err
+    assert (
+        "records train_images 300" in (err := capsys.readouterr().err)
+        and "another --outer-from" in err
+    )
 
 
 def test_resume_keeps_the_runs_flags(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (tmp_path / "outer.pt").touch()
-    stored = vars(kd.get_args(["--out", str(out), "--method", "kdfixmatch", "--outer-from",
-                               str(tmp_path), "--tau-inner", "0.9", "--lr", "0.05"]))
+    stored = vars(
+        kd.get_args(
+            [
+                "--out",
+                str(out),
+                "--method",
+                "kdfixmatch",
+                "--outer-from",
+                str(tmp_path),
+                "--tau-inner",
+                "0.9",
+                "--lr",
+                "0.05",
+            ]
+        )
+    )
     (out / "config.json").write_text(json.dumps(stored))
-    args = kd.get_args(["--out", str(out), "--resume", "--workers", "1"])   # nothing re-asked
+    args = kd.get_args(["--out", str(out), "--resume", "--workers", "1"])  # nothing re-asked
     assert (args.outer_from, args.tau_inner, args.lr, args.workers) == (str(tmp_path), 0.9, 0.05, 1)
     for flag, v in (("--lr", "0.03"), ("--tau", "0.9"), ("--steps", "600"), ("--loss", "sce")):
         with pytest.raises(SystemExit) as e:
             kd.get_args(["--out", str(out), "--resume", flag, v])
         assert e.value.code == 2 and f"--resume: {flag} " in capsys.readouterr().err
-    kd.get_args(["--out", str(out), "--resume", "--lr", "0.05", "--device", "cpu"])  # the same: fine
+    kd.get_args(
+        ["--out", str(out), "--resume", "--lr", "0.05", "--device", "cpu"]
+    )  # the same: fine
 
 
 def test_metrics_survive_a_cut_line_and_refuse_nan(tmp_path):
@@ -934,14 +1252,14 @@ def test_metrics_survive_a_cut_line_and_refuse_nan(tmp_path):
     kd.log_metrics(args, dict(stage="outer", step=2, loss=1.0))
     kd.log_metrics(args, dict(stage="outer", step=4, loss=0.5))
     with open(tmp_path / "metrics.jsonl", "a") as f:
-        f.write('{"stage": "outer", "st')                    # a power loss mid-line
+        f.write('{"stage": "outer", "st')  # a power loss mid-line
     assert [r["step"] for r in kd._metrics(args)] == [2, 4]
     kd.trim_metrics(args, "outer", 2)
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
     assert kd._metrics(args)[0]["wall_s"] >= 5
     before = (tmp_path / "metrics.jsonl").read_bytes()
     for row in (dict(stage="outer", step=6, loss=float("nan")), dict(test_acc=float("inf"))):
-        with pytest.raises(SystemExit):                     # strict JSON: never a NaN number
+        with pytest.raises(SystemExit):  # strict JSON: never a NaN number
             kd.log_metrics(args, row)
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
 
@@ -951,9 +1269,9 @@ def test_full_disk_names_the_file_and_keeps_the_old_one(name, tmp_path, capsys):
     path = tmp_path / name
     kd.save(str(path), {"old": 1} if name.endswith(".json") else {"w": torch.zeros(3)})
     before = path.read_bytes()
-    os.symlink("/dev/full", str(path) + ".tmp")              # writes there fail with ENOSPC
+    os.symlink("/dev/full", str(path) + ".tmp")  # writes there fail with ENOSPC
     with pytest.raises(SystemExit) as e:
-        kd.save(str(path), {"new": 2} if name.endswith(".json") else {"w": torch.ones(10 ** 5)})
+        kd.save(str(path), {"new": 2} if name.endswith(".json") else {"w": torch.ones(10**5)})
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"cannot write {path} (" in err and len(err.splitlines()) == 1
     assert os.strerror(errno.ENOSPC) in err
@@ -966,11 +1284,19 @@ def test_a_disk_filling_up_mid_checkpoint_is_one_line_too(tmp_path):
     path = tmp_path / "ckpt_outer.pt"
     kd.save(str(path), {"w": torch.zeros(3)})
     before = path.read_bytes()
-    code = ("import resource, signal, sys, torch, kdfixmatch as kd; signal.signal(signal.SIGXFSZ, "
-            "signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (10 ** 5, resource.RLIM_INFINITY)); "
-            "kd.save(sys.argv[1], {'w': torch.ones(10 ** 5)})")
-    r = subprocess.run([sys.executable, "-c", code, str(path)], cwd=HERE, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr == f"kdfixmatch.py: error: cannot write {path} ({os.strerror(errno.EFBIG)})\n"
+    code = (
+        "import resource, signal, sys, torch, kdfixmatch as kd; signal.signal(signal.SIGXFSZ, "
+        "signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (10 ** 5, resource.RLIM_INFINITY)); "
+        "kd.save(sys.argv[1], {'w': torch.ones(10 ** 5)})"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(path)], cwd=HERE, capture_output=True, text=True
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr == f"kdfixmatch.py: error: cannot write {path} ({os.strerror(errno.EFBIG)})\n"
+    )
     assert path.read_bytes() == before and not os.path.lexists(str(path) + ".tmp")
 
 
@@ -978,19 +1304,27 @@ def test_corrupt_run_files_are_one_line_naming_them(tmp_path, capsys):
     fm = tmp_path / "fm"
     kd.main([*_TINY, "--out", str(fm)])
     capsys.readouterr()
-    (fm / "outer.pt").write_bytes((fm / "outer.pt").read_bytes()[:1000])   # cut short (a copy)
-    for argv in (["--method", "kdfixmatch", "--outer-from", str(fm), "--out", str(tmp_path / "kd")],
-                 ["--method", "fixmatch", "--out", str(fm), "--resume"]):
-        if "--resume" in argv:                               # a stage's file in a resumed run
+    (fm / "outer.pt").write_bytes((fm / "outer.pt").read_bytes()[:1000])  # cut short (a copy)
+    for argv in (
+        ["--method", "kdfixmatch", "--outer-from", str(fm), "--out", str(tmp_path / "kd")],
+        ["--method", "fixmatch", "--out", str(fm), "--resume"],
+    ):
+        if "--resume" in argv:  # a stage's file in a resumed run
             (fm / "results.json").unlink()
         with pytest.raises(SystemExit) as e:
             kd.main([*_TINY[:-2], *argv] if "--resume" not in argv else argv)
         err = capsys.readouterr().err
-        assert e.value.code == 2 and len(err.splitlines()) == 1 and f"cannot load {fm / 'outer.pt'} (" in err
-    good = (fm / "config.json").read_text()                 # JSON cut short (a copy, a hand edit)
+        assert (
+            e.value.code == 2
+            and len(err.splitlines()) == 1
+            and f"cannot load {fm / 'outer.pt'} (" in err
+        )
+    good = (fm / "config.json").read_text()  # JSON cut short (a copy, a hand edit)
     (fm / "config.json").write_text(good[:50])
-    for argv in (["--method", "kdfixmatch", "--outer-from", str(fm), "--out", str(tmp_path / "kd")],
-                 ["--out", str(fm), "--resume"]):
+    for argv in (
+        ["--method", "kdfixmatch", "--outer-from", str(fm), "--out", str(tmp_path / "kd")],
+        ["--out", str(fm), "--resume"],
+    ):
         with pytest.raises(SystemExit) as e:
             kd.get_args(argv)
         err = capsys.readouterr().err
@@ -1001,7 +1335,10 @@ def test_corrupt_run_files_are_one_line_naming_them(tmp_path, capsys):
         kd.main(["--out", str(fm), "--resume"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.splitlines()) == 1
-    assert f"cannot load {fm / 'split.json'} (JSONDecodeError); restore it, or use another --out" in err
+    assert (
+        f"cannot load {fm / 'split.json'} (JSONDecodeError); restore it, or use another --out"
+        in err
+    )
 
 
 def test_outer_from_trains_the_inner_with_the_outers_recipe(tmp_path, capsys):
@@ -1009,36 +1346,54 @@ def test_outer_from_trains_the_inner_with_the_outers_recipe(tmp_path, capsys):
     # to fall back to the defaults here, e.g. 500 steps for an outer of 4, or refuse its labels)
     fm, out = tmp_path / "fm", tmp_path / "kd"
     kd.main([*_TINY, "--lr", "0.05", "--out", str(fm)])
-    res = kd.main(["--method", "kdfixmatch", "--outer-from", str(fm), "--workers", "0", "--out", str(out)])
+    res = kd.main(
+        ["--method", "kdfixmatch", "--outer-from", str(fm), "--workers", "0", "--out", str(out)]
+    )
     cfg = json.load(open(out / "config.json"))
-    assert (res["steps"], cfg["labels"], cfg["batch_size"], cfg["mu"], cfg["lr"]) == (4, 20, 4, 1, 0.05)
+    assert (res["steps"], cfg["labels"], cfg["batch_size"], cfg["mu"], cfg["lr"]) == (
+        4,
+        20,
+        4,
+        1,
+        0.05,
+    )
     assert res["outer"] == json.load(open(fm / "results.json"))["outer"]
     assert res["inner"]["evals"] == 1 and cfg["tau_inner"] == 0.95 and cfg["method"] == "kdfixmatch"
     argv = ["--method", "kdfixmatch", "--outer-from", str(fm), "--out", str(tmp_path / "kd2")]
-    with pytest.raises(SystemExit) as e:                     # another value: refused, both named
+    with pytest.raises(SystemExit) as e:  # another value: refused, both named
         kd.get_args([*argv, "--steps", "8"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"--outer-from: --steps 8 differs from 4 in {fm / 'config.json'}" in err
+    assert (
+        e.value.code == 2
+        and f"--outer-from: --steps 8 differs from 4 in {fm / 'config.json'}" in err
+    )
     assert kd.get_args([*argv, "--steps", "4", "--loss", "sce", "--eval-every", "1"]).mu == 1
-    (tmp_path / "kd2").mkdir()                                # a NaN stop's record in a fresh --out
-    (tmp_path / "kd2" / "diverged.json").write_text('{"stage": "inner", "step": 3}')   # frees no
-    for extra, needle in ((["--lr", "0.5"], "--outer-from: --lr 0.5 differs from 0.05"),   # flag
-                          (["--bench", "--batch-size", "4"], "--outer-from does nothing with --bench")):
+    (tmp_path / "kd2").mkdir()  # a NaN stop's record in a fresh --out
+    (tmp_path / "kd2" / "diverged.json").write_text('{"stage": "inner", "step": 3}')  # frees no
+    for extra, needle in (
+        (["--lr", "0.5"], "--outer-from: --lr 0.5 differs from 0.05"),  # flag
+        (["--bench", "--batch-size", "4"], "--outer-from does nothing with --bench"),
+    ):
         with pytest.raises(SystemExit) as e:
             kd.get_args([*argv[:-2], *extra] if "--bench" in extra else [*argv, *extra])
         assert e.value.code == 2 and needle in capsys.readouterr().err
-    (fm / "split.json").unlink()                              # an outer without its split: refused
-    with pytest.raises(SystemExit) as e:                      # (it used to draw one and check nothing)
+    (fm / "split.json").unlink()  # an outer without its split: refused
+    with pytest.raises(SystemExit) as e:  # (it used to draw one and check nothing)
         kd.main([*argv, "--workers", "0"])
-    assert e.value.code == 2 and f"cannot load {fm / 'split.json'} (No such file" in capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and f"cannot load {fm / 'split.json'} (No such file" in capsys.readouterr().err
+    )
 
 
 def test_sce_is_the_inner_snns_loss_only(tmp_path, monkeypatch):
     # the outer SNN is FixMatch (CE) even when --loss sce picks the inner SNN's unlabeled loss
     seen, real = [], kernels.masked_pseudo_label_loss
+
     def spy(weak, strong, tau, trusted, loss, *a, **k):
         seen.append((trusted is None, loss))
         return real(weak, strong, tau, trusted, loss, *a, **k)
+
     monkeypatch.setattr(kernels, "masked_pseudo_label_loss", spy)
     kd.main([*_TINY[:-2], "--method", "kdfixmatch", "--loss", "sce", "--out", str(tmp_path / "r")])
     assert seen[:4] == [(True, "ce")] * 4 and seen[4:] == [(False, "sce")] * 4
@@ -1048,24 +1403,48 @@ def test_edge_values_run_and_resume_as_given(tmp_path, capsys):
     # --eval-every past --steps: one evaluation at the end, and the same command resumes (it used
     # to be stored clamped and then "differ"); --momentum 0 is plain SGD (Nesterov needs some);
     # tau 1: no pseudo label passes, so no precision is reported (not 0)
-    argv = [*_TINY, "--eval-every", "100", "--momentum", "0", "--tau", "1", "--out", str(tmp_path / "r")]
+    argv = [
+        *_TINY,
+        "--eval-every",
+        "100",
+        "--momentum",
+        "0",
+        "--tau",
+        "1",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     res = kd.main(argv)
     assert res["evals"] == 1 and res["outer"]["pseudo_label_precision"] is None
     rows = [json.loads(r) for r in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [4] and rows[0]["pl_precision"] is None and rows[0]["mask"] == 0
+    assert (
+        [r["step"] for r in rows] == [4]
+        and rows[0]["pl_precision"] is None
+        and rows[0]["mask"] == 0
+    )
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         kd.get_args([*argv, "--resume"])
-    assert not e.value.code and "is complete" in capsys.readouterr().out   # exit status 0
+    assert not e.value.code and "is complete" in capsys.readouterr().out  # exit status 0
 
 
 def test_one_writer_per_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.lockf(f, fcntl.LOCK_EX); "
-        "f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)"), str(out / ".lock")],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                "fcntl.lockf(f, fcntl.LOCK_EX); "
+                "f.write('4242'); f.flush(); print('held', flush=True); time.sleep(60)"
+            ),
+            str(out / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(SystemExit) as e:
@@ -1074,24 +1453,31 @@ def test_one_writer_per_run_directory(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
-    res = kd.main([*_TINY, "--out", str(out)])              # its lock died with it: not stale
+    res = kd.main([*_TINY, "--out", str(out)])  # its lock died with it: not stale
     assert res["steps"] == 4 and (out / ".lock").read_text() == str(os.getpid())
 
 
 def test_a_failed_start_does_not_block_the_corrected_command(tmp_path, capsys):
     out = str(tmp_path / "run")
-    with pytest.raises(SystemExit):                          # found after split.json was written
+    with pytest.raises(SystemExit):  # found after split.json was written
         kd.main([*_TINY, "--arch", "efficientnet_b0", "--out", out])
-    assert "3-channel" in capsys.readouterr().err and os.path.exists(os.path.join(out, "split.json"))
+    assert "3-channel" in capsys.readouterr().err and os.path.exists(
+        os.path.join(out, "split.json")
+    )
     assert kd.main([*_TINY, "--out", out])["arch"] == "small_cnn"
 
 
 def test_ctrl_c_then_resume_and_finished_runs_stay_as_they_are(tmp_path):
     out = tmp_path / "run"
     argv = [*_TINY, "--steps", "400", "--eval-every", "10", "--out", str(out)]
-    p = subprocess.Popen([sys.executable, str(HERE / "kdfixmatch.py"), *argv], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen(
+        [sys.executable, str(HERE / "kdfixmatch.py"), *argv],
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     # (a suite started as a background job inherits SIGINT ignored; a terminal's Ctrl-C is not)
     deadline = time.time() + 120
     while not (out / "ckpt_outer.pt").exists() and p.poll() is None and time.time() < deadline:
@@ -1101,18 +1487,20 @@ def test_ctrl_c_then_resume_and_finished_runs_stay_as_they_are(tmp_path):
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
     ours = [ln for ln in err.replace("\r", "\n").splitlines() if "kdfixmatch.py:" in ln]
-    assert ours == [f"kdfixmatch.py: interrupted; resume with: python {HERE / 'kdfixmatch.py'} "
-                    f"--out {out} --resume"]             # (the progress bar may redraw after it)
+    assert ours == [
+        f"kdfixmatch.py: interrupted; resume with: python {HERE / 'kdfixmatch.py'} "
+        f"--out {out} --resume"
+    ]  # (the progress bar may redraw after it)
     wall = max(r["wall_s"] for r in map(json.loads, open(out / "metrics.jsonl")))
     with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"stage": "outer", "step"')                 # and a line cut short
+        f.write('{"stage": "outer", "step"')  # and a line cut short
     assert run_cli("--out", str(out), "--resume", "--lr", "0.1").returncode == 2
     config = (out / "config.json").read_bytes()
-    r = run_cli("--out", str(out), "--resume")              # the printed command, flags restored
+    r = run_cli("--out", str(out), "--resume")  # the printed command, flags restored
     assert r.returncode == 0, r.stderr[-2000:]
     res, rows = _results(out), list(map(json.loads, open(out / "metrics.jsonl")))
     assert res["steps"] == 400 and [r["step"] for r in rows] == list(range(10, 401, 10))
-    assert res["wall_s"] > wall and rows[-1]["wall_s"] > wall   # the pieces add up
+    assert res["wall_s"] > wall and rows[-1]["wall_s"] > wall  # the pieces add up
     assert (out / "config.json").read_bytes() == config
     before = {f: (out / f).read_bytes() for f in ("results.json", "config.json")}
     r = run_cli("--out", str(out), "--resume")
@@ -1120,19 +1508,29 @@ def test_ctrl_c_then_resume_and_finished_runs_stay_as_they_are(tmp_path):
     assert before == {f: (out / f).read_bytes() for f in before}
 
 
-@pytest.mark.skipif(not shutil.which("setsid") or not os.path.isdir("/proc/self"),
-                    reason="needs setsid and /proc (Linux)")
+@pytest.mark.skipif(
+    not shutil.which("setsid") or not os.path.isdir("/proc/self"),
+    reason="needs setsid and /proc (Linux)",
+)
 def test_run_all_sigterm_without_a_terminal_stops_its_cells(tmp_path):
     out = str(tmp_path / "ra")
     e = {k: v for k, v in os.environ.items() if k not in _RUN_ALL_ENV}
-    e.update(PYTHON=sys.executable, OUT_DIR=out, LABELS="50", SEEDS="1", STEPS="5000",
-             EVAL_EVERY="1000")
-    ra = subprocess.Popen(["setsid", "bash", _RUN_ALL, "--smoke"], env=e, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-    cells = lambda: [p for p in os.listdir("/proc") if p.isdigit() and out in _cmdline(p)]
+    e.update(
+        PYTHON=sys.executable, OUT_DIR=out, LABELS="50", SEEDS="1", STEPS="5000", EVAL_EVERY="1000"
+    )
+    ra = subprocess.Popen(
+        ["setsid", "bash", _RUN_ALL, "--smoke"],
+        env=e,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def cells():
+        return [p for p in os.listdir("/proc") if p.isdigit() and out in _cmdline(p)]
+
     deadline = time.time() + 120
-    while not cells() and time.time() < deadline:       # a cell's python (run_all.sh starts it
-        time.sleep(0.2)                                  # in its own process group)
+    while not cells() and time.time() < deadline:  # a cell's python (run_all.sh starts it
+        time.sleep(0.2)  # in its own process group)
     time.sleep(3)
     assert cells()
     ra.send_signal(signal.SIGTERM)
@@ -1151,12 +1549,9 @@ def _cmdline(pid):
 # ---- kernels.py: Triton kernels against the PyTorch references (TRITON_INTERPRET=1 on CPU)
 # The Triton implementations are called directly; without a GPU they run on CPU tensors in the
 # interpreter (TRITON_INTERPRET is set at the top of this file), with a GPU on CUDA tensors.
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import types  # noqa: E402
 
 import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
 
@@ -1164,32 +1559,38 @@ _needs_triton = pytest.mark.skipif(not kernels._HAS_TRITON, reason="triton does 
 _DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # loss/grad tolerances per logits dtype: both paths compute in fp32 from the same rounded inputs;
 # low-precision dtypes differ by the rounding of the gradient written in that dtype
-_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float16: dict(atol=1e-4, rtol=2e-3),
-        torch.bfloat16: dict(atol=1e-3, rtol=1e-2)}
+_TOL = {
+    torch.float32: dict(atol=1e-6, rtol=1e-5),
+    torch.float16: dict(atol=1e-4, rtol=2e-3),
+    torch.bfloat16: dict(atol=1e-3, rtol=1e-2),
+}
 
 
 def _pl_both(weak, strong, tau, trusted=None, loss="ce", alpha=0.1, beta=1.0, A=-4.0, **kw):
     """(loss, mask, labels, d loss / d strong) from the Triton kernel and from the reference."""
     out = []
-    for f, fkw in ((kernels._masked_pseudo_label_loss_triton, kw),
-                   (kernels.masked_pseudo_label_loss_torch, {})):
+    for f, fkw in (
+        (kernels._masked_pseudo_label_loss_triton, kw),
+        (kernels.masked_pseudo_label_loss_torch, {}),
+    ):
         s = strong.detach().clone().requires_grad_()
-        l, m, y = f(weak, s, tau, trusted, loss, alpha, beta, A, **fkw)
-        (g,) = torch.autograd.grad(l, s)
-        out.append((l.detach(), m, y, g))
+        value, m, y = f(weak, s, tau, trusted, loss, alpha, beta, A, **fkw)
+        (g,) = torch.autograd.grad(value, s)
+        out.append((value.detach(), m, y, g))
     return out
 
 
 def _assert_pl_match(kern, ref, dtype=torch.float32):
-    l, m, y, g = kern
+    value, m, y, g = kern
     lr, mr, yr, gr = ref
     assert m.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.equal(m, mr) and torch.equal(y, yr)
-    assert torch.isfinite(l) and not torch.isnan(g).any()
-    torch.testing.assert_close(l, lr, **_TOL[torch.float32])
+    assert torch.isfinite(value) and not torch.isnan(g).any()
+    torch.testing.assert_close(value, lr, **_TOL[torch.float32])
     assert g.dtype == gr.dtype
-    torch.testing.assert_close(g.float(), gr.float(), atol=_TOL[dtype]["atol"] / len(g),
-                               rtol=_TOL[dtype]["rtol"])
+    torch.testing.assert_close(
+        g.float(), gr.float(), atol=_TOL[dtype]["atol"] / len(g), rtol=_TOL[dtype]["rtol"]
+    )
 
 
 def _logits(B, C, dtype=torch.float32, scale=3.0, seed=0):
@@ -1219,26 +1620,38 @@ def test_pl_loss_reference_gradcheck():
     trusted = torch.tensor([-1, 2, -1, 0, 4, -1], device=_DEV)
     strong.requires_grad_()
     for loss in ("ce", "sce"):
-        f = lambda s: kernels.masked_pseudo_label_loss_torch(  # noqa: E731
-            weak, s, 0.9, trusted, loss, 0.3, 0.7, -2.0)[0]
+
+        def f(s, loss=loss):
+            return kernels.masked_pseudo_label_loss_torch(
+                weak, s, 0.9, trusted, loss, 0.3, 0.7, -2.0
+            )[0]
+
         mask = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.9, trusted)[1]
         assert mask.tolist() == [1, 1, 0, 1, 1, 1]  # 2 confident, 3 trusted, 1 masked
         assert torch.autograd.gradcheck(f, (strong,), eps=1e-2, atol=1e-4, rtol=1e-3)
 
 
 @_needs_triton
-@pytest.mark.parametrize("B,C,max_block_c", [
-    (1, 2, 2048), (13, 2, 2048), (16, 10, 2048), (37, 101, 2048), (5, 1000, 2048),
-    (9, 101, 32),     # C over several column blocks: online max / sum-exp, two passes
-    (3, 2500, 2048),  # C wider than the real block limit
-])
+@pytest.mark.parametrize(
+    "B,C,max_block_c",
+    [
+        (1, 2, 2048),
+        (13, 2, 2048),
+        (16, 10, 2048),
+        (37, 101, 2048),
+        (5, 1000, 2048),
+        (9, 101, 32),  # C over several column blocks: online max / sum-exp, two passes
+        (3, 2500, 2048),  # C wider than the real block limit
+    ],
+)
 @pytest.mark.parametrize("loss", ["ce", "sce"])
 @pytest.mark.parametrize("with_trusted", [False, True])
 def test_pl_loss_kernel_matches_reference(B, C, max_block_c, loss, with_trusted):
     weak, strong = _logits(B, C, seed=B + C), _logits(B, C, seed=B * C)
     trusted = _trusted(B, C, seed=C) if with_trusted else None
-    kern, ref = _pl_both(weak, strong, _split_tau(weak), trusted, loss, 0.3, 0.7, -2.0,
-                         max_block_c=max_block_c)
+    kern, ref = _pl_both(
+        weak, strong, _split_tau(weak), trusted, loss, 0.3, 0.7, -2.0, max_block_c=max_block_c
+    )
     assert ref[1].sum() > 0
     if B > 1 and not with_trusted:  # about half the rows masked
         assert ref[1].sum() < B
@@ -1250,8 +1663,9 @@ def test_pl_loss_kernel_matches_reference(B, C, max_block_c, loss, with_trusted)
 @pytest.mark.parametrize("B,C,max_block_c", [(33, 10, 2048), (7, 101, 2048), (5, 101, 32)])
 def test_pl_loss_kernel_low_precision(dtype, B, C, max_block_c):
     weak, strong = _logits(B, C, dtype, seed=1), _logits(B, C, dtype, seed=2)
-    kern, ref = _pl_both(weak, strong, _split_tau(weak), _trusted(B, C), "sce",
-                         max_block_c=max_block_c)
+    kern, ref = _pl_both(
+        weak, strong, _split_tau(weak), _trusted(B, C), "sce", max_block_c=max_block_c
+    )
     _assert_pl_match(kern, ref, dtype)
 
 
@@ -1260,9 +1674,9 @@ def test_pl_loss_kernel_low_precision(dtype, B, C, max_block_c):
 def test_pl_loss_kernel_argmax_ties_first_index(max_block_c):
     C = 40
     weak = torch.zeros(4, C, device=_DEV)
-    weak[0, [3, 7]] = 5.0    # tie inside one block
-    weak[1, [5, 33]] = 5.0   # tie across column blocks when max_block_c=16
-    weak[2, [39, 0]] = 5.0   # the first index wins even when it is column 0
+    weak[0, [3, 7]] = 5.0  # tie inside one block
+    weak[1, [5, 33]] = 5.0  # tie across column blocks when max_block_c=16
+    weak[2, [39, 0]] = 5.0  # the first index wins even when it is column 0
     # row 3: all equal: conf = 1/C, label 0
     strong = _logits(4, C, seed=3)
     kern, ref = _pl_both(weak, strong, 0.0, max_block_c=max_block_c)
@@ -1307,13 +1721,13 @@ def test_pl_loss_kernel_inf_and_huge_logits(max_block_c):
     B, C, ninf = 6, 40, float("-inf")
     weak, strong = _logits(B, C), _logits(B, C, seed=1)
     weak[0, 0], strong[0, 1:] = 1e4, -1e4  # confident on 0; huge strong logits
-    weak[1, :], weak[1, 2] = -1e4, 1e4     # confident on 2 ...
+    weak[1, :], weak[1, 2] = -1e4, 1e4  # confident on 2 ...
     strong[1, :20], strong[1, 2] = ninf, 0.0  # ... -inf strong logits beside the target
-    weak[2, :17], weak[2, 30] = ninf, 20.0    # -inf weak logits over a whole column block
-    weak[3:6] = 0.0                           # rows 3-5: unconfident
-    strong[3, :] = ninf                       # masked (trusted -1): its CE would be NaN
-    strong[4, 0] = ninf                       # masked, target 0 (argmax of a flat row): CE inf
-    strong[5, :], strong[5, 7] = 1e4, -1e4    # kept by trusted label 7: CE about 2e4
+    weak[2, :17], weak[2, 30] = ninf, 20.0  # -inf weak logits over a whole column block
+    weak[3:6] = 0.0  # rows 3-5: unconfident
+    strong[3, :] = ninf  # masked (trusted -1): its CE would be NaN
+    strong[4, 0] = ninf  # masked, target 0 (argmax of a flat row): CE inf
+    strong[5, :], strong[5, 7] = 1e4, -1e4  # kept by trusted label 7: CE about 2e4
     trusted = torch.tensor([-1, -1, -1, -1, -1, 7], device=_DEV)
     for loss in ("ce", "sce"):
         kern, ref = _pl_both(weak, strong, 0.99, trusted, loss, max_block_c=max_block_c)
@@ -1330,12 +1744,11 @@ def test_pl_loss_kernel_inf_and_huge_logits(max_block_c):
 @pytest.mark.parametrize("max_block_c", [2048, 16])
 def test_pl_loss_kernel_non_contiguous_inputs(max_block_c):
     B, C = 12, 37
-    weak = _logits(B, 2 * C)[:, ::2]             # column stride 2
-    strong = _logits(C, B, seed=1).t()           # transposed: row stride 1
-    trusted = _trusted(2 * B, C)[::2]            # strided labels
+    weak = _logits(B, 2 * C)[:, ::2]  # column stride 2
+    strong = _logits(C, B, seed=1).t()  # transposed: row stride 1
+    trusted = _trusted(2 * B, C)[::2]  # strided labels
     assert not weak.is_contiguous() and not strong.is_contiguous()
-    kern, ref = _pl_both(weak, strong, _split_tau(weak), trusted, "sce",
-                         max_block_c=max_block_c)
+    kern, ref = _pl_both(weak, strong, _split_tau(weak), trusted, "sce", max_block_c=max_block_c)
     _assert_pl_match(kern, ref)
 
 
@@ -1346,9 +1759,9 @@ def test_pl_loss_kernel_grad_output_scaling_and_no_grad():
     weak, strong = _logits(10, 10), _logits(10, 10, seed=1).requires_grad_()
     (_, _, _, g), _ = _pl_both(weak, strong, 0.6)
     for scale in (3.0, 1.0):
-        l, _, _ = kernels._masked_pseudo_label_loss_triton(weak, strong, 0.6)
-        buf = l.grad_fn.saved_tensors[0].data_ptr()
-        (gs,) = torch.autograd.grad(scale * l, strong)
+        value, _, _ = kernels._masked_pseudo_label_loss_triton(weak, strong, 0.6)
+        buf = value.grad_fn.saved_tensors[0].data_ptr()
+        (gs,) = torch.autograd.grad(scale * value, strong)
         assert gs.data_ptr() == buf
         torch.testing.assert_close(gs, scale * g)
     with torch.no_grad():  # no gradient buffer written; same values
@@ -1370,17 +1783,17 @@ def test_pl_loss_kernel_nan_and_inf_weak_logits(max_block_c):
     nan, inf = float("nan"), float("inf")
     B, C = 8, 40
     weak, strong = _logits(B, C), _logits(B, C, seed=1)
-    weak[0, 5] = nan          # NaN in the first column block
-    weak[1, 30] = nan         # ... in a later block (max_block_c=16)
-    weak[2, 7] = inf          # +inf: inf - inf = NaN in the softmax
+    weak[0, 5] = nan  # NaN in the first column block
+    weak[1, 30] = nan  # ... in a later block (max_block_c=16)
+    weak[2, 7] = inf  # +inf: inf - inf = NaN in the softmax
     weak[3, [3, 33]] = inf
     weak[4, :] = nan
-    weak[5, 20], weak[6, 9] = nan, nan   # kept by their trusted labels
+    weak[5, 20], weak[6, 9] = nan, nan  # kept by their trusted labels
     trusted = torch.tensor([-1, -1, -1, -1, -1, 4, 2, -1], device=_DEV)
     kern, ref = _pl_both(weak, strong, 0.5, trusted, "sce", max_block_c=max_block_c)
     assert ref[2][:5].tolist() == [0] * 5 and ref[1][:7].tolist() == [0] * 5 + [1, 1]
     _assert_pl_match(kern, ref)
-    strong[5, 0] = nan        # a NaN strong logit in a kept row: NaN loss on both paths
+    strong[5, 0] = nan  # a NaN strong logit in a kept row: NaN loss on both paths
     kern, ref = _pl_both(weak, strong, 0.5, trusted, max_block_c=max_block_c)
     assert kern[0].isnan() and ref[0].isnan()
 
@@ -1468,8 +1881,13 @@ print("ok")
 def test_kernel_offsets_beyond_int32(tmp_path):
     # issue 12 item 5: every pointer offset is int64. In its own process: an int32 product that
     # wraps crashes it (a segfault in the interpreter, an illegal address on a GPU)
-    r = subprocess.run([sys.executable, "-c", _HUGE_STRIDE_SCRIPT, str(tmp_path / "store.bin")],
-                       capture_output=True, text=True, timeout=300, cwd=HERE)
+    r = subprocess.run(
+        [sys.executable, "-c", _HUGE_STRIDE_SCRIPT, str(tmp_path / "store.bin")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=HERE,
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stderr[-2000:])
 
 
@@ -1482,8 +1900,10 @@ def _dec_run(f, z, mu, alpha=1.0, **kw):
 
 
 def _dec_both(z, mu, alpha=1.0, **kw):
-    return (_dec_run(kernels._dec_soft_assign_triton, z, mu, alpha, **kw),
-            _dec_run(kernels.dec_soft_assign_torch, z, mu, alpha))
+    return (
+        _dec_run(kernels._dec_soft_assign_triton, z, mu, alpha, **kw),
+        _dec_run(kernels.dec_soft_assign_torch, z, mu, alpha),
+    )
 
 
 def test_dec_reference_gradcheck():
@@ -1491,17 +1911,25 @@ def test_dec_reference_gradcheck():
     z = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     mu = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     for alpha in (1.0, 2.5):
-        assert torch.autograd.gradcheck(lambda a, b: kernels.dec_soft_assign_torch(a, b, alpha),
-                                        (z, mu))
+        assert torch.autograd.gradcheck(
+            lambda a, b, alpha=alpha: kernels.dec_soft_assign_torch(a, b, alpha), (z, mu)
+        )
 
 
 @_needs_triton
-@pytest.mark.parametrize("N,K,D,max_block_k", [
-    (1, 2, 3, 128), (64, 10, 16, 128), (100, 37, 70, 128),
-    (90, 37, 70, 16),  # K over several tiles: unnormalised write, then rescale
-    (70, 100, 40, 128), (70, 100, 40, 16),  # K = 100: one 128 tile, or seven of 16
-    (50, 200, 33, 128), (20, 1000, 40, 128),  # K wider than the real tile limit
-])
+@pytest.mark.parametrize(
+    "N,K,D,max_block_k",
+    [
+        (1, 2, 3, 128),
+        (64, 10, 16, 128),
+        (100, 37, 70, 128),
+        (90, 37, 70, 16),  # K over several tiles: unnormalised write, then rescale
+        (70, 100, 40, 128),
+        (70, 100, 40, 16),  # K = 100: one 128 tile, or seven of 16
+        (50, 200, 33, 128),
+        (20, 1000, 40, 128),  # K wider than the real tile limit
+    ],
+)
 @pytest.mark.parametrize("alpha", [1.0, 2.5])
 def test_dec_kernel_matches_reference(N, K, D, max_block_k, alpha):
     gen = torch.Generator().manual_seed(N + K + D)
@@ -1550,10 +1978,12 @@ def test_dec_kernel_low_precision(dtype):
     assert qk.dtype == gzk.dtype == gmk.dtype == dtype
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(qk.float(), qr, atol=4 * eps, rtol=4 * eps)
-    torch.testing.assert_close(gzk.float(), gzr, atol=4 * eps * gzr.abs().max().item(),
-                               rtol=4 * eps)
-    torch.testing.assert_close(gmk.float(), gmr, atol=4 * eps * gmr.abs().max().item(),
-                               rtol=4 * eps)
+    torch.testing.assert_close(
+        gzk.float(), gzr, atol=4 * eps * gzr.abs().max().item(), rtol=4 * eps
+    )
+    torch.testing.assert_close(
+        gmk.float(), gmr, atol=4 * eps * gmr.abs().max().item(), rtol=4 * eps
+    )
 
 
 @_needs_triton
@@ -1564,10 +1994,13 @@ def test_dec_kernel_grad_for_one_input(wrt):
     gen = torch.Generator().manual_seed(3)
     z, mu = torch.randn(30, 8, generator=gen).to(_DEV), torch.randn(4, 8, generator=gen).to(_DEV)
     x = (z if wrt == "z" else mu).requires_grad_()
-    grads = [torch.autograd.grad(f(z, mu)[:, 0].sum(), x)[0]
-             for f in (kernels._dec_soft_assign_triton, kernels.dec_soft_assign_torch)]
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6 * grads[1].abs().max().item(),
-                               rtol=1e-5)
+    grads = [
+        torch.autograd.grad(f(z, mu)[:, 0].sum(), x)[0]
+        for f in (kernels._dec_soft_assign_triton, kernels.dec_soft_assign_torch)
+    ]
+    torch.testing.assert_close(
+        grads[0], grads[1], atol=1e-6 * grads[1].abs().max().item(), rtol=1e-5
+    )
 
 
 _SM90_SCRIPT = r"""
@@ -1633,14 +2066,21 @@ def test_kernels_compile_for_sm90():
     # what the interpreter cannot show: each kernel variant the wrappers launch compiles for an
     # H100 (sm_90, Triton's ahead-of-time path, no GPU needed) and ptxas reports no spills
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True,
-                       timeout=600, cwd=HERE, env=env)
+    r = subprocess.run(
+        [sys.executable, "-c", _SM90_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=HERE,
+        env=env,
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
 def test_dispatch_cpu_and_kill_switch(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("Triton path taken")
+
     monkeypatch.setattr(kernels, "_masked_pseudo_label_loss_triton", boom)
     monkeypatch.setattr(kernels, "_dec_soft_assign_triton", boom)
     weak, strong, trusted = _logits(8, 5).cpu(), _logits(8, 5, seed=1).cpu(), _trusted(8, 5).cpu()
@@ -1648,8 +2088,9 @@ def test_dispatch_cpu_and_kill_switch(monkeypatch):
     want = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.6, trusted, "sce")
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     z, mu = torch.randn(9, 4), torch.randn(3, 4)
-    assert torch.equal(kernels.dec_soft_assign(z, mu, 2.0),
-                       kernels.dec_soft_assign_torch(z, mu, 2.0))
+    assert torch.equal(
+        kernels.dec_soft_assign(z, mu, 2.0), kernels.dec_soft_assign_torch(z, mu, 2.0)
+    )
     with pytest.raises(ValueError):
         kernels.masked_pseudo_label_loss(weak, strong, 0.6, loss="mse")
     # CUDA tensors take the Triton path unless KDFM_NO_TRITON=1
@@ -1668,18 +2109,31 @@ def test_kernel_bench_rows_and_table():
     def broken_compile(f):
         def g(*a, **k):
             raise RuntimeError("no compiler here")
+
         return g
-    cases = [("loss", "float32", (8, 10), False, True), ("loss", "float32", (16, 10), True, True),
-             ("dec", "float32", (16, 10, 20, True, 128), True, True),
-             ("dec", "float32", (16, 10, 20, False, 16), False, True),
-             ("dec", "float32", (16, 10, 21, True, 128), True, True)]
+
+    cases = [
+        ("loss", "float32", (8, 10), False, True),
+        ("loss", "float32", (16, 10), True, True),
+        ("dec", "float32", (16, 10, 20, True, 128), True, True),
+        ("dec", "float32", (16, 10, 20, False, 16), False, True),
+        ("dec", "float32", (16, 10, 21, True, 128), True, True),
+    ]
     timers = types.SimpleNamespace(graph=lambda fn: (fn(), 5.0)[1], wall=lambda fn: 20.0)
-    res = kernels._bench_run(cases, torch.device(_DEV), timers,
-                             lambda f: f if f is kernels.dec_soft_assign_torch else
-                             broken_compile(f), log=lambda r: None)
+    res = kernels._bench_run(
+        cases,
+        torch.device(_DEV),
+        timers,
+        lambda f: f if f is kernels.dec_soft_assign_torch else broken_compile(f),
+        log=lambda r: None,
+    )
     assert [r["name"] for r in res] == [
-        "loss float32 B=8 C=10", "loss float32 B=16 C=10", "dec float32 N=16 K=10 D=20 +dz",
-        "dec float32 N=16 K=10 D=20 BLOCK_K=16", "dec float32 N=16 K=10 D=21 +dz"]
+        "loss float32 B=8 C=10",
+        "loss float32 B=16 C=10",
+        "dec float32 N=16 K=10 D=20 +dz",
+        "dec float32 N=16 K=10 D=20 BLOCK_K=16",
+        "dec float32 N=16 K=10 D=21 +dz",
+    ]
     assert res[0]["notes"] == ["compile: RuntimeError: no compiler here"]
     assert res[0]["err"] < 1e-5 and res[2]["err"] < 1e-5 and "compile" in res[2]["t"]
     assert set(res[3]["t"]) == {"triton"} and "err" not in res[3]
@@ -1687,9 +2141,16 @@ def test_kernel_bench_rows_and_table():
     assert "dec float32 N=16 K=10 D=20 +dz" in table and "1.00x eager: MISSED" in table
     assert "! compile: RuntimeError: no compiler here" in table
     if not torch.cuda.is_available():
-        r = subprocess.run([sys.executable, str(HERE / "kernels.py"), "--bench"],
-                           capture_output=True, text=True, timeout=300, cwd=HERE)
+        r = subprocess.run(
+            [sys.executable, str(HERE / "kernels.py"), "--bench"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=HERE,
+        )
         assert r.returncode == 2 and "needs a CUDA device" in r.stdout
+
+
 # ---- end of kernels.py tests
 
 
@@ -1697,38 +2158,55 @@ def test_kernel_bench_rows_and_table():
 # run_all.sh runs kdfixmatch.py once per (dataset, labels, method, seed) cell and summarises the
 # cells' results.json into table.md / table.png. The table tests fabricate results.json files, so
 # every number in table.md is known; the smoke test trains 4 tiny digits cells on CPU (~1 minute).
-import json  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
 
 _RUN_ALL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_all.sh")
-_RUN_ALL_ENV = ("DATASETS", "LABELS", "SEEDS", "STEPS", "EVAL_EVERY", "ARCH", "PRETRAINED",
-                "DATA_DIR", "OUT_DIR", "GPUS")
+_RUN_ALL_ENV = (
+    "DATASETS",
+    "LABELS",
+    "SEEDS",
+    "STEPS",
+    "EVAL_EVERY",
+    "ARCH",
+    "PRETRAINED",
+    "DATA_DIR",
+    "OUT_DIR",
+    "GPUS",
+)
 
 
 def _run_all(*args, timeout=600, **env):
-    e = {k: v for k, v in os.environ.items() if k not in _RUN_ALL_ENV}   # only what we pass
+    e = {k: v for k, v in os.environ.items() if k not in _RUN_ALL_ENV}  # only what we pass
     e.update(PYTHON=sys.executable, **{k: str(v) for k, v in env.items()})
-    return subprocess.run(["bash", _RUN_ALL, *args], env=e, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", _RUN_ALL, *args], env=e, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _fake_cell(out, dataset, labels, method, seed, acc=None, wall_s=3600.0, trusted=None):
     """A cell directory as kdfixmatch.py leaves it: split.json, and results.json once finished."""
     d = os.path.join(out, dataset, str(labels), method, f"seed{seed}")
     os.makedirs(d)
-    json.dump(dict(dataset=dataset, labels=labels, seed=seed, arch="efficientnet_b0", labeled=[]),
-              open(os.path.join(d, "split.json"), "w"))
+    json.dump(
+        dict(dataset=dataset, labels=labels, seed=seed, arch="efficientnet_b0", labeled=[]),
+        open(os.path.join(d, "split.json"), "w"),
+    )
     if acc is not None:
-        res = dict(method="kdfixmatch" if method.startswith("kd") else "fixmatch",
-                   dataset=dataset, labels=labels, seed=seed, arch="efficientnet_b0",
-                   steps=2 ** 21 if method == "fixmatch-2x" else 2 ** 20, test_acc=acc,
-                   test_acc_median20=acc, wall_s=wall_s)
+        res = dict(
+            method="kdfixmatch" if method.startswith("kd") else "fixmatch",
+            dataset=dataset,
+            labels=labels,
+            seed=seed,
+            arch="efficientnet_b0",
+            steps=2**21 if method == "fixmatch-2x" else 2**20,
+            test_acc=acc,
+            test_acc_median20=acc,
+            wall_s=wall_s,
+        )
         if trusted:
-            res["trusted"] = dict(unlabeled=50000, trusted_size=trusted[0],
-                                  trusted_precision=trusted[1])
+            res["trusted"] = dict(
+                unlabeled=50000, trusted_size=trusted[0], trusted_precision=trusted[1]
+            )
         json.dump(res, open(os.path.join(d, "results.json"), "w"), indent=2)
     return d
 
@@ -1738,15 +2216,25 @@ def _fake_results(out):
     cifar10 400: 1 seed of FixMatch, KD (CE) seed 0 started. svhn: unavailable offline."""
     for s, (fm, ce) in enumerate([(0.90, 0.93), (0.91, 0.92), (0.92, 0.95)]):
         _fake_cell(out, "cifar10", 4000, "fixmatch", s, fm)
-        _fake_cell(out, "cifar10", 4000, "kd-ce", s, ce, wall_s=7200.0,
-                   trusted=(40000 + 1000 * s, 0.97 + 0.01 * s))
+        _fake_cell(
+            out,
+            "cifar10",
+            4000,
+            "kd-ce",
+            s,
+            ce,
+            wall_s=7200.0,
+            trusted=(40000 + 1000 * s, 0.97 + 0.01 * s),
+        )
     _fake_cell(out, "cifar10", 4000, "kd-sce", 0, 0.94, wall_s=7200.0, trusted=(40000, 0.97))
     _fake_cell(out, "cifar10", 400, "fixmatch", 0, 0.50)
-    _fake_cell(out, "cifar10", 400, "kd-ce", 0)                      # started, not finished
+    _fake_cell(out, "cifar10", 400, "kd-ce", 0)  # started, not finished
     d = os.path.join(out, "svhn", "400", "fixmatch", "seed0")
     os.makedirs(d)
     with open(os.path.join(d, "unavailable"), "w") as f:
-        f.write("kdfixmatch.py: error: --dataset svhn: not found in /data and the download failed\n")
+        f.write(
+            "kdfixmatch.py: error: --dataset svhn: not found in /data and the download failed\n"
+        )
 
 
 def _table_rows(path):
@@ -1762,28 +2250,30 @@ def _table_rows(path):
 def test_run_all_table_from_fabricated_results(tmp_path):
     out = str(tmp_path / "results")
     _fake_results(out)
-    r = _run_all("--table", "--datasets", "cifar10 svhn", "--labels", "400 4000", "--seeds", "3",
-                 OUT_DIR=out)
+    r = _run_all(
+        "--table", "--datasets", "cifar10 svhn", "--labels", "400 4000", "--seeds", "3", OUT_DIR=out
+    )
     assert r.returncode == 0, r.stderr
     text = open(os.path.join(out, "table.md")).read()
     rows = _table_rows(os.path.join(out, "table.md"))
     assert set(rows) == {("cifar10", "400"), ("cifar10", "4000"), ("svhn", "all")}
     fm, ce, sce, fm2, ce_fm, sce_fm, ce_fm2, paper, size, prec, wall = rows["cifar10", "4000"]
-    assert fm == "91.00 ± 1.00 (n=3)"                   # 90, 91, 92: sample std 1
-    assert ce == "93.33 ± 1.53 (n=3)"                   # 93, 92, 95
-    assert sce == "94.00 (n=1)"                         # a single seed: no std
-    assert fm2 == "–"                                   # missing cell
-    assert ce_fm == "+2.33 ± 1.15 (n=3)"                # per-seed differences 3, 1, 3
+    assert fm == "91.00 ± 1.00 (n=3)"  # 90, 91, 92: sample std 1
+    assert ce == "93.33 ± 1.53 (n=3)"  # 93, 92, 95
+    assert sce == "94.00 (n=1)"  # a single seed: no std
+    assert fm2 == "–"  # missing cell
+    assert ce_fm == "+2.33 ± 1.15 (n=3)"  # per-seed differences 3, 1, 3
     assert sce_fm == "+4.00 (n=1)" and ce_fm2 == "–"
-    assert paper == "+2.44"                             # the paper's CIFAR10 gain at 4000 labels
+    assert paper == "+2.44"  # the paper's CIFAR10 gain at 4000 labels
     assert size == "41000 / 50000" and prec == "98.00 ± 1.00 (n=3)"
-    assert wall == "FM 60 min, CE 3.0 h, SCE 3.0 h, 2x –"   # KD includes its reused outer SNN
+    assert wall == "FM 60 min, CE 3.0 h, SCE 3.0 h, 2x –"  # KD includes its reused outer SNN
     fm, ce, *_, paper, size, prec, wall = rows["cifar10", "400"]
     assert (fm, ce, paper, size) == ("50.00 (n=1)", "running", "unknown", "–")
     assert rows["svhn", "all"][0].startswith("unavailable offline: --dataset svhn: not found")
     assert "K = 1048576 steps per SNN" in text and "arch efficientnet_b0" in text
     try:
         import matplotlib  # noqa: F401
+
         assert os.path.exists(os.path.join(out, "table.png"))
     except ImportError:
         assert "matplotlib is not installed" in text
@@ -1794,28 +2284,46 @@ def test_run_all_suave_column_only_when_asked_or_present(tmp_path):
     _fake_results(out)
     args = ("--table", "--datasets", "cifar10", "--labels", "4000", "--seeds", "3")
     assert _run_all(*args, OUT_DIR=out).returncode == 0
-    assert "Suave" not in open(os.path.join(out, "table.md")).read()     # off by default
+    assert "Suave" not in open(os.path.join(out, "table.md")).read()  # off by default
     assert _run_all(*args, "--suave", OUT_DIR=out).returncode == 0
     assert _table_rows(os.path.join(out, "table.md"))["cifar10", "4000"][4] == "–"
     for s, acc in enumerate((0.96, 0.94)):
         _fake_cell(out, "cifar10", 4000, "suave", s, acc)
-    assert _run_all(*args, OUT_DIR=out).returncode == 0                  # found on disk: shown
+    assert _run_all(*args, OUT_DIR=out).returncode == 0  # found on disk: shown
     row = _table_rows(os.path.join(out, "table.md"))["cifar10", "4000"]
     assert row[4] == "95.00 ± 1.41 (n=2)" and row[-1].endswith("Suave 60 min")
-    r = _run_all("--print-commands", "--suave", "--datasets", "cifar10", "--labels", "4000",
-                 "--seeds", "3", OUT_DIR=out)
-    assert sum("--method suave" in line for line in r.stdout.splitlines()) == 1   # seed 2 only
+    r = _run_all(
+        "--print-commands",
+        "--suave",
+        "--datasets",
+        "cifar10",
+        "--labels",
+        "4000",
+        "--seeds",
+        "3",
+        OUT_DIR=out,
+    )
+    assert sum("--method suave" in line for line in r.stdout.splitlines()) == 1  # seed 2 only
 
 
 def test_run_all_table_without_matplotlib(tmp_path):
     out = str(tmp_path / "results")
     _fake_results(out)
-    shim = tmp_path / "shim" / "matplotlib"             # `import matplotlib` fails as if absent
+    shim = tmp_path / "shim" / "matplotlib"  # `import matplotlib` fails as if absent
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError('no matplotlib (test shim)')\n")
-    open(os.path.join(out, "table.png"), "w").close()    # a stale plot must not survive
-    r = _run_all("--table", "--datasets", "cifar10 svhn", "--labels", "400 4000", "--seeds", "3",
-                 OUT_DIR=out, PYTHONPATH=str(tmp_path / "shim"))
+    open(os.path.join(out, "table.png"), "w").close()  # a stale plot must not survive
+    r = _run_all(
+        "--table",
+        "--datasets",
+        "cifar10 svhn",
+        "--labels",
+        "400 4000",
+        "--seeds",
+        "3",
+        OUT_DIR=out,
+        PYTHONPATH=str(tmp_path / "shim"),
+    )
     assert r.returncode == 0, r.stderr
     text = open(os.path.join(out, "table.md")).read()
     assert _table_rows(os.path.join(out, "table.md"))["cifar10", "4000"][0] == "91.00 ± 1.00 (n=3)"
@@ -1827,27 +2335,46 @@ def test_run_all_table_without_matplotlib(tmp_path):
 def test_run_all_print_commands(tmp_path):
     out = str(tmp_path / "results")
     _fake_results(out)
-    r = _run_all("--print-commands", "--datasets", "cifar10", "--labels", "400 4000",
-                 "--seeds", "3", OUT_DIR=out)
+    r = _run_all(
+        "--print-commands",
+        "--datasets",
+        "cifar10",
+        "--labels",
+        "400 4000",
+        "--seeds",
+        "3",
+        OUT_DIR=out,
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     outs = [os.path.relpath(re.search(r" --out (\S+)", ln).group(1), out) for ln in lines]
-    cell = lambda l, m, s: f"cifar10/{l}/{m}/seed{s}"
-    phase1 = [cell(400, "fixmatch", 1), cell(400, "fixmatch-2x", 0), cell(400, "fixmatch", 2),
-              cell(400, "fixmatch-2x", 1), cell(400, "fixmatch-2x", 2)] + \
-             [cell(4000, "fixmatch-2x", s) for s in range(3)]
-    phase2 = [cell(400, "kd-ce", 0), cell(400, "kd-sce", 0), cell(4000, "kd-sce", 1),
-              cell(4000, "kd-sce", 2)]                  # their fixmatch (outer) cell has finished
+
+    def cell(labels, method, seed):
+        return f"cifar10/{labels}/{method}/seed{seed}"
+
+    phase1 = [
+        cell(400, "fixmatch", 1),
+        cell(400, "fixmatch-2x", 0),
+        cell(400, "fixmatch", 2),
+        cell(400, "fixmatch-2x", 1),
+        cell(400, "fixmatch-2x", 2),
+    ] + [cell(4000, "fixmatch-2x", s) for s in range(3)]
+    phase2 = [
+        cell(400, "kd-ce", 0),
+        cell(400, "kd-sce", 0),
+        cell(4000, "kd-sce", 1),
+        cell(4000, "kd-sce", 2),
+    ]  # their fixmatch (outer) cell has finished
     assert sorted(outs[:8]) == sorted(phase1) and sorted(outs[8:]) == sorted(phase2)
-    assert len(lines) == 12                             # finished cells print nothing
-    assert "4 KD cells wait for their fixmatch cell" in r.stderr   # 400 labels, seeds 1 and 2
+    assert len(lines) == 12  # finished cells print nothing
+    assert "4 KD cells wait for their fixmatch cell" in r.stderr  # 400 labels, seeds 1 and 2
     for ln, o in zip(lines, outs):
         assert ln.count(sys.executable) == 1 and "kdfixmatch.py" in ln and "--pretrained" in ln
         assert ("--steps 2097152" in ln) == ("fixmatch-2x" in o)
         if "/kd-" in o:
             assert f"--outer-from {os.path.join(out, o.replace(o.split('/')[2], 'fixmatch'))}" in ln
             assert f"--loss {o.split('/')[2][3:]}" in ln
-        assert "split.json && echo --resume" in ln      # decided when it runs: requeue-safe
+        assert "split.json && echo --resume" in ln  # decided when it runs: requeue-safe
 
 
 def test_run_all_bad_options():
@@ -1857,9 +2384,23 @@ def test_run_all_bad_options():
         assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("run_all.sh: error:")
     r = _run_all("--help")
     assert r.returncode == 0
-    for opt in ("--datasets", "--labels", "--seeds", "--steps", "--eval-every", "--arch",
-                "--no-pretrained", "--data-dir", "--out-dir", "--gpus", "--smoke",
-                "--print-commands", "--table", "PYTHON", "Cost"):
+    for opt in (
+        "--datasets",
+        "--labels",
+        "--seeds",
+        "--steps",
+        "--eval-every",
+        "--arch",
+        "--no-pretrained",
+        "--data-dir",
+        "--out-dir",
+        "--gpus",
+        "--smoke",
+        "--print-commands",
+        "--table",
+        "PYTHON",
+        "Cost",
+    ):
         assert opt in r.stdout, opt
 
 
@@ -1878,13 +2419,13 @@ def test_run_all_smoke_end_to_end_and_skip(tmp_path):
     rows = _table_rows(os.path.join(out, "table.md"))
     assert list(rows) == [("digits", "50")]
     cols = rows["digits", "50"]
-    for c in cols[:7]:                                  # 4 accuracies, 3 differences
+    for c in cols[:7]:  # 4 accuracies, 3 differences
         assert re.fullmatch(r"[+-]?\d+\.\d\d \(n=1\)", c), cols
     assert cols[7] == "n/a" and re.fullmatch(r"\d+ / 1500", cols[8])
     assert os.path.getsize(os.path.join(out, "table.png")) > 0
 
     t0 = time.time()
-    r = _run_all("--smoke", **env)                      # everything finished: nothing to train
+    r = _run_all("--smoke", **env)  # everything finished: nothing to train
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("skip (finished)") == 4 and "... start" not in r.stdout
     assert "4 done, 0 to go" in r.stdout and time.time() - t0 < 30
@@ -1893,10 +2434,10 @@ def test_run_all_smoke_end_to_end_and_skip(tmp_path):
     os.remove(os.path.join(out, "digits", "50", "kd-sce", "seed0", "results.json"))
     r = _run_all("--smoke", "--print-commands", **env)
     assert len(r.stdout.splitlines()) == 1 and "kd-sce/seed0" in r.stdout
-    assert subprocess.run(["bash", "-c", r.stdout], timeout=300).returncode == 0   # --resume
+    assert subprocess.run(["bash", "-c", r.stdout], timeout=300).returncode == 0  # --resume
     assert os.path.exists(os.path.join(out, "digits", "50", "kd-sce", "seed0", "results.json"))
 
-    r = _run_all("--smoke", **dict(env, STEPS=41))      # recorded with other --steps: refuse
+    r = _run_all("--smoke", **dict(env, STEPS=41))  # recorded with other --steps: refuse
     assert r.returncode == 2 and "was run with --steps 40, not 41" in r.stderr
 
 
@@ -1908,9 +2449,11 @@ def test_shear_oracle_is_the_official_codes_pil_shear():
     for level in (0.03, 0.15, 0.27):
         for axis in (0, 1):
             coef = (1, level, 0, 0, 1, 0) if axis == 0 else (1, 0, 0, level, 1, 0)
-            pil = np.asarray(Image.fromarray(x).convert("RGBA").transform((32, 32), Image.AFFINE, coef))
+            pil = np.asarray(
+                Image.fromarray(x).convert("RGBA").transform((32, 32), Image.AFFINE, coef)
+            )
             want = torch.from_numpy(np.where(pil[..., 3:] == 0, 128, pil[..., :3]).astype(np.uint8))
-            shear = [math.degrees(math.atan(level)), 0.0][::1 - 2 * axis]
+            shear = [math.degrees(math.atan(level)), 0.0][:: 1 - 2 * axis]
             im = torch.from_numpy(x).permute(2, 0, 1)
             got = TF.affine(im, 0.0, [0, 0], 1.0, shear, fill=128, center=[0, 0]).permute(1, 2, 0)
             assert torch.equal(got, want)
@@ -1921,21 +2464,56 @@ def test_shear_oracle_is_the_official_codes_pil_shear():
 def test_dataset_defaults_follow_each_recipe(tmp_path, monkeypatch):
     # FixMatch's CIFAR-100 recipe is WRN-28-8 with wd 1e-3, and the SCE paper's CIFAR-100 values are
     # alpha 6, beta 0.1 (NOTES.md); a flag given on the command line wins
-    get = lambda *a: vars(kd.get_args(["--out", str(tmp_path / "r"), *a]))
-    pick = lambda d: (d["arch"], d["wd"], d["sce_alpha"], d["sce_beta"], d["ema_warmup"], d["steps"])
-    assert pick(get("--dataset", "cifar100")) == ("wrn28_8", 1e-3, 6.0, 0.1, False, 2 ** 20)
-    assert pick(get("--dataset", "cifar10")) == ("wrn28_2", 5e-4, 0.1, 1.0, False, 2 ** 20)
+    def get(*a):
+        return vars(kd.get_args(["--out", str(tmp_path / "r"), *a]))
+
+    def pick(d):
+        return (d["arch"], d["wd"], d["sce_alpha"], d["sce_beta"], d["ema_warmup"], d["steps"])
+
+    assert pick(get("--dataset", "cifar100")) == ("wrn28_8", 1e-3, 6.0, 0.1, False, 2**20)
+    assert pick(get("--dataset", "cifar10")) == ("wrn28_2", 5e-4, 0.1, 1.0, False, 2**20)
     assert pick(get()) == ("small_cnn", 5e-4, 0.1, 1.0, True, 500)
-    assert pick(get("--dataset", "cifar100", "--arch", "wrn28_2", "--wd", "5e-4", "--loss", "sce",
-                    "--sce-alpha", "0.1", "--no-ema-warmup")) == ("wrn28_2", 5e-4, 0.1, 0.1, False, 2 ** 20)
+    assert pick(
+        get(
+            "--dataset",
+            "cifar100",
+            "--arch",
+            "wrn28_2",
+            "--wd",
+            "5e-4",
+            "--loss",
+            "sce",
+            "--sce-alpha",
+            "0.1",
+            "--no-ema-warmup",
+        )
+    ) == ("wrn28_2", 5e-4, 0.1, 0.1, False, 2**20)
     # ImageNet weights see ImageNet's normalisation; a network from scratch the data's own
     (tmp_path / "d" / "train").mkdir(parents=True), (tmp_path / "d" / "test").mkdir()
-    x = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    data = dict(train_x=x, train_y=torch.arange(4).repeat(10), test_x=x, test_y=torch.arange(4).repeat(10),
-                classes=4, flip=True)
+    x = torch.randint(
+        0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    data = dict(
+        train_x=x,
+        train_y=torch.arange(4).repeat(10),
+        test_x=x,
+        test_y=torch.arange(4).repeat(10),
+        classes=4,
+        flip=True,
+    )
     monkeypatch.setattr(kd, "load_dataset", lambda args: dict(data))
-    monkeypatch.setattr(kd, "bench", lambda args, data, split: args)    # main's args, just before
-    base = ["--bench", "--dataset", "folder", "--data-dir", str(tmp_path / "d"), "--labels", "8", "--device", "cpu"]
+    monkeypatch.setattr(kd, "bench", lambda args, data, split: args)  # main's args, just before
+    base = [
+        "--bench",
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--labels",
+        "8",
+        "--device",
+        "cpu",
+    ]
     args = kd.main([*base, "--arch", "efficientnet_b0", "--weights", "w.pth"])
     torch.testing.assert_close(args.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     torch.testing.assert_close(args.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
@@ -1950,14 +2528,29 @@ def test_non_finite_weights_stop_the_run_before_any_evaluation_or_checkpoint(tmp
     for steps, every in ((2, 2), (40, 5)):
         out = tmp_path / f"run{steps}"
         with pytest.raises(SystemExit) as e:
-            kd.main([*_TINY[:-2], "--steps", str(steps), "--eval-every", str(every), "--lr", "1e6",
-                     "--out", str(out)])
+            kd.main(
+                [
+                    *_TINY[:-2],
+                    "--steps",
+                    str(steps),
+                    "--eval-every",
+                    str(every),
+                    "--lr",
+                    "1e6",
+                    "--out",
+                    str(out),
+                ]
+            )
         assert e.value.code == 1 and not (out / "results.json").exists()
-        assert not (out / "metrics.jsonl").read_text()                 # nothing evaluated
-        for f in out.glob("*.pt"):                                     # nothing non-finite saved
+        assert not (out / "metrics.jsonl").read_text()  # nothing evaluated
+        for f in out.glob("*.pt"):  # nothing non-finite saved
             c = torch.load(f, weights_only=False)
-            assert all(t.isfinite().all() for part in ("model", "ema") for t in c[part].values()
-                       if t.is_floating_point())
+            assert all(
+                t.isfinite().all()
+                for part in ("model", "ema")
+                for t in c[part].values()
+                if t.is_floating_point()
+            )
 
 
 def test_a_fresh_start_leaves_nothing_of_an_abandoned_one(tmp_path, monkeypatch):
@@ -1968,15 +2561,17 @@ def test_a_fresh_start_leaves_nothing_of_an_abandoned_one(tmp_path, monkeypatch)
     (out / "diverged.json").write_text('{"stage": "outer", "step": 3}')
     (out / "metrics.jsonl").write_text('{"stage": "inner", "step": 20}\n{"x": 1}\n')
     written, real = [], kd.save
-    monkeypatch.setattr(kd, "save", lambda path, obj: written.append(os.path.basename(path)) or real(path, obj))
-    kd.main([*_TINY, "--out", str(out)])                              # FixMatch: the outer SNN
-    assert written.index("split.json") < written.index("config.json")   # config.json: what --resume
-    assert {r["stage"] for r in map(json.loads, open(out / "metrics.jsonl"))} == {"outer"}   # needs
+    monkeypatch.setattr(
+        kd, "save", lambda path, obj: written.append(os.path.basename(path)) or real(path, obj)
+    )
+    kd.main([*_TINY, "--out", str(out)])  # FixMatch: the outer SNN
+    assert written.index("split.json") < written.index("config.json")  # config.json: what --resume
+    assert {r["stage"] for r in map(json.loads, open(out / "metrics.jsonl"))} == {"outer"}  # needs
     assert not (out / "diverged.json").exists() and list(out.glob("diverged-*.json"))
-    (out / "results.json").unlink()                                    # as if killed at the end
+    (out / "results.json").unlink()  # as if killed at the end
     with pytest.raises(SystemExit) as e:
         kd.get_args(["--out", str(out), "--resume", "--lr", "0.5"])
-    assert e.value.code == 2                                           # no NaN stop: lr is the run's
+    assert e.value.code == 2  # no NaN stop: lr is the run's
 
 
 def test_ctrl_c_offers_resume_only_for_this_commands_run(tmp_path):
@@ -1988,35 +2583,54 @@ def test_ctrl_c_offers_resume_only_for_this_commands_run(tmp_path):
         for c in ("a", "b"):
             (data / split / c).mkdir(parents=True)
             Image.new("RGB", (8, 8), (9, 9, 9)).save(data / split / c / "1.png")
-    os.mkfifo(fifo := data / "train" / "a" / "0.png")               # decoded first
-    a = ["--dataset", "folder", "--data-dir", str(data), "--workers", "0", "--labels", "2",
-         "--steps", "4", "--device", "cpu", "--out", str(out)]
+    os.mkfifo(fifo := data / "train" / "a" / "0.png")  # decoded first
+    a = [
+        "--dataset",
+        "folder",
+        "--data-dir",
+        str(data),
+        "--workers",
+        "0",
+        "--labels",
+        "2",
+        "--steps",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     out.mkdir()
-    (out / "config.json").write_text(json.dumps(kd.vars_of(kd.get_args(a))))   # A's start left it
+    (out / "config.json").write_text(json.dumps(kd.vars_of(kd.get_args(a))))  # A's start left it
 
     def interrupt(argv):
-        p = subprocess.Popen([sys.executable, str(HERE / "kdfixmatch.py"), *argv], cwd=HERE,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        p = subprocess.Popen(
+            [sys.executable, str(HERE / "kdfixmatch.py"), *argv],
+            cwd=HERE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         fd, deadline = None, time.time() + 120
         while fd is None and p.poll() is None and time.time() < deadline:
             try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)     # only once the run reads it
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # only once the run reads it
             except OSError:
                 time.sleep(0.05)
         p.send_signal(signal.SIGINT)
-        time.sleep(0.5)                                  # then EOF: a read the signal did not
-        os.close(fd)                                     # interrupt returns, and Python raises
+        time.sleep(0.5)  # then EOF: a read the signal did not
+        os.close(fd)  # interrupt returns, and Python raises
         err = p.communicate(timeout=60)[1]
         assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
         return err
 
-    b = [x if x != "4" else "6" for x in a]                          # B: --steps 6
+    b = [x if x != "4" else "6" for x in a]  # B: --steps 6
     assert "kdfixmatch.py: interrupted; nothing saved yet" in interrupt(b)
     assert f"resume with: python {HERE / 'kdfixmatch.py'} --out {out} --resume" in interrupt(a)
 
 
 def test_dec_iters_counts_the_steps_taken():
     z, y = _blobs(seed=0)
-    for cap in (1, 5):                                  # at the cap: cap steps (it said cap - 1)
+    for cap in (1, 5):  # at the cap: cap steps (it said cap - 1)
         assert kd.dec_cluster(z, y, 4, max_iters=cap, tol=0.0, n_init=1)[1]["iters"] == cap

@@ -1,62 +1,143 @@
-"""KD-FixMatch in one readable script: FixMatch (outer SNN) -> confident + DEC-filtered pseudo labels
--> a fresh FixMatch (inner SNN) that trusts them.
+"""KD-FixMatch in one readable script.
+
+A FixMatch network (the outer SNN) labels the unlabeled set; its confident labels that deep
+embedding clustering agrees with form a trusted subset; a fresh FixMatch network (the inner SNN)
+then trains with those labels as a fallback target (Heuristic 1).
 
 Paper:      KD-FixMatch: Knowledge Distillation Siamese Neural Networks, Wang et al., ICIP 2023,
-            arXiv 2309.05826 (no public code; where its text is not available we say "our reading").
-Built on:   FixMatch (Sohn et al. 2020), DEC (Xie et al. 2016), symmetric CE (Wang et al. 2019).
-Run:        python kdfixmatch.py                          # digits, CPU, about a minute
-            python kdfixmatch.py --dataset cifar10 --labels 4000 --arch wrn28_2 --steps 1048576
-            python kdfixmatch.py --dataset folder --data-dir cifar10   # any ImageFolder train/ test/
-Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.44 (CIFAR10),
-            +5.81 (SVHN), +1.99 (CIFAR100), +3.88 (FOOD101) accuracy points. What we measured is in
-            README.md, with commands and machines; results.json records every number a run makes.
-"""
-import argparse, collections, concurrent.futures, copy, ctypes, fcntl, functools, hashlib, io, json
-import math, os, re, shlex, shutil, socket, sys, time
+            arXiv 2309.05826. It has no public code; where its text does not settle a detail,
+            the comment says "our reading".
+Built on:   FixMatch (Sohn et al. 2020; official code google-research/fixmatch, PyTorch port
+            kekmodel/FixMatch-pytorch), DEC (Xie et al. 2016), symmetric cross entropy
+            (Wang et al. 2019), and Suave (Fini et al. 2023) as a second baseline.
+Run:        python kdfixmatch.py                          # digits on a CPU, about half a minute
+            python kdfixmatch.py --dataset cifar10 --labels 4000
+            python kdfixmatch.py --dataset folder --data-dir DIR   # any ImageFolder train/ test/
+Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.44 (CIFAR-10),
+            +5.81 (SVHN), +1.99 (CIFAR-100) and +3.88 (Food-101) accuracy points. What we measured
+            is in RESULTS.md, with commands and machines; results.json records every number a run
+            makes.
 
+The file reads as the paper's method section: hyper-parameters, the command line (checked before
+torch is imported, so a typo costs no import), data, augmentation, models, the FixMatch step,
+high-confidence sampling and DEC, the inner SNN's loss, Suave, training one SNN, the pipeline.
+The run's machinery (output directory, lock, checkpoints, resume, metrics) comes last.
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import copy
+import ctypes
+import fcntl
+import functools
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import socket
+import sys
+import time
+
+# ==== Hyper-parameters ===========================================================================
+# FixMatch's recipe, from the official code and the paper's Table 4 (Sohn et al. 2020). A dataset
+# row below overrides a few of them. None means "the dataset decides" (image_size: native size).
+FIXMATCH = dict(
+    labels=4000,  # the number of labeled images, class-balanced
+    arch="wrn28_2",  # WRN-28-2, FixMatch's CIFAR-10 and SVHN backbone
+    steps=2**20,  # K, optimizer steps per SNN
+    batch_size=64,  # B, labeled images per step
+    mu=7,  # mu, unlabeled images per labeled image
+    eval_every=1024,  # evaluate the EMA model (and checkpoint) every N steps
+    image_size=None,  # resize once at load; None keeps the native size
+    wd=5e-4,  # weight decay on conv and linear weights
+    ema_warmup=False,  # FixMatch's EMA is a constant 0.999 (ours: see --ema-warmup)
+    sce_alpha=0.1,  # SCE's alpha and beta for CIFAR-10 (Wang et al. 2019)
+    sce_beta=1.0,
+)
+DATASET_DEFAULTS = {
+    # Ours, for a CPU: the fastest configuration at which KD-FixMatch reaches 97 % (RESULTS.md).
+    "digits": dict(
+        FIXMATCH,
+        labels=50,
+        arch="small_cnn",
+        steps=500,
+        batch_size=32,
+        mu=5,
+        eval_every=100,
+        ema_warmup=True,
+    ),
+    "cifar10": FIXMATCH,
+    "svhn": FIXMATCH,
+    "folder": FIXMATCH,
+    # FixMatch's CIFAR-100 recipe (WRN-28-8, wd 1e-3) and SCE's CIFAR-100 alpha and beta.
+    "cifar100": dict(FIXMATCH, arch="wrn28_8", wd=1e-3, sce_alpha=6.0, sce_beta=0.1),
+    # The paper's backbone; 128 px is ours, so that 75k images fit in memory.
+    "food101": dict(FIXMATCH, arch="efficientnet_b0", image_size=128),
+}
+
+
+# ==== The command line: parsed and checked before torch is imported ==============================
 def die(msg, status=2):
-    """Bad input: one line, exit status 2, no traceback."""
-    sys.exit(print(f"kdfixmatch.py: error: {msg}", file=sys.stderr) or status)
-def load(path, fix="replace it, or remove it and --resume to redo that stage", then=lambda c: c, **kw):
-    """torch.load(path) (.json: json.load), then `then`; corrupt, cut short or foreign: one line."""
-    try:
-        return then(json.load(open(path)) if path.endswith(".json") else torch.load(path, "cpu", **kw))
-    except Exception as e:
-        die(f"cannot load {path} ({getattr(e, 'strerror', None) or type(e).__name__}); {fix}")
-# ==== Hyper-parameters: every default in one block, with the paper's symbol ====================
-FIXMATCH = dict(labels=4000, arch="wrn28_2", steps=2 ** 20, batch_size=64, mu=7, eval_every=1024,
-                image_size=None, wd=5e-4, ema_warmup=False, sce_alpha=0.1, sce_beta=1.0)
-DATASET_DEFAULTS = {  # the flags a dataset sets: FixMatch's (official code), SCE's CIFAR-10 unless said
-    "digits": dict(FIXMATCH, labels=50, arch="small_cnn", steps=500, batch_size=32, mu=5, eval_every=100,
-                   ema_warmup=True),                  # ours, for a CPU: the fastest at KD >= 97 %
-    **dict.fromkeys(["cifar10", "svhn", "folder"], FIXMATCH),
-    "cifar100": dict(FIXMATCH, arch="wrn28_8", wd=1e-3, sce_alpha=6.0, sce_beta=0.1),  # SCE's CIFAR-100
-    "food101": dict(FIXMATCH, arch="efficientnet_b0", image_size=128)}   # ours: 75k images in memory
-VALID = [  # (flags, is valid, the valid range): every numeric flag, checked before anything runs
-    ("labels steps batch_size mu eval_every dec_max_iters dec_batch kmeans_init sinkhorn_iters "
-     "suave_hidden suave_dim", lambda v: v >= 1, "a positive integer"),
-    ("lr dec_lr suave_temperature sinkhorn_eps", lambda v: v > 0, "> 0"),
-    ("wd lambda_u sce_alpha sce_beta workers", lambda v: v >= 0, ">= 0"),
-    ("tau tau_select tau_inner dec_tol", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("ema momentum label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("sce_A", lambda v: v < 0, "< 0 (A is log 0)"), ("image_size", lambda v: v >= 8, ">= 8 (pixels)"),
-    ("seed", lambda v: 0 <= v < 2 ** 31, "in [0, 2^31)")]
-OUTER_RECIPE = ("dataset data_dir labels image_size arch pretrained weights steps batch_size mu tau "
-                "lambda_u lr momentum wd ema ema_warmup seed").split()   # --outer-from: from that run
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--method", default="kdfixmatch", choices=["supervised", "fixmatch", "kdfixmatch", "suave"])
+    """Bad input: one line naming the flag or file and the fix, exit status 2, no traceback."""
+    print(f"kdfixmatch.py: error: {msg}", file=sys.stderr)
+    sys.exit(status)
+
+
+# What a damaged record's error suggests, unless the caller knows better.
+REDO = "replace it, or remove it and --resume to redo that stage"
+
+
+def flag(name):
+    """The command-line spelling of an argument name: sce_alpha -> --sce-alpha."""
+    return "--" + name.replace("_", "-")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--method", default="kdfixmatch", choices=["supervised", "fixmatch", "kdfixmatch", "suave"]
+    )
+    add_data_flags(p.add_argument_group("data and model"))
+    add_fixmatch_flags(p.add_argument_group("FixMatch: the outer SNN, and the inner SNN's recipe"))
+    add_kd_flags(p.add_argument_group("KD-FixMatch"))
+    add_suave_flags(p.add_argument_group("Suave (Fini et al. 2023; defaults from its code)"))
+    add_run_flags(p.add_argument_group("the run"))
+    # argparse's own errors are one line too.
+    p.error = die
+    return p
+
+
+def add_data_flags(g):
+    a = g.add_argument
     a("--dataset", default="digits", choices=list(DATASET_DEFAULTS), help="folder: see --data-dir")
-    a("--data-dir", default="data", help="torchvision root, or the ImageFolder root with train/ test/")
+    a("--data-dir", default="data", help="torchvision root, or an ImageFolder root: train/ test/")
     a("--labels", type=int, help="labeled examples, class-balanced [digits 50, else 4000]")
     a("--image-size", type=int, help="resize images once at load [native; food101 128]")
-    a("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-folder decoding workers")
-    a("--arch", choices=["small_cnn", "wrn28_2", "wrn28_8", "efficientnet_b0"], help="[per dataset]")
+    a(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="image-folder decoding workers",
+    )
+    a(
+        "--arch",
+        choices=["small_cnn", "wrn28_2", "wrn28_8", "efficientnet_b0"],
+        help="[per dataset]",
+    )
     a("--pretrained", action="store_true", help="ImageNet weights for efficientnet_b0 (the paper)")
     a("--weights", help="a local efficientnet_b0 ImageNet state_dict file (offline --pretrained)")
-    # FixMatch (Sohn et al. 2020) = the outer SNN, and the inner SNN's recipe
+
+
+def add_fixmatch_flags(g):
+    a = g.add_argument
     a("--steps", type=int, help="K, optimizer steps per SNN [paper 2^20; digits 500]")
     a("--batch-size", type=int, help="B, labeled images per step [64; digits 32]")
     a("--mu", type=int, help="mu, unlabeled images per labeled image (FixMatch: 7; digits: 5)")
@@ -65,10 +146,17 @@ def get_args(argv=None):
     a("--lr", type=float, default=0.03, help="eta, SGD learning rate; decays as cos(7 pi k / 16 K)")
     a("--momentum", type=float, default=0.9, help="beta, Nesterov momentum")
     a("--wd", type=float, help="weight decay on conv/linear weights [5e-4; cifar100 1e-3]")
-    a("--ema", type=float, default=0.999, help="EMA decay of the weights used to evaluate and label")
-    a("--ema-warmup", action=argparse.BooleanOptionalAction, help="min(ema,(1+k)/(10+k)); ours [digits]")
-    # KD-FixMatch
-    a("--tau-select", type=float, default=0.80, help="tau_select, outer confidence to be a candidate")
+    a("--ema", type=float, default=0.999, help="EMA decay of the weights that evaluate and label")
+    a(
+        "--ema-warmup",
+        action=argparse.BooleanOptionalAction,
+        help="min(ema,(1+k)/(10+k)); ours [digits]",
+    )
+
+
+def add_kd_flags(g):
+    a = g.add_argument
+    a("--tau-select", type=float, default=0.80, help="tau_select, outer confidence of a candidate")
     a("--tau-inner", type=float, default=0.95, help="tau_inner, inner confidence threshold")
     a("--loss", default="ce", choices=["ce", "sce"], help="inner SNN's unlabeled loss")
     a("--sce-alpha", type=float, help="SCE alpha, weight of CE [0.1; cifar100 6.0]")
@@ -81,14 +169,20 @@ def get_args(argv=None):
     a("--dec-batch", type=int, default=256, help="DEC batch size")
     a("--kmeans-init", type=int, default=20, help="k-means restarts initialising DEC")
     a("--outer-from", help="reuse the outer SNN of a finished fixmatch/kdfixmatch run in this dir")
-    # Suave (Fini et al. 2023; defaults from its code)
+
+
+def add_suave_flags(g):
+    a = g.add_argument
     a("--suave-temperature", type=float, default=0.1, help="temperature of the cosine scores")
     a("--sinkhorn-eps", type=float, default=0.05, help="Sinkhorn-Knopp epsilon")
     a("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
     a("--label-smoothing", type=float, default=0.01, help="on the labeled term")
     a("--suave-hidden", type=int, default=2048, help="projector hidden units")
     a("--suave-dim", type=int, default=128, help="projector output (prototype) dimension")
-    # the run
+
+
+def add_run_flags(g):
+    a = g.add_argument
     a("--seed", type=int, default=0, help="draws the labeled split, init and augmentation")
     a("--eval-every", type=int, help="evaluate the EMA model (and checkpoint) every N steps")
     a("--out", default="runs/latest", help="output dir: metrics.jsonl, results.json, checkpoints")
@@ -96,704 +190,1799 @@ def get_args(argv=None):
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N (data: in GPU memory if it fits)")
     a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
     a("--compile", action="store_true", help="torch.compile the model; on a GPU with CUDA graphs")
-    a("--bench", action="store_true", help="print images/s of augment, the step, the loop; train none")
-    p.error = die                                     # argparse's own errors: one line too
-    args = p.parse_args(argv)
-    given = {k for k, v in vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args)))))
-             .items() if v is not None}               # the flags on the command line
+    a("--bench", action="store_true", help="print images/s of augment, step and loop; train none")
+
+
+# Every numeric flag and its valid range, checked before anything runs: (flags, test, the range).
+VALID = [
+    (
+        "labels steps batch_size mu eval_every dec_max_iters dec_batch kmeans_init sinkhorn_iters "
+        "suave_hidden suave_dim",
+        lambda v: v >= 1,
+        "a positive integer",
+    ),
+    ("lr dec_lr suave_temperature sinkhorn_eps", lambda v: v > 0, "> 0"),
+    ("wd lambda_u sce_alpha sce_beta workers", lambda v: v >= 0, ">= 0"),
+    ("tau tau_select tau_inner dec_tol", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("ema momentum label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("sce_A", lambda v: v < 0, "< 0 (A is log 0)"),
+    ("image_size", lambda v: v >= 8, ">= 8 (pixels)"),
+    ("seed", lambda v: 0 <= v < 2**31, "in [0, 2^31)"),
+]
+# --outer-from reuses another run's outer SNN, so these flags come from that run's config.json.
+OUTER_RECIPE = (
+    "dataset data_dir labels image_size arch pretrained weights steps batch_size mu tau "
+    "lambda_u lr momentum wd ema ema_warmup seed"
+).split()
+# Flags that --resume may change: where the run's code, data or hardware live, not its recipe.
+FREE_ON_RESUME = set("out resume workers device precision compile data_dir bench".split())
+# After a NaN stop (diverged.json), --resume may also change the optimisation's knobs.
+FREE_AFTER_NAN_STOP = set("lr wd momentum lambda_u ema ema_warmup sinkhorn_eps sce_beta".split())
+
+
+def get_args(argv=None):
+    """Parse and check the flags; fill the rest from the run being resumed, then the dataset."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = flags_given(parser, argv, args)
     if not args.out.strip() or os.path.isfile(args.out):
         die(f"--out {args.out!r} is not a directory; choose another --out")
-    cfg, free = os.path.join(args.out, "config.json"), {"out", "resume", "workers", "device",
-                                                         "precision", "compile", "data_dir", "bench"}
-    if args.resume and not os.path.exists(cfg):
-        die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
-    if args.resume and os.path.exists(os.path.join(args.out, "diverged.json")):   # after a NaN stop
-        free |= {"lr", "wd", "momentum", "lambda_u", "ema", "ema_warmup", "sinkhorn_eps", "sce_beta"}
-    of = not (args.resume or args.bench) and args.method == "kdfixmatch" and args.outer_from
-    src = cfg if args.resume else of and os.path.join(of, "config.json")   # --outer-from: also
-    old = load(src, "restore it") if src and os.path.exists(src) else {}   # the outer SNN's recipe
-    old = {k: v for k, v in old.items() if not of or k in OUTER_RECIPE}
-    for k in sorted(k for k in given & old.keys() - free if old[k] != getattr(args, k)):
-        die(f"{'--resume' if args.resume else '--outer-from'}: --{k.replace('_', '-')} "
-            f"{getattr(args, k)} differs from {old[k]} in {src}; " + ("resume with the original flags "
-            "(or none) or start a new --out" if args.resume else "drop it, or train a new outer SNN"))
-    vars(args).update({k: v for k, v in old.items() if k not in given | {"out", "resume"}})
-    if args.resume and os.path.exists(os.path.join(args.out, "results.json")):   # exit status 0
-        sys.exit(print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume"))
-    vars(args).update({k: v for k, v in DATASET_DEFAULTS[args.dataset].items() if vars(args)[k] is None})
-    for flags, ok, text in VALID:
-        for f, v in ((f, getattr(args, f)) for f in flags.split()):
-            if v is not None and not (math.isfinite(v) and ok(v)):
-                die(f"--{f.replace('_', '-')} {v}: must be {text}")
-    m, M = args.method, "--bench" if args.bench else f"--method {args.method}"
-    kd = m == "kdfixmatch" and not args.bench
-    for flags, why in (                               # a flag that would do nothing is refused
-            ("mu", m == "supervised" and M), ("lambda_u tau", m in ("supervised", "suave") and M),
-            ("tau", args.outer_from and "--outer-from"),
-            ("tau_select tau_inner loss no_dec outer_from", not kd and M),
-            ("dec_tol dec_max_iters dec_lr dec_batch kmeans_init",
-             not kd and M or args.no_dec and "--no-dec"),
-            ("sce_alpha sce_beta sce_A", not kd and M or args.loss == "ce" and "--loss ce"),
-            ("suave_temperature sinkhorn_eps sinkhorn_iters label_smoothing suave_hidden suave_dim",
-             m != "suave" and M),
-            ("pretrained weights", args.arch != "efficientnet_b0" and f"--arch {args.arch}"),
-            ("method steps resume out seed eval_every", args.bench and "--bench (it times FixMatch)")):
-        for f in set(flags.split()) & given if why else ():
-            die(f"--{f.replace('_', '-')} does nothing with {why}; drop it")
-    missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(args.data_dir, s))]
-    if args.outer_from and not os.path.exists(os.path.join(args.outer_from, "outer.pt")):
-        die(f"--outer-from {args.outer_from}: no finished outer SNN (outer.pt) there")
-    if args.dataset == "folder" and missing:
-        die(f"--dataset folder needs --data-dir DIR with DIR/train/<class>/ and DIR/test/<class>/ "
-            f"(no {os.path.join(args.data_dir, missing[0])})")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
-        die(f"--device {args.device}: unknown; use auto, cpu, cuda or cuda:N")
+    take_recorded_recipe(args, given)
+    for name, value in DATASET_DEFAULTS[args.dataset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    check_values(args)
+    refuse_flags_that_do_nothing(args, given)
+    check_paths(args)
     return args
 
-if __name__ == "__main__": ARGS = get_args()         # flags first: a typo costs no torch import
-import numpy as np, PIL.Image, torch, torch.nn as nn, torch.nn.functional as F, torchvision
+
+def flags_given(parser, argv, args):
+    """The flags on the command line: those that a parse over an all-None namespace sets."""
+    blank = argparse.Namespace(**dict.fromkeys(vars(args)))
+    parsed = parser.parse_args(argv, blank)
+    return {name for name, value in vars(parsed).items() if value is not None}
+
+
+def read_json(path, fix=REDO):
+    """A JSON record; unreadable or corrupt: one line naming the file and the fix."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except Exception as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        die(f"cannot load {path} ({reason}); {fix}")
+
+
+def take_recorded_recipe(args, given):
+    """--resume: the run's config.json; --outer-from: the outer run's recipe; given flags agree."""
+    source = recipe_source(args)
+    if source is None or not os.path.exists(source):
+        return
+    recorded = read_json(source, "restore it")
+    if not args.resume:
+        recorded = {k: v for k, v in recorded.items() if k in OUTER_RECIPE}
+    refuse_other_recipe(args, given, recorded, source)
+    for name, value in recorded.items():
+        if name not in given | {"out", "resume"}:
+            setattr(args, name, value)
+    if args.resume and os.path.exists(os.path.join(args.out, "results.json")):
+        print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume")
+        sys.exit(0)
+
+
+def recipe_source(args):
+    """The config.json that holds this command's recipe: the resumed run's, or the outer's."""
+    config = os.path.join(args.out, "config.json")
+    if args.resume and not os.path.exists(config):
+        die(f"--resume: nothing to resume in --out {args.out}; drop --resume to start a new run")
+    if args.resume:
+        return config
+    if args.method == "kdfixmatch" and args.outer_from and not args.bench:
+        return os.path.join(args.outer_from, "config.json")
+    return None
+
+
+def refuse_other_recipe(args, given, recorded, source):
+    """A flag given on the command line must agree with the recorded recipe."""
+    free = set(FREE_ON_RESUME)
+    if args.resume and os.path.exists(os.path.join(args.out, "diverged.json")):
+        free |= FREE_AFTER_NAN_STOP
+    if args.resume:
+        opt = "--resume"
+        how = "resume with the original flags (or none) or start a new --out"
+    else:
+        opt = "--outer-from"
+        how = "drop it, or train a new outer SNN"
+    for name in sorted(given & recorded.keys() - free):
+        if recorded[name] != getattr(args, name):
+            die(
+                f"{opt}: {flag(name)} {getattr(args, name)} differs from {recorded[name]} "
+                f"in {source}; {how}"
+            )
+
+
+def check_values(args):
+    for names, is_valid, valid_range in VALID:
+        for name in names.split():
+            value = getattr(args, name)
+            if value is None:
+                continue
+            if not (math.isfinite(value) and is_valid(value)):
+                die(f"{flag(name)} {value}: must be {valid_range}")
+
+
+def flags_that_do_nothing(args):
+    """(flags, why they do nothing) for this command; a flag with no reason (None) is used."""
+    method = args.method
+    if args.bench:
+        by = "--bench"
+    else:
+        by = f"--method {method}"
+    kd = method == "kdfixmatch" and not args.bench
+    dec_unused = None
+    if not kd:
+        dec_unused = by
+    elif args.no_dec:
+        dec_unused = "--no-dec"
+    sce_unused = None
+    if not kd:
+        sce_unused = by
+    elif args.loss == "ce":
+        sce_unused = "--loss ce"
+    return [
+        ("mu", by if method == "supervised" else None),
+        ("lambda_u tau", by if method in ("supervised", "suave") else None),
+        ("tau", "--outer-from" if args.outer_from else None),
+        ("tau_select tau_inner loss no_dec outer_from", None if kd else by),
+        ("dec_tol dec_max_iters dec_lr dec_batch kmeans_init", dec_unused),
+        ("sce_alpha sce_beta sce_A", sce_unused),
+        (
+            "suave_temperature sinkhorn_eps sinkhorn_iters label_smoothing suave_hidden suave_dim",
+            by if method != "suave" else None,
+        ),
+        ("pretrained weights", f"--arch {args.arch}" if args.arch != "efficientnet_b0" else None),
+        (
+            "method steps resume out seed eval_every",
+            "--bench (it times FixMatch)" if args.bench else None,
+        ),
+    ]
+
+
+def refuse_flags_that_do_nothing(args, given):
+    for names, why in flags_that_do_nothing(args):
+        if why is None:
+            continue
+        for name in set(names.split()) & given:
+            die(f"{flag(name)} does nothing with {why}; drop it")
+
+
+def check_paths(args):
+    if args.outer_from and not os.path.exists(os.path.join(args.outer_from, "outer.pt")):
+        die(f"--outer-from {args.outer_from}: no finished outer SNN (outer.pt) there")
+    missing = [s for s in ("train", "test") if not os.path.isdir(os.path.join(args.data_dir, s))]
+    if args.dataset == "folder" and missing:
+        die(
+            "--dataset folder needs --data-dir DIR with DIR/train/<class>/ and DIR/test/<class>/ "
+            f"(no {os.path.join(args.data_dir, missing[0])})"
+        )
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        die(f"--device {args.device}: unknown; use auto, cpu, cuda or cuda:N")
+
+
+# Flags first: a typo costs no torch import.
+if __name__ == "__main__":
+    ARGS = get_args()
+
+import numpy as np
+import PIL.Image
+import sklearn.datasets
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
 import torchvision.transforms.v2.functional as TF
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
-import sklearn.datasets
 from tqdm import tqdm
+
 import kernels
-# ==== Data: every set decoded once into a uint8 tensor (N, C, H, W) in memory ==================
+
+
+# ==== Data: every set decoded once into a uint8 tensor (N, C, H, W) in memory ====================
 def load_dataset(args):
-    """-> dict(train_x, train_y, test_x, test_y, classes, flip): uint8 images (N, C, H, W), labels."""
-    name, root, size = args.dataset, args.data_dir, args.image_size
-    if name == "digits":                              # 1,797 real 8x8 digits; fixed seeded test split
-        d = sklearn.datasets.load_digits()
-        x = torch.tensor(d.images * (255 / 16)).round().to(torch.uint8)[:, None]
-        x, y = TF.resize(x, [size] * 2, antialias=True) if size else x, torch.tensor(d.target)
-        te, tr = torch.randperm(1797, generator=torch.Generator().manual_seed(12345)).split([297, 1500])
-        return dict(train_x=x[tr], train_y=y[tr], test_x=x[te], test_y=y[te], classes=10, flip=False)
-    if name == "folder":
-        try:
-            splits = [torchvision.datasets.ImageFolder(f"{root}/{s}") for s in ("train", "test")]
-        except FileNotFoundError as e:                # no class folder, or one without images
-            die(f"--data-dir {root}: {e}")
-        c = [ds.classes for ds in splits]
-        if c[0] != c[1] or len(c[0]) < 2:
-            die(f"--data-dir {root}: train/ and test/ need the same class folders, at least 2 (they"
-                f" hold {len(c[0])} and {len(c[1])}; in one only: {sorted(set(c[0]) ^ set(c[1]))})")
+    """-> dict(train_x, train_y, test_x, test_y, classes, flip): uint8 images (N, C, H, W)."""
+    if args.dataset == "digits":
+        return load_digits(args.image_size)
+    if args.dataset == "folder":
+        splits = image_folders(args.data_dir)
     else:
-        splits = [_torchvision_split(name, root, train) for train in (True, False)]
-    parts = [_to_uint8(ds, args.image_size, args.workers) for ds in splits]   # (x, y)s, or errors
-    err = next((p for ps in parts for p in ps if isinstance(p, str)), None)
-    sizes = sorted({tuple(p[0].shape[2:]) for ps in parts for p in ps if not isinstance(p, str)})
-    if err or len(sizes) > 1:                         # also train/ against test/
-        die(f"--data-dir {root}: {err or f'images differ in size {sizes}; pass --image-size N'}")
-    (trx, tr_y), (tex, te_y) = [[torch.cat(t) for t in zip(*ps)] for ps in parts]
-    return dict(train_x=trx, train_y=tr_y, test_x=tex, test_y=te_y, flip=name != "svhn",  # FixMatch's
-                classes=len(getattr(splits[0], "classes", [])) or int(tr_y.max()) + 1)  # choice
-def _torchvision_split(name, root, train):
+        splits = [torchvision_split(args.dataset, args.data_dir, train) for train in (True, False)]
+    # Each split as a list of (x, y) parts, or of error strings from the decoding workers.
+    parts = [to_uint8(ds, args.image_size, args.workers) for ds in splits]
+    refuse_bad_parts(parts, args.data_dir)
+    (train_x, train_y), (test_x, test_y) = [[torch.cat(t) for t in zip(*ps)] for ps in parts]
+    classes = len(getattr(splits[0], "classes", []))
+    if not classes:
+        classes = int(train_y.max()) + 1
+    # FixMatch flips every dataset but SVHN, whose digits a flip would change.
+    flip = args.dataset != "svhn"
+    return dict(
+        train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes, flip=flip
+    )
+
+
+def refuse_bad_parts(parts, root):
+    """A file that did not decode, or images of several sizes (train/ against test/ too)."""
+    decoded = [p for split_parts in parts for p in split_parts]
+    errors = [p for p in decoded if isinstance(p, str)]
+    if errors:
+        die(f"--data-dir {root}: {errors[0]}")
+    sizes = sorted({tuple(p[0].shape[2:]) for p in decoded})
+    if len(sizes) > 1:
+        die(f"--data-dir {root}: images differ in size {sizes}; pass --image-size N")
+
+
+def load_digits(size):
+    """scikit-learn's 1,797 real 8x8 digits, offline; a fixed seeded split of 1,500 / 297."""
+    d = sklearn.datasets.load_digits()
+    x = torch.tensor(d.images * (255 / 16)).round().to(torch.uint8)[:, None]
+    if size:
+        x = TF.resize(x, [size] * 2, antialias=True)
+    y = torch.tensor(d.target)
+    order = torch.randperm(1797, generator=torch.Generator().manual_seed(12345))
+    test, train = order.split([297, 1500])
+    return dict(
+        train_x=x[train], train_y=y[train], test_x=x[test], test_y=y[test], classes=10, flip=False
+    )
+
+
+def image_folders(root):
+    """torchvision ImageFolders root/train and root/test, with the same classes (at least 2)."""
+    try:
+        splits = [torchvision.datasets.ImageFolder(f"{root}/{s}") for s in ("train", "test")]
+    except FileNotFoundError as e:
+        # No class folder, or a class folder without images.
+        die(f"--data-dir {root}: {e}")
+    train_classes, test_classes = [ds.classes for ds in splits]
+    if train_classes != test_classes or len(train_classes) < 2:
+        only_one = sorted(set(train_classes) ^ set(test_classes))
+        die(
+            f"--data-dir {root}: train/ and test/ need the same class folders, at least 2 (they"
+            f" hold {len(train_classes)} and {len(test_classes)}; in one only: {only_one})"
+        )
+    return splits
+
+
+def torchvision_split(name, root, train):
+    """A torchvision dataset from root; not on disk: a download, if this machine is online."""
     cls = getattr(torchvision.datasets, {"food101": "Food101"}.get(name, name.upper()))
-    kw = dict(train=train) if name.startswith("cifar") else dict(split="train" if train else "test")
-    for download in (False, True):                    # not on disk: a download if online
+    if name.startswith("cifar"):
+        split = dict(train=train)
+    else:
+        split = dict(split="train" if train else "test")
+    for download in (False, True):
         try:
-            return cls(root, download=download, **kw)
+            return cls(root, download=download, **split)
         except Exception as e:
-            err = socket.setdefaulttimeout(30) or type(e).__name__
-    die(f"--dataset {name}: not found in {os.path.abspath(root)} and the download failed ({err}); "
+            error = type(e).__name__
+            socket.setdefaulttimeout(30)
+    die(
+        f"--dataset {name}: not found in {os.path.abspath(root)} and the download failed "
+        f"({error}); "
         f"fetch it on a connected machine with torchvision.datasets.{cls.__name__}('{root}', "
-        f"download=True) and copy {root}/ here, or pass --data-dir")
-def _to_uint8(ds, size, workers):
-    """Array-backed sets (CIFAR, SVHN) as they are, file-backed ones decoded in DataLoader workers."""
+        f"download=True) and copy {root}/ here, or pass --data-dir"
+    )
+
+
+def to_uint8(ds, size, workers):
+    """Array-backed sets (CIFAR, SVHN) as they are; image files decoded in DataLoader workers."""
     if isinstance(getattr(ds, "data", None), np.ndarray):
         x = torch.from_numpy(ds.data)
-        x = x if x.shape[1] in (1, 3) else x.permute(0, 3, 1, 2)     # SVHN is NCHW, CIFAR NHWC
-        x = torch.cat([TF.resize(c, [size] * 2, antialias=True) for c in x.split(4096)] if size else [x])
-        return [(x.contiguous(), torch.tensor(getattr(ds, "targets", None) or ds.labels))]
-    ds.loader = functools.partial(_decode, size=size)  # a tensor per batch, not per image (the
-    loader = torch.utils.data.DataLoader(ds, 256, num_workers=workers, collate_fn=_stack)
-    return list(tqdm(loader, desc="decode", leave=False, disable=None))   # file descriptors)
-def _decode(path, size=None):
-    """Image file -> uint8 RGB (3, H, W), or why not; 16-bit and float modes scaled."""
+        # SVHN is stored NCHW, CIFAR NHWC.
+        if x.shape[1] not in (1, 3):
+            x = x.permute(0, 3, 1, 2)
+        if size:
+            x = torch.cat([TF.resize(c, [size] * 2, antialias=True) for c in x.split(4096)])
+        y = torch.tensor(getattr(ds, "targets", None) or ds.labels)
+        return [(x.contiguous(), y)]
+    # The workers send a tensor per batch, not per image: one file descriptor each.
+    ds.loader = functools.partial(decode, size=size)
+    loader = torch.utils.data.DataLoader(ds, 256, num_workers=workers, collate_fn=stack_decoded)
+    return list(tqdm(loader, desc="decode", leave=False, disable=None))
+
+
+def decode(path, size=None):
+    """Image file -> uint8 RGB (3, H, W), or a string saying why not; 16-bit and float scaled."""
     try:
         with PIL.Image.open(path) as im:
-            if im.mode == "F" or im.mode.startswith("I"):    # more than 8 bits: scale, not clip
-                a, top = np.asarray(im, np.float64), 1 if im.mode == "F" else 65535
-                if not 0 <= a.min() <= a.max() <= top:        # NaN fails too
+            # More than 8 bits per pixel: scale to 8 bits, do not clip.
+            if im.mode == "F" or im.mode.startswith("I"):
+                a = np.asarray(im, np.float64)
+                top = 1 if im.mode == "F" else 65535
+                # A NaN fails this test too.
+                if not 0 <= a.min() <= a.max() <= top:
                     return f"{path}: {im.mode} pixels outside [0, {top}]; convert it to 8 bits"
                 im = PIL.Image.fromarray(np.rint(a * (255 / top)).astype(np.uint8))
-            im = (im.convert("LA") if im.mode == "La" else im).convert("RGB")
-            return TF.pil_to_tensor(TF.center_crop(TF.resize(im, size), size) if size else im)
-    except Exception as e:                            # corrupt, truncated, empty, not an image
+            if im.mode == "La":
+                im = im.convert("LA")
+            im = im.convert("RGB")
+            if size:
+                im = TF.center_crop(TF.resize(im, size), size)
+            return TF.pil_to_tensor(im)
+    except Exception as e:
+        # Corrupt, truncated, empty, or not an image.
         return f"cannot decode {path} ({type(e).__name__}: {e}); replace or remove it"
-def _stack(batch):                # one tensor per batch; a decoding error (a str) goes on as it is
-    ims = [im for im, _ in batch]
-    bad = [im for im in ims if isinstance(im, str)] or len({im.shape for im in ims}) > 1 and [
-        "images differ in size; pass --image-size N"]
-    return bad[0] if bad else (torch.stack(ims), torch.tensor([t for _, t in batch]))
+
+
+def stack_decoded(batch):
+    """One tensor per batch of decoded images; a decoding error (a string) goes on as it is."""
+    images = [im for im, _ in batch]
+    errors = [im for im in images if isinstance(im, str)]
+    if errors:
+        return errors[0]
+    if len({im.shape for im in images}) > 1:
+        return "images differ in size; pass --image-size N"
+    return torch.stack(images), torch.tensor([label for _, label in batch])
+
+
 def labeled_split(train_y, n_labels, classes, seed):
     """Class-balanced labeled indices drawn by seed (the unlabeled set is all training images)."""
     per_class, rest = divmod(n_labels, classes)
     smallest = int(torch.bincount(train_y, minlength=classes).min())
-    if rest or per_class > smallest:
-        die(f"--labels {n_labels} is not divisible by the {classes} classes; use a multiple of "
-            f"{classes}" if rest else f"--labels {n_labels} asks for {per_class} per class but "
-            f"the smallest class has {smallest}; use at most {smallest * classes}")
+    if rest:
+        die(
+            f"--labels {n_labels} is not divisible by the {classes} classes; use a multiple of "
+            f"{classes}"
+        )
+    if per_class > smallest:
+        die(
+            f"--labels {n_labels} asks for {per_class} per class but the smallest class has "
+            f"{smallest}; use at most {smallest * classes}"
+        )
     g = torch.Generator().manual_seed(seed)
-    idx = [torch.nonzero(train_y == c).squeeze(1) for c in range(classes)]
-    return torch.cat([i[torch.randperm(len(i), generator=g)[:per_class]] for i in idx]).sort()[0]
-# ==== Augmentation (FixMatch), batched: per-sample draws; each op once per slot on its samples ===
-RA_OPS = ("identity", "autocontrast", "equalize", "brightness", "color", "contrast", "sharpness",
-          "posterize", "solarize", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
-GEOMETRIC = 9                                         # RA_OPS[9:]: one affine resampling per slot
+    by_class = [torch.nonzero(train_y == c).squeeze(1) for c in range(classes)]
+    chosen = [i[torch.randperm(len(i), generator=g)[:per_class]] for i in by_class]
+    return torch.cat(chosen).sort()[0]
+
+
+# ==== Augmentation (FixMatch): weak and strong views, drawn per sample, applied per batch ========
+# The weak view flips and shifts; the strong view adds RandAugment (two ops drawn from RA_OPS, each
+# applied with probability 0.5, magnitude 1..9 of 10) and Cutout, as FixMatch's official code
+# does. A batch's random draws (its "plan") come first; then each op runs once per op slot on the
+# samples that drew it, so a batch costs a few hundred tensor operations, not one per image. On a
+# GPU, kernels.augment applies a whole plan in one launch with the same pixels.
+RA_OPS = (
+    "identity",
+    "autocontrast",
+    "equalize",
+    "brightness",
+    "color",
+    "contrast",
+    "sharpness",
+    "posterize",
+    "solarize",
+    "rotate",
+    "shear_x",
+    "shear_y",
+    "translate_x",
+    "translate_y",
+)
+# RA_OPS[GEOMETRIC:] resample the image: one affine transformation per slot serves all of them.
+GEOMETRIC = 9
+
+
 def augment(x, flip=True, strong=False, generator=None):
-    """uint8 (N, C, H, W) on any device -> weak (flip, shift) or strong (+ RandAugment, Cutout) views."""
-    return apply_plan(x, draw_plan(len(x), *x.shape[-2:], flip, strong, generator))
+    """uint8 (N, C, H, W) on any device -> weak (flip, shift) or strong (+ RandAugment, Cutout)."""
+    plan = draw_plan(len(x), *x.shape[-2:], flip, strong, generator)
+    return apply_plan(x, plan)
+
+
 def draw_plan(N, H, W, flip=True, strong=False, generator=None):
-    g, ph, pw = dict(generator=generator), round(0.125 * H), round(0.125 * W)
-    plan = dict(flip=(torch.rand(N, **g) < 0.5) & flip,
-                dy=torch.randint(-ph, ph + 1, (N,), **g), dx=torch.randint(-pw, pw + 1, (N,), **g))
-    if strong:  # FixMatch's RandAugment: 2 ops drawn with replacement, each applied with p = 0.5
-        plan.update(op=torch.randint(len(RA_OPS), (N, 2), **g) * (torch.rand(N, 2, **g) < 0.5),
-                    level=torch.randint(1, 10, (N, 2), **g),          # magnitude 1..9 of 10
-                    sign=torch.randint(2, (N, 2), **g) * 2 - 1,       # of the geometric ops
-                    cy=torch.randint(H, (N,), **g), cx=torch.randint(W, (N,), **g))   # Cutout
+    """Every random choice of N views, per sample; the order of the draws is part of the recipe."""
+    g = dict(generator=generator)
+    # The shift: up to 12.5 % of the side, as FixMatch's weak augmentation.
+    pad_h = round(0.125 * H)
+    pad_w = round(0.125 * W)
+    plan = dict(
+        flip=(torch.rand(N, **g) < 0.5) & flip,
+        dy=torch.randint(-pad_h, pad_h + 1, (N,), **g),
+        dx=torch.randint(-pad_w, pad_w + 1, (N,), **g),
+    )
+    if strong:
+        # Two ops drawn with replacement; an op that loses its coin flip becomes identity (op 0).
+        op = torch.randint(len(RA_OPS), (N, 2), **g)
+        op = op * (torch.rand(N, 2, **g) < 0.5)
+        plan.update(
+            op=op,
+            level=torch.randint(1, 10, (N, 2), **g),
+            # The direction of the geometric ops.
+            sign=torch.randint(2, (N, 2), **g) * 2 - 1,
+            # Cutout's centre.
+            cy=torch.randint(H, (N,), **g),
+            cx=torch.randint(W, (N,), **g),
+        )
     return plan
+
+
 def slot_params(op, level, sign, H, W):
-    """One op slot's per-sample parameters, in float64 as torchvision computes them: pt and theta."""
+    """One op slot's per-sample parameters, in float64 as torchvision computes them.
+
+    pt: the point ops' (f, 1 - f, posterize bit mask, solarize threshold); theta: the inverse
+    affine matrix that TF.affine would build for the geometric op (zero angle and shift for the
+    other ops).
+    """
     m = level.double() / 10
-    sm, f = m * sign, 0.1 + 1.8 * m                   # official code's enhance span 0.1..1.9
-    pick = lambda name, v: torch.where(op == RA_OPS.index(name), v, torch.zeros_like(m))
-    rot = torch.deg2rad(pick("rotate", -30 * sm))     # up to 30 degrees (TF.rotate's sign)
-    sx, sy = pick("shear_x", torch.atan(0.3 * sm)), pick("shear_y", torch.atan(0.3 * sm))
-    tx, ty = (pick("translate_" + a, torch.round(0.3 * sm * n)) for a, n in (("x", W), ("y", H)))
-    ox, oy = (pick("shear_x", n / 2) + pick("shear_y", n / 2) for n in (W, H))   # shears pivot on
-    a, c = torch.cos(rot - sy) / torch.cos(sy), torch.sin(rot - sy) / torch.cos(sy)
-    b, d = -(a * torch.tan(sx) + torch.sin(rot)), torch.cos(rot) - c * torch.tan(sx)
-    bits = 8 - (4 * level + 5) // 10                  # posterize 8..4 bits: the paper's table
-    return dict(pt=torch.stack([f, 1 - f, (255 << (8 - bits)) & 255, torch.ceil(256 * (1 - m))], 1),
-                theta=torch.stack([d, -b, d * (ox - tx) - b * (oy - ty) - ox, -c, a,   # the top-left
-                                   a * (oy - ty) - c * (ox - tx) - oy], 1))   # corner (official code)
+    signed_m = m * sign
+    # The official code's enhance ops (brightness, color, contrast, sharpness) span 0.1 .. 1.9.
+    f = 0.1 + 1.8 * m
+    zero = torch.zeros_like(m)
+
+    def where_op(name, value):
+        return torch.where(op == RA_OPS.index(name), value, zero)
+
+    # Up to 30 degrees (with TF.rotate's sign), shear up to 0.3, shift up to 30 % of the side.
+    rot = torch.deg2rad(where_op("rotate", -30 * signed_m))
+    shear_x = where_op("shear_x", torch.atan(0.3 * signed_m))
+    shear_y = where_op("shear_y", torch.atan(0.3 * signed_m))
+    tx = where_op("translate_x", torch.round(0.3 * signed_m * W))
+    ty = where_op("translate_y", torch.round(0.3 * signed_m * H))
+    # The official code shears with PIL's transform (1, level, 0, 0, 1, 0), which pivots on the
+    # top-left corner; TF.affine pivots on the centre. Shifting the pivot by (ox, oy), half the
+    # image, makes the two agree pixel for pixel.
+    ox = where_op("shear_x", W / 2) + where_op("shear_y", W / 2)
+    oy = where_op("shear_x", H / 2) + where_op("shear_y", H / 2)
+    a = torch.cos(rot - shear_y) / torch.cos(shear_y)
+    c = torch.sin(rot - shear_y) / torch.cos(shear_y)
+    b = -(a * torch.tan(shear_x) + torch.sin(rot))
+    d = torch.cos(rot) - c * torch.tan(shear_x)
+    # Posterize keeps 8 .. 4 bits, the paper's table.
+    bits = 8 - (4 * level + 5) // 10
+    posterize_mask = (255 << (8 - bits)) & 255
+    solarize_threshold = torch.ceil(256 * (1 - m))
+    pt = torch.stack([f, 1 - f, posterize_mask, solarize_threshold], 1)
+    theta = torch.stack(
+        [
+            d,
+            -b,
+            d * (ox - tx) - b * (oy - ty) - ox,
+            -c,
+            a,
+            a * (oy - ty) - c * (ox - tx) - oy,
+        ],
+        1,
+    )
+    return dict(pt=pt, theta=theta)
+
+
+def plan_columns(plan, H, W, sort_order):
+    """The plan as named per-sample columns, in the layout kernels.augment reads."""
+    columns = {k: plan[k] for k in ("flip", "dy", "dx", "cy", "cx") if k in plan}
+    if "op" not in plan:
+        return columns
+    for j in range(2):
+        ops = plan["op"][:, j]
+        params = slot_params(ops, plan["level"][:, j], plan["sign"][:, j], H, W)
+        columns[f"op{j}"] = ops
+        columns[f"pt{j}"] = params["pt"]
+        columns[f"theta{j}"] = params["theta"]
+        if sort_order:
+            # The per-op path sorts the samples by op, so that each op runs on one slice.
+            order = torch.argsort(ops, stable=True)
+            columns[f"order{j}"] = order
+            columns[f"back{j}"] = torch.argsort(order)
+    return columns
+
+
 def apply_plan(x, plan):
     """Apply drawn (or given) per-sample parameters to the uint8 batch x, on x's device."""
-    (N, C, H, W), slots, fused = x.shape, range(2 * ("op" in plan)), kernels.augment_takes(x)
-    cols = {k: plan[k] for k in ("flip", "dy", "dx", "cy", "cx") if k in plan}
-    for j in slots:                                   # per op slot: op, pt (4), theta (6); for
-        cols.update({f"op{j}": plan["op"][:, j]}, **{k + str(j): v for k, v in slot_params(
-            *(plan[k][:, j] for k in ("op", "level", "sign")), H, W).items()})   # the ops' path:
-        if not fused: cols.update({f"order{j}": (o := torch.argsort(plan["op"][:, j], stable=True)),
-                                   f"back{j}": torch.argsort(o)})   # sorted by op, and back
-    flat = to_device(torch.cat([v.double().view(N, -1) for v in cols.values()], 1).float(), x.device)
-    if fused: return kernels.augment(x, flat, bool(slots))   # a GPU: one launch per view, same pixels
-    p = dict(zip(cols, flat.split([v.view(N, -1).shape[1] for v in cols.values()], 1)))   # ints exact
-    out = flip_translate(x, p["flip"][:, 0] > 0, p["dy"][:, 0].long(), p["dx"][:, 0].long())
-    for j in slots:                                   # one slice per op (index_select: 20x out[i])
-        e = [0] + torch.bincount(plan["op"][:, j], minlength=len(RA_OPS)).cumsum(0).tolist()
-        i = p[f"order{j}"][:, 0].long()
-        out, pt, theta = (t.index_select(0, i) for t in (out, p[f"pt{j}"], p[f"theta{j}"]))
-        for k, (a, b) in enumerate(zip(e[1:GEOMETRIC], e[2:GEOMETRIC + 1]), 1):
-            if b > a: out[a:b] = point_op(RA_OPS[k], out[a:b], *pt.T[:, a:b, None, None, None])
-        if N > (g := e[GEOMETRIC]): out[g:] = affine(out[g:], theta[g:])
-        out = out.index_select(0, p[f"back{j}"][:, 0].long())    # back in batch order
-    if "cy" in p:      # Cutout: half the side, gray, always; clipped at both edges (official)
-        iy = torch.arange(H, device=x.device) - p["cy"].long() + H // 4
-        ix = torch.arange(W, device=x.device) - p["cx"].long() + W // 4
-        box = ((iy >= 0) & (iy < H // 2))[:, None, :, None] & ((ix >= 0) & (ix < W // 2))[:, None, None]
-        out = out * ~box + box * torch.tensor(127, dtype=torch.uint8)   # (masked_fill: 9x slower)
-    return out
-def flip_translate(x, flip, dy, dx):
-    """Weak view: flip, then shift (dy, dx) with reflect padding, as one gather (TF.pad + TF.crop)."""
     N, C, H, W = x.shape
-    reflect = lambda i, n: torch.where(i >= n, 2 * (n - 1) - i, i.abs())
-    ys, xs = (reflect(torch.arange(n, device=x.device) + d[:, None], n) for n, d in ((H, dy), (W, dx)))
-    idx = torch.add(torch.where(flip[:, None], W - 1 - xs, xs)[:, None, :], ys[:, :, None], alpha=W)
-    return x.reshape(N, C, H * W).gather(2, idx.view(N, 1, H * W).expand(-1, C, -1)).view(N, C, H, W)
+    fused = kernels.augment_takes(x)
+    strong = "op" in plan
+    columns = plan_columns(plan, H, W, sort_order=not fused)
+    # All parameters travel in one host-to-device copy, as float32 (the integers stay exact).
+    host = torch.cat([v.double().view(N, -1) for v in columns.values()], 1).float()
+    flat = to_device(host, x.device)
+    if fused:
+        return kernels.augment(x, flat, strong)
+    widths = [v.view(N, -1).shape[1] for v in columns.values()]
+    p = dict(zip(columns, flat.split(widths, 1)))
+    out = flip_translate(x, p["flip"][:, 0] > 0, p["dy"][:, 0].long(), p["dx"][:, 0].long())
+    if strong:
+        for j in range(2):
+            out = apply_slot(out, plan["op"][:, j], p, j)
+        out = cutout(out, p["cy"].long(), p["cx"].long())
+    return out
+
+
+def apply_slot(x, ops, p, j):
+    """Op slot j: samples sorted by op, each op once on its slice, then back in batch order."""
+    N = len(x)
+    counts = torch.bincount(ops, minlength=len(RA_OPS))
+    bounds = [0] + counts.cumsum(0).tolist()
+    # index_select, not x[order]: 20x faster on a CPU.
+    order = p[f"order{j}"][:, 0].long()
+    out = x.index_select(0, order)
+    pt = p[f"pt{j}"].index_select(0, order)
+    theta = p[f"theta{j}"].index_select(0, order)
+    for k in range(1, GEOMETRIC):
+        start, end = bounds[k], bounds[k + 1]
+        if end > start:
+            f, g, mask, threshold = pt.T[:, start:end, None, None, None]
+            out[start:end] = point_op(RA_OPS[k], out[start:end], f, g, mask, threshold)
+    first_geometric = bounds[GEOMETRIC]
+    if N > first_geometric:
+        out[first_geometric:] = affine(out[first_geometric:], theta[first_geometric:])
+    return out.index_select(0, p[f"back{j}"][:, 0].long())
+
+
+def cutout(x, cy, cx):
+    """Cutout as the official code: a gray square of half the side, clipped at the edges."""
+    N, C, H, W = x.shape
+    iy = torch.arange(H, device=x.device) - cy + H // 4
+    ix = torch.arange(W, device=x.device) - cx + W // 4
+    rows = ((iy >= 0) & (iy < H // 2))[:, None, :, None]
+    cols = ((ix >= 0) & (ix < W // 2))[:, None, None]
+    box = rows & cols
+    # A multiply-add, not masked_fill: 9x faster on a CPU.
+    return x * ~box + box * torch.tensor(127, dtype=torch.uint8)
+
+
+def reflect(i, n):
+    """Index i mirrored into [0, n), as reflect padding does."""
+    return torch.where(i >= n, 2 * (n - 1) - i, i.abs())
+
+
+def flip_translate(x, flip, dy, dx):
+    """Weak view: flip, then shift (dy, dx) with reflect padding, one gather (TF.pad + TF.crop)."""
+    N, C, H, W = x.shape
+    ys = reflect(torch.arange(H, device=x.device) + dy[:, None], H)
+    xs = reflect(torch.arange(W, device=x.device) + dx[:, None], W)
+    xs = torch.where(flip[:, None], W - 1 - xs, xs)
+    idx = torch.add(xs[:, None, :], ys[:, :, None], alpha=W)
+    gathered = x.reshape(N, C, H * W).gather(2, idx.view(N, 1, H * W).expand(-1, C, -1))
+    return gathered.view(N, C, H, W)
+
+
+def add_rounded_once(a, b, c):
+    """a + b * c rounded once to float32, as torchvision's a.add_(b, alpha=c) computes it."""
+    return (a.double() + b.double() * c.double()).float()
+
+
 def point_op(name, x, f, g, mask, thr):
-    """One pixel-value RandAugment op, per-sample parameters (n, 1, 1, 1); equals torchvision's op."""
-    if name in ("equalize", "posterize", "solarize") or name == "color" and x.shape[1] == 1:
-        return dict(equalize=TF.equalize, color=lambda x: x,   # one channel: as PIL, nothing
-                    posterize=lambda x: x & mask.to(torch.uint8),
-                    solarize=lambda x: torch.where(x >= thr.to(torch.uint8), 255 - x, x))[name](x)
+    """One pixel-value RandAugment op, per-sample parameters (n, 1, 1, 1); equals torchvision's op.
+
+    f and g = 1 - f blend the image with a degenerate one (black, gray, mean gray, smoothed).
+    """
+    if name == "equalize":
+        return TF.equalize(x)
+    if name == "posterize":
+        return x & mask.to(torch.uint8)
+    if name == "solarize":
+        return torch.where(x >= thr.to(torch.uint8), 255 - x, x)
+    if name == "color" and x.shape[1] == 1:
+        # One channel: PIL's Color enhancement changes nothing.
+        return x
     xf = x.float()
-    fma = lambda a, b, c: (a.double() + b.double() * c.double()).float()   # torchvision's
-    if name == "autocontrast":     # add_(b, alpha=c) rounds once. TF.autocontrast without its
-        lo, hi = xf.amin((-2, -1), keepdim=True), xf.amax((-2, -1), keepdim=True)   # GPU sync:
-        out = (xf - torch.where(hi == lo, 0.0, lo)) / torch.where(hi == lo, 1.0, (hi - lo) * (1 / 255))
-    elif name == "sharpness":      # blend with the 3x3-smoothed image (1 1 1, 1 5 1, 1 1 1) / 13,
-        i, r = xf[..., 1:-1, 1:-1], xf[..., :-2] + xf[..., 1:-1] + xf[..., 2:]   # border kept
-        s = r[..., :-2, :] + r[..., 1:-1, :] + r[..., 2:, :] + 4 * i   # 13 x the smoothed value:
-        i.copy_(fma(i, torch.floor((s + 6) / 13) - i, g))   # exact integers, and s / 13 is
-        out = xf                   # never a tie, so this is TF's conv2d(...).round()
-    elif name == "brightness":     # blend with black
+    if name == "autocontrast":
+        out = autocontrast(xf)
+    elif name == "sharpness":
+        out = sharpen(xf, g)
+    elif name == "brightness":
         out = xf * f
-    else:                          # blend with the degenerate image: gray, mean gray
+    else:
         gray = TF.rgb_to_grayscale(x).float() if x.shape[1] == 3 else xf
-        out = fma(xf * f, gray if name == "color" else gray.mean((-3, -2, -1), keepdim=True), g)
+        if name == "color":
+            degenerate = gray
+        else:
+            degenerate = gray.mean((-3, -2, -1), keepdim=True)
+        out = add_rounded_once(xf * f, degenerate, g)
     return out.clamp(0, 255).to(torch.uint8)
+
+
+def autocontrast(xf):
+    """TF.autocontrast without its GPU sync: each channel stretched to [0, 255]."""
+    lo = xf.amin((-2, -1), keepdim=True)
+    hi = xf.amax((-2, -1), keepdim=True)
+    flat = hi == lo
+    return (xf - torch.where(flat, 0.0, lo)) / torch.where(flat, 1.0, (hi - lo) * (1 / 255))
+
+
+def sharpen(xf, g):
+    """Blend the inside with the 3x3-smoothed image (1 1 1, 1 5 1, 1 1 1) / 13; the border stays.
+
+    The sums are exact integers and s / 13 is never a tie, so floor((s + 6) / 13) is TF's
+    conv2d(...).round(). xf is changed in place and returned.
+    """
+    inside = xf[..., 1:-1, 1:-1]
+    row_sums = xf[..., :-2] + xf[..., 1:-1] + xf[..., 2:]
+    s = row_sums[..., :-2, :] + row_sums[..., 1:-1, :] + row_sums[..., 2:, :] + 4 * inside
+    inside.copy_(add_rounded_once(inside, torch.floor((s + 6) / 13) - inside, g))
+    return xf
+
+
 def affine(x, theta):
-    """Per-sample affine resampling (nearest, fill 128) by TF.affine's inverse matrices theta (n, 6)."""
+    """Per-sample affine resampling (nearest, fill 128) by TF.affine's inverse matrices (n, 6)."""
     n, C, H, W = x.shape
     t = theta[..., None, None]
     gx = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, W, device=x.device)
     gy = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, H, device=x.device)[:, None]
-    grid = torch.stack([gx * a[:, 0] + gy * a[:, 1] + a[:, 2] for a in
-                        (t[:, :3] / (0.5 * W), t[:, 3:] / (0.5 * H))], -1)
+    rows = (t[:, :3] / (0.5 * W), t[:, 3:] / (0.5 * H))
+    grid = torch.stack([gx * a[:, 0] + gy * a[:, 1] + a[:, 2] for a in rows], -1)
+    # Sampling x - 128 with zero padding fills the outside with 0 + 128, TF.affine's fill.
     out = F.grid_sample(x.float() - 128, grid, "nearest", "zeros", align_corners=False)
-    return (out + 128).to(torch.uint8)    # outside the image: 0 + 128, TF.affine's fill
-# ==== Models: nn.Sequential(body -> features, head -> logits); DEC reads body(x) ===============
+    return (out + 128).to(torch.uint8)
+
+
+# ==== Models: nn.Sequential(body -> features, head -> logits); DEC clusters body(x) ==============
 def build_model(arch, in_ch, classes, pretrained=False, weights=None):
-    if arch == "small_cnn":                           # for CPU runs: 4 conv layers, 128 features
-        conv = lambda i, o: [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
-        body = nn.Sequential(*conv(in_ch, 32), *conv(32, 32), nn.MaxPool2d(2), *conv(32, 64),
-                             *conv(64, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        return nn.Sequential(collections.OrderedDict(body=body, head=nn.Linear(128, classes)))
-    if arch.startswith("wrn28_"): return wrn28(in_ch, classes, width=int(arch[6:]))   # WRN-28-2, -8
-    if in_ch != 3: die("--arch efficientnet_b0 needs 3-channel images")
-    m, w = torchvision.models.efficientnet_b0(), torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
-    if weights: load(weights, "pass torchvision's efficientnet_b0 state_dict", m.load_state_dict)
-    elif pretrained:                                  # a download (or torch.hub's cache)
-        try: m.load_state_dict(w.get_state_dict(progress=False))
-        except Exception as e: die(f"--pretrained: cannot download ({type(e).__name__}); place "
-            f"{os.path.basename(w.url)} in {torch.hub.get_dir()}/checkpoints/ or pass --weights FILE")
+    if arch == "small_cnn":
+        return small_cnn(in_ch, classes)
+    if arch.startswith("wrn28_"):
+        # WRN-28-2 or WRN-28-8: the width is the number after the underscore.
+        return wrn28(in_ch, classes, width=int(arch[6:]))
+    return efficientnet_b0(in_ch, classes, pretrained, weights)
+
+
+def conv_bn_relu(cin, cout):
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def small_cnn(in_ch, classes):
+    """Ours, for CPU runs: four 3x3 conv layers and 128 features."""
+    body = nn.Sequential(
+        *conv_bn_relu(in_ch, 32),
+        *conv_bn_relu(32, 32),
+        nn.MaxPool2d(2),
+        *conv_bn_relu(32, 64),
+        *conv_bn_relu(64, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    return nn.Sequential(collections.OrderedDict(body=body, head=nn.Linear(128, classes)))
+
+
+def efficientnet_b0(in_ch, classes, pretrained, weights):
+    """The paper's backbone, torchvision's EfficientNet-B0, optionally with ImageNet weights."""
+    if in_ch != 3:
+        die("--arch efficientnet_b0 needs 3-channel images")
+    m = torchvision.models.efficientnet_b0()
+    imagenet = torchvision.models.EfficientNet_B0_Weights.IMAGENET1K_V1
+    if weights:
+        read_checkpoint(
+            weights, "pass torchvision's efficientnet_b0 state_dict", use=m.load_state_dict
+        )
+    elif pretrained:
+        # A download, or torch.hub's cache.
+        try:
+            m.load_state_dict(imagenet.get_state_dict(progress=False))
+        except Exception as e:
+            die(
+                f"--pretrained: cannot download ({type(e).__name__}); place "
+                f"{os.path.basename(imagenet.url)} in {torch.hub.get_dir()}/checkpoints/ "
+                "or pass --weights FILE"
+            )
     body = nn.Sequential(m.features, m.avgpool, nn.Flatten(), nn.Dropout(0.2))
     return nn.Sequential(collections.OrderedDict(body=body, head=nn.Linear(1280, classes)))
+
+
 class WideBlock(nn.Module):
-    """Pre-activation residual block of WRN-28 as FixMatch uses it (BN momentum 0.001, LeakyReLU)."""
+    """Pre-activation residual block of WRN-28 as FixMatch uses it (BN momentum 0.001, LeakyReLU).
+
+    It follows the official TF code's residual(): activate_before_residual (the first block of the
+    first group) feeds the activated input, not the raw one, to the shortcut.
+    """
+
     def __init__(self, cin, cout, stride, activate_before_residual=False):
         super().__init__()
-        self.bn1, self.bn2 = nn.BatchNorm2d(cin, momentum=0.001), nn.BatchNorm2d(cout, momentum=0.001)
+        self.bn1 = nn.BatchNorm2d(cin, momentum=0.001)
+        self.bn2 = nn.BatchNorm2d(cout, momentum=0.001)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.short = None if cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
-        self.abr = activate_before_residual       # (FixMatch's first block of the first group)
-    def forward(self, x0):                            # as the official TF code's residual()
+        self.short = None
+        if cin != cout:
+            self.short = nn.Conv2d(cin, cout, 1, stride, bias=False)
+        self.abr = activate_before_residual
+
+    def forward(self, x0):
         x = F.leaky_relu(self.bn1(x0), 0.1)
-        x0 = x if self.abr else x0
+        if self.abr:
+            x0 = x
         y = self.conv2(F.leaky_relu(self.bn2(self.conv1(x)), 0.1))
-        return y + (x0 if self.short is None else self.short(x0))
-def wrn28(in_ch, classes, width=2):                   # 28 = 6 * 4 + 4 layers
+        if self.short is None:
+            return y + x0
+        return y + self.short(x0)
+
+
+def wrn28(in_ch, classes, width=2):
+    """Wide ResNet 28-width: 3 groups of 4 blocks, 28 = 6 * 4 + 4 layers (FixMatch's backbone)."""
     c = [16, 16 * width, 32 * width, 64 * width]
-    blocks = [WideBlock(c[g + (i > 0)], c[g + 1], (1, 2, 2)[g] if i == 0 else 1, g == i == 0)
-              for g in range(3) for i in range(4)]
-    body = nn.Sequential(nn.Conv2d(in_ch, c[0], 3, 1, 1, bias=False), *blocks, nn.BatchNorm2d(
-        c[3], momentum=0.001), nn.LeakyReLU(0.1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    blocks = []
+    for group in range(3):
+        for i in range(4):
+            cin = c[group + 1] if i > 0 else c[group]
+            stride = (1, 2, 2)[group] if i == 0 else 1
+            first = group == 0 and i == 0
+            blocks.append(WideBlock(cin, c[group + 1], stride, activate_before_residual=first))
+    body = nn.Sequential(
+        nn.Conv2d(in_ch, c[0], 3, 1, 1, bias=False),
+        *blocks,
+        nn.BatchNorm2d(c[3], momentum=0.001),
+        nn.LeakyReLU(0.1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
     model = nn.Sequential(collections.OrderedDict(body=body, head=nn.Linear(c[3], classes)))
+    # The port's initialisation (kekmodel/FixMatch-pytorch).
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
         elif isinstance(m, nn.Linear):
-            nn.init.xavier_normal_(m.weight), nn.init.zeros_(m.bias)
+            nn.init.xavier_normal_(m.weight)
+            nn.init.zeros_(m.bias)
     return model
-# ==== FixMatch step (Sohn et al. 2020, eq. 2-4) ================================================
-def fixmatch_step(model, x_l, y_l, x_w=None, x_s=None, tau=0.95, lambda_u=1.0, trusted=None,
-                  loss="ce", alpha=0.1, beta=1.0, A=-4.0):
-    """CE(labeled) + lambda_u * masked loss over all mu*B strong rows; trusted: Heuristic 1."""
-    B, x = len(x_l), x_l if x_w is None else torch.cat([x_l, x_w, x_s])   # one pass: shared BN
-    logits = model(x).float()
+
+
+# ==== The FixMatch step (Sohn et al. 2020, eq. 2-4), with KD-FixMatch's Heuristic 1 =============
+def fixmatch_step(
+    model,
+    x_l,
+    y_l,
+    x_w=None,
+    x_s=None,
+    tau=0.95,
+    lambda_u=1.0,
+    trusted=None,
+    loss="ce",
+    alpha=0.1,
+    beta=1.0,
+    A=-4.0,
+):
+    """loss = CE(labeled) + lambda_u * the masked unlabeled loss over all mu*B strong views.
+
+    Without x_w (the supervised floor) only the labeled term. trusted: the inner SNN's outer
+    labels (-1 = not trusted), used by Heuristic 1. -> (loss, dict of its parts).
+    """
+    if x_w is None:
+        logits = model(x_l).float()
+        loss_s = F.cross_entropy(logits, y_l)
+        return loss_s, dict(loss_s=loss_s.detach())
+    # One forward pass over the labeled, weak and strong images: BatchNorm normalises them
+    # together, as in the official code.
+    B = len(x_l)
+    logits = model(torch.cat([x_l, x_w, x_s])).float()
     loss_s = F.cross_entropy(logits[:B], y_l)
-    if x_w is None: return loss_s, dict(loss_s=loss_s.detach())
-    logits_w, logits_s = logits[B:].chunk(2)          # no gradient through the weak view; train_snn
-    loss_u, mask, pseudo = kernels.masked_pseudo_label_loss(   # range-checks `trusted` once (a
-        logits_w.detach(), logits_s, tau, trusted, loss, alpha, beta, A, check=False)  # GPU sync)
-    return loss_s + lambda_u * loss_u, dict(loss_s=loss_s.detach(), loss_u=loss_u.detach(),
-                                            mask=mask, pseudo=pseudo)
-# ==== KD-FixMatch: high-confidence sampling, then deep embedding clustering (our reading: NOTES.md)
+    logits_w, logits_s = logits[B:].chunk(2)
+    # The pseudo label comes from the weak view, without gradient.
+    loss_u, mask, pseudo = unlabeled_loss(
+        logits_w.detach(),
+        logits_s,
+        tau=tau,
+        trusted=trusted,
+        loss=loss,
+        alpha=alpha,
+        beta=beta,
+        A=A,
+    )
+    total = loss_s + lambda_u * loss_u
+    parts = dict(loss_s=loss_s.detach(), loss_u=loss_u.detach(), mask=mask, pseudo=pseudo)
+    return total, parts
+
+
+def unlabeled_loss(logits_w, logits_s, tau, trusted=None, loss="ce", alpha=0.1, beta=1.0, A=-4.0):
+    """FixMatch's unlabeled term; in the inner SNN with Heuristic 1 and CE or SCE.
+
+        q_b       = softmax(logits_w[b])                 the weak view's prediction
+        m_b       = 1[max q_b >= tau]                     FixMatch's mask
+        target_b  = argmax q_b        if m_b              Heuristic 1 (inner SNN, our reading):
+                  = trusted_b         elif trusted_b >= 0   the inner model's own confident label,
+                  (masked)            otherwise             else the trusted outer label
+        loss_u    = 1/(mu B) sum_b m_b H(target_b, logits_s[b]),  H = CE or SCE (sce_loss)
+
+    The mean runs over all mu*B rows, masked ones included, as in the official code. On a GPU the
+    fused kernel (kernels.masked_pseudo_label_loss) computes the same in one launch.
+    -> (loss_u, mask as float (mu*B,), target (mu*B,)).
+    """
+    if logits_s.is_cuda:
+        return kernels.masked_pseudo_label_loss(
+            logits_w, logits_s, tau, trusted, loss, alpha, beta, A, check=False
+        )
+    probs = logits_w.float().softmax(-1)
+    confidence, target = probs.max(-1)
+    mask = confidence >= tau
+    if trusted is not None:
+        use_outer = ~mask & (trusted >= 0)
+        target = torch.where(use_outer, trusted.to(target.dtype), target)
+        mask = mask | use_outer
+    if loss == "sce":
+        per_sample = sce_loss(logits_s, target, alpha, beta, A)
+    else:
+        per_sample = F.cross_entropy(logits_s.float(), target, reduction="none")
+    # torch.where, not a product: a masked row's infinite loss stays out of the mean.
+    loss_u = torch.where(mask, per_sample, torch.zeros_like(per_sample)).mean()
+    return loss_u, mask.float(), target
+
+
+# ==== KD-FixMatch: high-confidence sampling, then deep embedding clustering =====================
+# The outer SNN's EMA model labels every unlabeled image. Its confident labels are candidates;
+# DEC clusters the candidates' features, and a candidate is trusted when its cluster, mapped to a
+# class, agrees with its label. The paper gives the steps; the matching of clusters to classes
+# (Hungarian, on the cluster x label table) is our reading.
 def select_confident(probs, tau_select=0.80):
     """Indices and pseudo labels of the samples whose max softmax probability >= tau_select."""
-    conf, labels = probs.max(1)
-    idx = torch.nonzero(conf >= tau_select).squeeze(1)
+    confidence, labels = probs.max(1)
+    idx = torch.nonzero(confidence >= tau_select).squeeze(1)
     return idx, labels[idx]
-def dec_cluster(z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=1e-3, n_init=20, seed=0):
-    """DEC (Xie et al. 2016) on features z: k-means init, SGD on KL(P || Q) until < tol of points move;
-    clusters -> classes by Hungarian matching. -> (keep: cluster agrees with pseudo label, info)."""
-    z, n, k = z.float(), len(z), classes
-    if n < k: return torch.zeros(n, dtype=torch.bool), dict(iters=0, moved=0.0)   # too few for K
+
+
+def dec_cluster(
+    z, pseudo, classes, max_iters=2000, lr=0.01, batch=256, tol=1e-3, n_init=20, seed=0
+):
+    """DEC (Xie et al. 2016) on features z, then clusters -> classes by Hungarian matching.
+
+    k-means initialises the centroids; SGD minimises KL(P || Q) until fewer than tol of the points
+    change cluster between target updates (or max_iters steps).
+    -> (keep: the sample's cluster agrees with its pseudo label, info).
+    """
+    z = z.float()
+    n, k = len(z), classes
+    if n < k:
+        # Too few candidates for k clusters: none is trusted.
+        return torch.zeros(n, dtype=torch.bool), dict(iters=0, moved=0.0)
+    mu, steps, moved = dec_fit(z, k, max_iters, lr, batch, tol, n_init, seed)
+    with torch.no_grad():
+        clusters = kernels.dec_soft_assign(z, mu).argmax(1).cpu()
+    pseudo = pseudo.cpu()
+    table = torch.zeros(k, k, dtype=torch.long).index_put_(
+        (clusters, pseudo), torch.tensor(1), True
+    )
+    to_class = torch.tensor(linear_sum_assignment(table.numpy(), maximize=True)[1])
+    keep = to_class[clusters] == pseudo
+    return keep, dict(iters=steps, moved=moved, cluster_to_class=to_class.tolist())
+
+
+def dec_fit(z, k, max_iters, lr, batch, tol, n_init, seed):
+    """DEC's centroids mu on fixed features z. -> (mu, SGD steps taken, share moved at the end)."""
+    n = len(z)
     km = KMeans(k, n_init=n_init, random_state=seed).fit(z.cpu().numpy())
     mu = torch.tensor(km.cluster_centers_, dtype=torch.float32, device=z.device, requires_grad=True)
-    opt, g = torch.optim.SGD([mu], lr=lr, momentum=0.9), torch.Generator(z.device).manual_seed(seed)
-    per_pass, assign, moved, it = max(1, math.ceil(n / batch)), None, 1.0, 0
+    opt = torch.optim.SGD([mu], lr=lr, momentum=0.9)
+    g = torch.Generator(z.device).manual_seed(seed)
+    # The target P is recomputed once per pass over the data.
+    steps_per_pass = max(1, math.ceil(n / batch))
+    assign, moved, it = None, 1.0, 0
     for it in range(max_iters):
-        if it % per_pass == 0:
+        if it % steps_per_pass == 0:
             with torch.no_grad():
                 q = kernels.dec_soft_assign(z, mu)
-                p = q ** 2 / q.sum(0)                 # target: p_ij = (q_ij^2 / f_j), normalised
-                p, new = p / p.sum(1, keepdim=True), q.argmax(1)
-            moved = 1.0 if assign is None else (new != assign).float().mean().item()
-            if moved < tol: break
+                # DEC's target: p_ij = q_ij^2 / f_j, normalised over j, with f_j = sum_i q_ij.
+                p = q**2 / q.sum(0)
+                p = p / p.sum(1, keepdim=True)
+                new = q.argmax(1)
+            if assign is not None:
+                moved = (new != assign).float().mean().item()
+            if moved < tol:
+                break
             assign = new
         i = torch.randint(n, (min(batch, n),), generator=g, device=z.device)
         qb = kernels.dec_soft_assign(z[i], mu)
         kl = (p[i] * (p[i].clamp_min(1e-12).log() - qb.clamp_min(1e-12).log())).sum(1).mean()
-        opt.zero_grad(), kl.backward(), opt.step()
-    with torch.no_grad(): clusters, pseudo = kernels.dec_soft_assign(z, mu).argmax(1).cpu(), pseudo.cpu()
-    table = torch.zeros(k, k, dtype=torch.long).index_put_((clusters, pseudo), torch.tensor(1), True)
-    to_class = torch.tensor(linear_sum_assignment(table.numpy(), maximize=True)[1])   # rows: 0..k-1
-    it += moved >= tol                                # at the cap: max_iters steps taken
-    return to_class[clusters] == pseudo, dict(iters=it, moved=moved, cluster_to_class=to_class.tolist())
+        opt.zero_grad()
+        kl.backward()
+        opt.step()
+    # At the cap, max_iters steps were taken; a break at step `it` took `it` steps.
+    if moved >= tol:
+        it += 1
+    return mu, it, moved
+
+
+def trusted_subset(args, data, outer):
+    """The outer EMA model labels the unlabeled set -> select_confident -> dec_cluster.
+
+    -> dict(trusted: the outer label of each unlabeled image, -1 where not trusted; stats).
+    Cached in trusted.pt, so a resumed run does not redo it.
+    """
+    path = os.path.join(args.out, "trusted.pt")
+    if os.path.exists(path):
+        return read_checkpoint(path, weights_only=False)
+    y = data["train_y"]
+    logits, feats = evaluate(outer, data["x"], y, args, features=True)
+    pseudo = logits.argmax(1)
+    idx, labels = select_confident(logits.softmax(1), args.tau_select)
+    if args.no_dec:
+        keep, info = torch.ones(len(idx), dtype=torch.bool), dict(iters=0)
+    else:
+        keep, info = dec_cluster(
+            feats[idx].to(args.dev),
+            labels,
+            data["classes"],
+            max_iters=args.dec_max_iters,
+            lr=args.dec_lr,
+            batch=args.dec_batch,
+            tol=args.dec_tol,
+            n_init=args.kmeans_init,
+            seed=args.seed,
+        )
+    trusted = torch.full_like(y, -1).index_put_((idx[keep],), labels[keep])
+    stats = dict(
+        unlabeled=len(y),
+        outer_pseudo_label_precision=precision(pseudo, y),
+        confident_size=len(idx),
+        confident_precision=precision(labels, y[idx]),
+        trusted_size=int(keep.sum()),
+        trusted_precision=precision(labels[keep], y[idx[keep]]),
+        dec_iters=info["iters"],
+    )
+    out = dict(trusted=trusted, stats=stats)
+    save(path, out)
+    return out
+
+
+def precision(labels, truth):
+    """The share of labels that are right; None for no labels."""
+    if len(labels) == 0:
+        return None
+    return (labels == truth).float().mean().item()
+
+
+# ==== The inner SNN: Heuristic 1 and symmetric cross entropy ====================================
+# The inner SNN is a fresh FixMatch network with its own threshold tau_inner. Its unlabeled term
+# (unlabeled_loss above) takes the trusted outer label where its own weak view is not confident
+# (Heuristic 1), and may use symmetric cross entropy (--loss sce), which is robust to the noise
+# that the outer labels still carry. SCE replaces CE in the inner SNN's unlabeled term only.
 def sce_loss(logits, target, alpha=0.1, beta=1.0, A=-4.0):
-    """Per-sample symmetric CE (Wang et al. 2019): alpha CE + beta RCE; RCE = -A (1 - p_y), A = log 0."""
-    ce = F.cross_entropy(logits, target, reduction="none")
-    p_y = logits.softmax(-1).gather(-1, target[:, None]).squeeze(-1)
-    return alpha * ce + beta * (-A) * (1 - p_y)
-# ==== Suave (Fini et al. 2023): cluster prototypes = class prototypes, one cross-entropy for all
+    """Per-sample symmetric cross entropy (Wang et al. 2019): alpha CE + beta RCE.
+
+    RCE = -sum_k p_k log q_k for the one-hot label q, with log 0 := A, is -A (1 - p_y).
+    """
+    log_p_y = logits.float().log_softmax(-1).gather(-1, target[:, None]).squeeze(-1)
+    ce = -log_p_y
+    return alpha * ce - beta * A * (1 - log_p_y.exp())
+
+
+# ==== Suave (Fini et al. 2023): cluster prototypes are class prototypes, one cross entropy =======
+# A second baseline, the project's starting document. Unlabeled images are assigned to the class
+# prototypes by Sinkhorn-Knopp on one view and predict that assignment from the other view
+# (SwAV's swapped prediction); labeled images use the same head with their label.
 class Prototypes(nn.Linear):
-    """Unit prototypes, renormalised in place before each forward (Suave's code); fp32 cosine scores."""
+    """Unit prototypes, renormalised in place before each forward (Suave's code); fp32 cosines."""
+
     def forward(self, x):
-        with torch.no_grad(): self.weight.copy_(F.normalize(self.weight, dim=1))
+        with torch.no_grad():
+            self.weight.copy_(F.normalize(self.weight, dim=1))
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(F.normalize(x.float(), dim=1), self.weight)
+
+
 def suave_head(in_dim, classes, hidden=2048, dim=128):
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-                         nn.Linear(hidden, dim), Prototypes(dim, classes, bias=False))
+    """Suave's projector (Linear, BN, ReLU, Linear) and one prototype per class."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, dim),
+        Prototypes(dim, classes, bias=False),
+    )
+
+
 @torch.no_grad()
 def sinkhorn(scores, eps=0.05, iters=3):
-    """SwAV's Sinkhorn-Knopp: scores (B, K) -> assignments: rows sum to 1, prototypes equally used."""
-    q = torch.exp((scores - scores.max()) / eps).clamp_min(1e-30).T   # K x B; the shift cancels in
-    q /= q.sum()                      # the normalising; the floor: no 0 / 0 where a small eps underflows
+    """SwAV's Sinkhorn-Knopp: scores (B, K) -> assignments; rows sum to 1, classes used equally."""
+    # Subtracting the maximum cancels in the normalising; the floor keeps a small eps that
+    # underflows from dividing 0 by 0.
+    q = torch.exp((scores - scores.max()) / eps).clamp_min(1e-30).T
+    q /= q.sum()
     K, B = q.shape
     for _ in range(iters):
-        q /= K * q.sum(1, keepdim=True)               # each prototype gets mass 1/K
-        q /= B * q.sum(0, keepdim=True)               # each sample gets mass 1/B
+        # Each prototype gets mass 1/K, then each sample mass 1/B.
+        q /= K * q.sum(1, keepdim=True)
+        q /= B * q.sum(0, keepdim=True)
     return (q * B).T
+
+
+def swapped_prediction(target, scores, temperature):
+    """Cross entropy of the other view's Sinkhorn assignment against these scores."""
+    return -(target * (scores / temperature).log_softmax(1)).sum(1).mean()
+
+
 def suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, eps=0.05, iters=3, smoothing=0.01):
     """Smoothed CE + swapped Sinkhorn prediction, weighted B/(B+2U), 2U/(B+2U) as Suave's code."""
     B, U = len(x_l), len(x_1)
-    scores = model(torch.cat([x_l, x_1, x_2])).float()           # cosine scores in [-1, 1]
-    s_l, s_1, s_2 = scores[:B], *scores[B:].chunk(2)
-    t_1, t_2 = sinkhorn(s_1.detach(), eps, iters), sinkhorn(s_2.detach(), eps, iters)
-    swap = lambda t, s: -(t * (s / temperature).log_softmax(1)).sum(1).mean()
-    loss_u = (swap(t_1, s_2) + swap(t_2, s_1)) / 2
+    # Cosine scores in [-1, 1]: labeled, first view, second view.
+    scores = model(torch.cat([x_l, x_1, x_2])).float()
+    s_l = scores[:B]
+    s_1, s_2 = scores[B:].chunk(2)
+    t_1 = sinkhorn(s_1.detach(), eps, iters)
+    t_2 = sinkhorn(s_2.detach(), eps, iters)
+    loss_u = (
+        swapped_prediction(t_1, s_2, temperature) + swapped_prediction(t_2, s_1, temperature)
+    ) / 2
     loss_l = F.cross_entropy(s_l / temperature, y_l, label_smoothing=smoothing)
     loss = (B * loss_l + 2 * U * loss_u) / (B + 2 * U)
-    return loss, dict(loss_u=loss_u.detach(), mask=torch.ones(U, device=scores.device),
-                      pseudo=t_1.argmax(1))
-# ==== Training one siamese network (outer, inner, the supervised floor or Suave) ===============
+    parts = dict(
+        loss_u=loss_u.detach(), mask=torch.ones(U, device=scores.device), pseudo=t_1.argmax(1)
+    )
+    return loss, parts
+
+
+# ==== Training one siamese network: the outer, the inner, the supervised floor or Suave =========
+STAGES = ("outer", "inner", "supervised", "suave")
+
+
+def lr_factor(k, K):
+    """FixMatch's learning-rate schedule: eta * cos(7 pi k / (16 K)) at step k (official code)."""
+    return math.cos(7 * math.pi * k / (16 * K))
+
+
+def ema_decay(step, ema, warmup):
+    """The EMA's decay at a step: FixMatch's constant, or with the warm-up min(ema, (1+k)/(10+k)).
+
+    The warm-up (ours) lets a short run's EMA model forget its random initial weights.
+    """
+    if warmup:
+        return min(ema, (1 + step) / (10 + step))
+    return ema
+
+
 def make_model(args, data, suave=False, imagenet=True):
-    """-> model, forward (--compile: compiled), EMA copy, Nesterov SGD, lr * cos(7 pi k / 16 K)."""
-    model = build_model(args.arch, data["train_x"].shape[1], data["classes"],
-                        imagenet and args.pretrained, args.weights if imagenet else None)
-    if suave:                                         # projector + cosine prototypes (Suave)
-        model.head = suave_head(model.head.in_features, data["classes"], args.suave_hidden,
-                                args.suave_dim)
+    """-> model, forward (--compile: compiled), EMA copy, Nesterov SGD, its lr schedule."""
+    model = build_model(
+        args.arch,
+        data["train_x"].shape[1],
+        data["classes"],
+        pretrained=imagenet and args.pretrained,
+        weights=args.weights if imagenet else None,
+    )
+    if suave:
+        # Suave: a projector and cosine prototypes replace the linear head.
+        in_dim = model.head.in_features
+        model.head = suave_head(in_dim, data["classes"], args.suave_hidden, args.suave_dim)
     model = model.to(args.dev, memory_format=torch.channels_last)
-    no_wd = {id(p) for m in model.modules() if isinstance(m, Prototypes) for p in m.parameters()}
-    decay = lambda p: p.ndim > 1 and id(p) not in no_wd
-    opt = torch.optim.SGD([dict(params=[p for p in model.parameters() if decay(p) == d],
-                                weight_decay=args.wd * d) for d in (True, False)],
-                          lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
-    K, mode = args.steps, "reduce-overhead" if args.dev.type == "cuda" else None
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: math.cos(7 * math.pi * k / (16 * K)))
-    fwd = torch.compile(model, mode=mode) if args.compile else model
-    return model, fwd, copy.deepcopy(model).eval().requires_grad_(False), opt, sched
-def to_device(t, dev):        # a host -> GPU copy from pinned memory does not wait for the GPU
-    cuda = dev.type == "cuda" and not t.is_cuda
-    return t.pin_memory().to(dev, non_blocking=True) if cuda else t.to(dev)
-def to_input(x, args):        # uint8 images -> normalised float on the device, channels_last
+    # Weight decay on conv and linear weights only: not on biases, BatchNorm or the prototypes
+    # (Suave's code gives them LARS decay 1e-6; none is our choice).
+    prototypes = {
+        id(p) for m in model.modules() if isinstance(m, Prototypes) for p in m.parameters()
+    }
+    decayed, not_decayed = [], []
+    for p in model.parameters():
+        if p.ndim > 1 and id(p) not in prototypes:
+            decayed.append(p)
+        else:
+            not_decayed.append(p)
+    groups = [
+        dict(params=decayed, weight_decay=args.wd),
+        dict(params=not_decayed, weight_decay=0.0),
+    ]
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0)
+    K = args.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, K))
+    forward = model
+    if args.compile:
+        # On a GPU, CUDA graphs remove the launch overhead of the many small kernels.
+        mode = "reduce-overhead" if args.dev.type == "cuda" else None
+        forward = torch.compile(model, mode=mode)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    return model, forward, ema, opt, sched
+
+
+def to_device(t, dev):
+    """A host -> GPU copy from pinned memory, which does not wait for the GPU."""
+    if dev.type == "cuda" and not t.is_cuda:
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
+
+
+def to_input(x, args):
+    """uint8 images -> normalised float on the device, channels_last."""
     x = (to_device(x, args.dev).float() / 255 - args.mean) / args.std
     return x.contiguous(memory_format=torch.channels_last)
-@functools.lru_cache(maxsize=8)                         # drawn once per epoch, not once per batch
-def _epoch_perm(n, seed, epoch):
+
+
+# Drawn once per epoch, not once per batch.
+@functools.lru_cache(maxsize=8)
+def epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def batch_images(data, pool, step, size, stream, dev):
+    """Batch `step` of `size` indices into pool (None: every training image), and their images.
+
+    Each stream (labeled, unlabeled) walks through its own permutation per epoch.
+    """
+    n = len(data["train_y"]) if pool is None else len(pool)
+    pos = step * size
+    first_epoch = pos // n
+    last_epoch = (pos + size - 1) // n
+    slices = []
+    for e in range(first_epoch, last_epoch + 1):
+        slices.append(epoch_permutation(n, stream, e)[max(0, pos - e * n) : pos + size - e * n])
+    host = torch.cat(slices)
+    if pool is not None:
+        host = pool[host]
+    idx = to_device(host, dev)
+    if data["x"].is_cuda:
+        x = data["x"][idx]
+    else:
+        x = to_device(data["x"][host], dev)
+    return idx, x
+
+
 def make_batch(data, split, step, seed, args, unlabeled=True):
-    """Batch `step` (B labeled, mu*B unlabeled), augmented; a pure function of (seed, step)."""
-    b, g = {}, torch.Generator().manual_seed(seed * 1_000_003 + step)
-    for kind, pool, size in (("l", split, args.batch_size),       # unlabeled: every image
-                             ("u", None, args.mu * args.batch_size)):
-        n, pos = len(data["train_y"]) if pool is None else len(pool), step * size
-        s = 2 * seed + (kind == "u")                  # the slices of the epochs the batch spans:
-        host = torch.cat([_epoch_perm(n, s, e)[max(0, pos - e * n):pos + size - e * n]
-                          for e in range(pos // n, (pos + size - 1) // n + 1)])
-        host = host if pool is None else pool[host]
-        idx = to_device(host, args.dev)
-        x = data["x"][idx] if data["x"].is_cuda else to_device(data["x"][host], args.dev)
-        b.update({"x_" + kind: augment(x, data["flip"], False, g), "y_" + kind: data["y"][idx]})
-        if kind == "l" and not unlabeled: return b
-    return dict(b, x_s=augment(x, data["flip"], True, g), idx_u=idx)    # + the strong views
+    """Batch `step`: B labeled and mu*B unlabeled images, augmented; a function of (seed, step)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    flip = data["flip"]
+    idx_l, x_l = batch_images(data, split, step, args.batch_size, 2 * seed, args.dev)
+    b = dict(x_l=augment(x_l, flip, False, g), y_l=data["y"][idx_l])
+    if not unlabeled:
+        return b
+    size_u = args.mu * args.batch_size
+    idx_u, x_u = batch_images(data, None, step, size_u, 2 * seed + 1, args.dev)
+    b.update(x_u=augment(x_u, flip, False, g), y_u=data["y"][idx_u])
+    b.update(x_s=augment(x_u, flip, True, g), idx_u=idx_u)
+    return b
+
+
 def batches(data, split, steps, seed, args, unlabeled=True, prefetch=None):
-    """make_batch per step; on a GPU the next is built in a thread on a side stream while one trains."""
-    if not (args.dev.type == "cuda" if prefetch is None else prefetch):
-        yield from (make_batch(data, split, s, seed, args, unlabeled) for s in steps)
+    """make_batch per step; on a GPU the next is built on a side stream while the step trains."""
+    if prefetch is None:
+        prefetch = args.dev.type == "cuda"
+    if not prefetch:
+        for step in steps:
+            yield make_batch(data, split, step, seed, args, unlabeled)
         return
     side = torch.cuda.Stream(args.dev) if args.dev.type == "cuda" else None
+
     def build(step):
-        with torch.cuda.stream(side):                 # (no-op for None: the CPU)
-            return make_batch(data, split, step, seed, args, unlabeled), side and side.record_event()
+        # torch.cuda.stream(None) does nothing: on a CPU the batch is built in the thread alone.
+        with torch.cuda.stream(side):
+            b = make_batch(data, split, step, seed, args, unlabeled)
+            done = side.record_event() if side else None
+            return b, done
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        nxt = [pool.submit(build, s) for s in steps[:1]]
+        upcoming = [pool.submit(build, s) for s in steps[:1]]
         for i in range(len(steps)):
-            (b, done), nxt = nxt[0].result(), [pool.submit(build, s) for s in steps[i + 1:i + 2]]
-            if side:                                  # the step waits for its batch, and the
-                torch.cuda.current_stream().wait_event(done)   # allocator for the step
-                [t.record_stream(torch.cuda.current_stream()) for t in b.values()]
+            b, done = upcoming[0].result()
+            upcoming = [pool.submit(build, s) for s in steps[i + 1 : i + 2]]
+            if side:
+                # The step waits for its batch, and the allocator keeps the batch for the step.
+                torch.cuda.current_stream().wait_event(done)
+                for t in b.values():
+                    t.record_stream(torch.cuda.current_stream())
             yield b
+
+
 def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
     """One SGD update and the EMA -> (loss, mask rate, right, used) as one tensor, no GPU sync."""
     if args.compile and args.dev.type == "cuda":
-        torch.compiler.cudagraph_mark_step_begin()    # the last step's graph outputs are done
+        # The last step's CUDA graph outputs are done with.
+        torch.compiler.cudagraph_mark_step_begin()
     x_l, x_w, x_s = [to_input(b[k], args) if k in b else None for k in ("x_l", "x_u", "x_s")]
     with torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
         if stage == "suave":
-            loss, s = suave_step(model, x_l, b["y_l"], x_w, x_s, args.suave_temperature,
-                                 args.sinkhorn_eps, args.sinkhorn_iters, args.label_smoothing)
-        else:                                         # FixMatch: outer or inner SNN, or the floor
-            t = None if trusted is None else trusted[b["idx_u"]]
-            loss, s = fixmatch_step(model, x_l, b["y_l"], x_w, x_s, args.tau if t is None else
-                                    args.tau_inner, args.lambda_u, t, "ce" if t is None else
-                                    args.loss, args.sce_alpha, args.sce_beta, args.sce_A)   # SCE: inner
-    opt.zero_grad(set_to_none=True), loss.backward()
-    opt.step(), sched.step()
-    with torch.no_grad():                             # EMA of the parameters; buffers copied
-        d = min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+            loss, s = suave_step(
+                model,
+                x_l,
+                b["y_l"],
+                x_w,
+                x_s,
+                temperature=args.suave_temperature,
+                eps=args.sinkhorn_eps,
+                iters=args.sinkhorn_iters,
+                smoothing=args.label_smoothing,
+            )
+        else:
+            if trusted is None:
+                # The outer SNN (and the supervised floor): FixMatch as published.
+                tau = args.tau
+                batch_trusted = None
+                loss_name = "ce"
+            else:
+                # The inner SNN: its own threshold, this batch's trusted outer labels for
+                # Heuristic 1, and the unlabeled loss of --loss (CE or SCE).
+                tau = args.tau_inner
+                batch_trusted = trusted[b["idx_u"]]
+                loss_name = args.loss
+            loss, s = fixmatch_step(
+                model,
+                x_l,
+                b["y_l"],
+                x_w,
+                x_s,
+                tau=tau,
+                lambda_u=args.lambda_u,
+                trusted=batch_trusted,
+                loss=loss_name,
+                alpha=args.sce_alpha,
+                beta=args.sce_beta,
+                A=args.sce_A,
+            )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        # The EMA of the parameters; BatchNorm's running statistics are copied as they are.
+        decay = ema_decay(step, args.ema, args.ema_warmup)
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
         torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
-        if "mask" not in s: return torch.stack([loss.detach(), *loss.new_zeros(3)])   # the floor
+        if "mask" not in s:
+            # The supervised floor has no pseudo labels.
+            return torch.stack([loss.detach(), *loss.new_zeros(3)])
         used = s["mask"] > 0
-        return torch.stack([loss.detach(), s["mask"].mean(),
-                            (used & (s["pseudo"] == b["y_u"])).sum(), used.sum()]).float()
+        right = (used & (s["pseudo"] == b["y_u"])).sum()
+        return torch.stack([loss.detach(), s["mask"].mean(), right, used.sum()]).float()
+
+
 def train_snn(args, data, stage, split, trusted=None):
-    """One SNN (outer, inner given `trusted`, floor or Suave) for K steps; resumes. -> (EMA, summary)."""
-    final, ckpt = (os.path.join(args.out, f) for f in (f"{stage}.pt", f"ckpt_{stage}.pt"))
-    if os.path.exists(final): return _load_final(args, data, final, stage)
-    K, seed = args.steps, args.seed * 1000 + ("outer", "inner", "supervised", "suave").index(stage)
-    per_step = args.batch_size * (1 if stage == "supervised" else 1 + 2 * args.mu)   # images
-    torch.manual_seed(seed)                           # initial weights; dropout continues from here
-    model, fwd, ema, opt, sched = make_model(args, data, stage == "suave")
-    st = _restore(ckpt, model, ema, opt, sched, args) if os.path.exists(ckpt) else dict(
-        step=0, evals=[], train_s=0.0, pl_hit=0, pl_n=0)
+    """One SNN (outer; inner, given `trusted`; floor; Suave) for K steps. -> (EMA, summary)."""
+    final = os.path.join(args.out, f"{stage}.pt")
+    ckpt = os.path.join(args.out, f"ckpt_{stage}.pt")
+    if os.path.exists(final):
+        return load_final(args, data, final, stage)
+    K = args.steps
+    seed = args.seed * 1000 + STAGES.index(stage)
+    # The initial weights come from this seed; dropout continues from here.
+    torch.manual_seed(seed)
+    model, forward, ema, opt, sched = make_model(args, data, suave=stage == "suave")
+    st = dict(step=0, evals=[], train_s=0.0, pl_hit=0, pl_n=0)
+    if os.path.exists(ckpt):
+        st = restore(ckpt, model, ema, opt, sched, args)
     trim_metrics(args, stage, st["step"])
-    trusted = None if trusted is None else kernels.check_trusted(trusted, data["classes"]).to(args.dev)
-    bar = tqdm(range(st["step"], K), initial=st["step"], total=K, desc=stage, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30, maxinterval=60)   # a log: a line per 30 s
-    window, t0 = [], time.time()
-    state = [t for m in (model, ema) for t in m.state_dict().values() if t.is_floating_point()]
-    for step, b in zip(bar, batches(data, split, range(st["step"], K), seed, args,
-                                    unlabeled=stage != "supervised")):
-        window.append(train_step(args, fwd, ema, opt, sched, stage, b, trusted, step))
-        done, evaluate_now = step + 1, (step + 1) % args.eval_every == 0 or step + 1 == K
-        if done % 32 and not evaluate_now: continue    # the GPU runs ahead: read back every 32
-        w, window = torch.stack(window).cpu(), []
-        st.update(step=done, train_s=st["train_s"] + time.time() - t0,
-                  pl_hit=st["pl_hit"] + int(w[:, 2].sum()), pl_n=st["pl_n"] + int(w[:, 3].sum()))
-        acc = evaluate(ema, data["test_x"], data["test_y"], args) if evaluate_now else 0.0
-        norms = torch.stack(torch._foreach_norm(state, math.inf)).cpu()   # weights, BN stats: max |x|
-        if not (ok := torch.cat([w[:, 0], norms, torch.tensor([acc])]).isfinite()).all():  # no NaN
-            bad = done - len(w) + min(int((~ok).nonzero()[0, 0]), len(w) - 1) + 1
-            save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad)), bar.close()
-            fix = dict(suave="--sinkhorn-eps, ", supervised="").get(stage, "--lambda-u, ") + "--wd, "
-            ck = (done - len(w)) // args.eval_every * args.eval_every   # (checkpoints: evaluations)
-            at = f"at its checkpoint of step {ck}" if ck else "before a checkpoint"
-            die(f"{stage} SNN: non-finite loss or weights at step {bad}; stopped {at}. Resume with a "
-                f"lower --lr (or {fix}--momentum, --ema{', --precision fp32' * args.bf16}): python "
-                f"kdfixmatch.py --out {shlex.quote(args.out)} --resume --lr ...", status=1)
-        row, hit, n = dict(loss=float(w[-1, 0]), lr=sched.get_last_lr()[0]), st["pl_hit"], st["pl_n"]
-        if stage != "supervised": row.update(mask=float(w[-1, 1]), pl_precision=hit / n if n else None)
+    if trusted is not None:
+        # Checked once here, so that the steps need not (on a GPU that check is a sync).
+        trusted = kernels.check_trusted(trusted, data["classes"]).to(args.dev)
+    bar = progress_bar(stage, st["step"], K)
+    window = []
+    t0 = time.time()
+    # Weights and BatchNorm statistics, checked for non-finite values at each read-back.
+    float_state = [
+        t for m in (model, ema) for t in m.state_dict().values() if t.is_floating_point()
+    ]
+    steps = range(st["step"], K)
+    stream = batches(data, split, steps, seed, args, unlabeled=stage != "supervised")
+    for step, b in zip(bar, stream):
+        window.append(train_step(args, forward, ema, opt, sched, stage, b, trusted, step))
+        done = step + 1
+        evaluate_now = done % args.eval_every == 0 or done == K
+        # The GPU runs ahead of the host: its statistics are read back every 32 steps.
+        if done % 32 and not evaluate_now:
+            continue
+        w = torch.stack(window).cpu()
+        window = []
+        st["step"] = done
+        st["train_s"] += time.time() - t0
+        st["pl_hit"] += int(w[:, 2].sum())
+        st["pl_n"] += int(w[:, 3].sum())
+        acc = 0.0
+        if evaluate_now:
+            acc = evaluate(ema, data["test_x"], data["test_y"], args)
+        stop_if_diverged(args, stage, w, acc, float_state, done, bar)
+        row = metrics_row(stage, w, sched, st)
         if evaluate_now:
             st["evals"].append(acc)
-            log_metrics(args, dict(stage=stage, step=done, test_acc=st["evals"][-1], **row))
-            save(ckpt, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                            sched=sched.state_dict(), st=st, rng=torch.get_rng_state(), cuda_rng=
-                            torch.cuda.get_rng_state_all() if args.dev.type == "cuda" else None))
-        bar.set_postfix({k: "-" if v is None else f"{v:.4g}" for k, v in row.items()},
-                        test=f"{st['evals'][-1]:.3f}" if st["evals"] else "-", refresh=False)
+            log_metrics(args, dict(stage=stage, step=done, test_acc=acc, **row))
+            save_checkpoint(ckpt, model, ema, opt, sched, st, args)
+        show_progress(bar, row, st["evals"])
         t0 = time.time()
     bar.close()
-    n = len(st["evals"])                              # FixMatch reports the median of the last 20
-    summary = dict(test_acc=st["evals"][-1], evals=n,
-                   test_acc_median20=float(np.median(st["evals"][-20:])) if n >= 20 else None,
-                   train_s=st["train_s"], images_per_s=K * per_step / max(st["train_s"], 1e-9),
-                   pseudo_label_precision=st["pl_hit"] / st["pl_n"] if st["pl_n"] else None)
+    summary = summarize(st, K, images_per_step(args, stage))
     save(final, dict(ema=ema.state_dict(), summary=summary, args=vars_of(args)))
     os.remove(ckpt)
     return ema, summary
+
+
+def show_progress(bar, row, evals):
+    postfix = {k: "-" if v is None else f"{v:.4g}" for k, v in row.items()}
+    test = f"{evals[-1]:.3f}" if evals else "-"
+    bar.set_postfix(postfix, test=test, refresh=False)
+
+
+def images_per_step(args, stage):
+    """B labeled images, plus the weak and strong views of mu*B unlabeled ones."""
+    if stage == "supervised":
+        return args.batch_size
+    return args.batch_size * (1 + 2 * args.mu)
+
+
+def progress_bar(stage, start, K):
+    """tqdm; to a log file (not a terminal) a line per 30 s rather than per update."""
+    interval = 0.5 if sys.stderr.isatty() else 30
+    return tqdm(
+        range(start, K),
+        initial=start,
+        total=K,
+        desc=stage,
+        dynamic_ncols=True,
+        mininterval=interval,
+        maxinterval=60,
+    )
+
+
+def metrics_row(stage, w, sched, st):
+    """The last step's loss and lr; with pseudo labels, the mask rate and their precision so far."""
+    row = dict(loss=float(w[-1, 0]), lr=sched.get_last_lr()[0])
+    if stage != "supervised":
+        row["mask"] = float(w[-1, 1])
+        row["pl_precision"] = st["pl_hit"] / st["pl_n"] if st["pl_n"] else None
+    return row
+
+
+def summarize(st, K, per_step):
+    """A stage's results; FixMatch reports the median of the last 20 evaluations."""
+    evals = st["evals"]
+    median20 = float(np.median(evals[-20:])) if len(evals) >= 20 else None
+    precision_pl = st["pl_hit"] / st["pl_n"] if st["pl_n"] else None
+    return dict(
+        test_acc=evals[-1],
+        evals=len(evals),
+        test_acc_median20=median20,
+        train_s=st["train_s"],
+        images_per_s=K * per_step / max(st["train_s"], 1e-9),
+        pseudo_label_precision=precision_pl,
+    )
+
+
 def evaluate(model, x, y, args, features=False):
     """Accuracy of `model` on uint8 images x; with features=True returns (logits, features)."""
     with torch.no_grad(), torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
-        fs = [model.eval().body(to_input(x[i:i + 1024], args)) for i in range(0, len(x), 1024)]
-        logits = torch.cat([model.head(f).float().cpu() for f in fs])
-    acc = (logits.argmax(1) == y).float().mean().item() if logits.isfinite().all() else math.nan
-    return (logits, torch.cat([f.float().cpu() for f in fs])) if features else acc
-def bench(args, data, split):
-    """--bench: images/s of (1) augment, (2) a step on a fixed batch (ceiling), (3) the real loop."""
-    model, fwd, ema, opt, sched = make_model(args, data)
-    n, images = (200 if args.dev.type == "cuda" else 20), args.batch_size * (1 + 2 * args.mu)
-    now, rates = lambda: (args.dev.type == "cuda" and torch.cuda.synchronize(), time.time())[1], []
-    fixed, real = make_batch(data, split, 0, 0, args), batches(data, split, range(2 * n), 0, args)
-    step = lambda k, b: train_step(args, fwd, ema, opt, sched, "outer", b, None, k)
-    for fn in (lambda k: make_batch(data, split, k, 0, args), lambda k: step(k, fixed),
-               lambda k: step(k, next(real))):       # (3) as train_snn: prefetched
-        for k in range(n + n // 4):                   # a warm-up (and compilation), then n steps
-            if k == n // 4: t = now()                 # (now: once the GPU's queued work is done)
-            fn(k)
-        rates.append(images * n / (now() - t))
-    ms, prec = [f"{r:.0f} ({1000 * images / r:.1f} ms)" for r in rates], "bf16" if args.bf16 else "fp32"
-    fused = kernels.augment_takes(fixed["x_s"])
-    print(f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev}, {prec}"
-          f"{' compiled' * args.compile}: images/s of (1) augment "
-          f"({'one launch per view' if fused else 'per-op'}) {rates[0]:.0f}, (2) step on a fixed "
-          f"batch {ms[1]}, (3) real loop {ms[2]}; (3)/(2) = {rates[2] / rates[1]:.3f}")
-    return dict(zip(("augment", "ceiling", "real"), rates))
-# ==== Bookkeeping: atomic writes, checkpoints, metrics, one writer per run directory ===========
+        model.eval()
+        feats = [model.body(to_input(x[i : i + 1024], args)) for i in range(0, len(x), 1024)]
+        logits = torch.cat([model.head(f).float().cpu() for f in feats])
+    if features:
+        return logits, torch.cat([f.float().cpu() for f in feats])
+    if not logits.isfinite().all():
+        return math.nan
+    return (logits.argmax(1) == y).float().mean().item()
+
+
+# ==== The pipeline ================================================================================
+def main(argv=None):
+    """The pipeline: data, split, the stages of --method, results.json."""
+    args = argv if isinstance(argv, argparse.Namespace) else get_args(argv)
+    setup_device(args)
+    args.t0 = time.time()
+    args.lock = None if args.bench else claim_out(args)
+    data = load_dataset(args)
+    if args.bench:
+        split = labeled_split(data["train_y"], args.labels, data["classes"], args.seed)
+    else:
+        split = prepare_out(args, data)
+    set_normalisation(args, data)
+    place_data(args, data)
+    if args.bench:
+        return bench(args, data, split)
+    res = {k: vars(args)[k] for k in ("method", "dataset", "labels", "seed", "arch", "steps")}
+    res["device"] = str(args.dev)
+    res["versions"] = dict(torch=torch.__version__, torchvision=torchvision.__version__)
+    if args.method in ("supervised", "suave"):
+        _, res[args.method] = train_snn(args, data, args.method, split)
+    else:
+        if args.outer_from:
+            # A finished run's outer SNN.
+            outer_pt = os.path.join(args.outer_from, "outer.pt")
+            outer, res["outer"] = load_final(args, data, outer_pt, "outer")
+        else:
+            outer, res["outer"] = train_snn(args, data, "outer", split)
+        if args.method == "kdfixmatch":
+            kd = trusted_subset(args, data, outer)
+            res["trusted"] = kd["stats"]
+            _, res["inner"] = train_snn(args, data, "inner", split, trusted=kd["trusted"])
+    final_stage = dict(fixmatch="outer", kdfixmatch="inner").get(args.method, args.method)
+    for k in ("test_acc", "test_acc_median20", "evals"):
+        res[k] = res[final_stage][k]
+    res["wall_s"] = time.time() - args.t0
+    res["config"] = vars_of(args)
+    save(os.path.join(args.out, "results.json"), res)
+    report(res)
+    return res
+
+
+def setup_device(args):
+    """--device and --precision; CPU and cuDNN settings that make the steps faster."""
+    if args.device == "auto":
+        args.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        args.dev = torch.device(args.device)
+    cuda = args.dev.type == "cuda"
+    if cuda and (args.dev.index or 0) >= torch.cuda.device_count():
+        die(
+            f"--device {args.device}: not here ({torch.cuda.device_count()} GPUs); use --device cpu"
+        )
+    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
+    # On a CPU, confident networks make denormal floats, which are 1.5x slower.
+    torch.set_flush_denormal(True)
+    # Fixed shapes: cuDNN picks its fastest convolutions once.
+    torch.backends.cudnn.benchmark = True
+    if not cuda:
+        keep_freed_memory()
+
+
+def keep_freed_memory():
+    """glibc: keep freed buffers rather than return them to the system and fault them in again.
+
+    Each step frees and reallocates the same large activations; this saves 11 % of a CPU step.
+    """
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallopt"):
+        return
+    M_TRIM_THRESHOLD = -1
+    M_MMAP_THRESHOLD = -3
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+def set_normalisation(args, data):
+    """args.mean, args.std: ImageNet's with ImageNet weights, else the training images' own."""
+    if args.pretrained or args.weights:
+        mean = torch.tensor([0.485, 0.456, 0.406])
+        std = torch.tensor([0.229, 0.224, 0.225])
+    else:
+        # A strided sample of at most about 10,000 images.
+        train_x = data["train_x"]
+        x = train_x[:: max(1, len(train_x) // 10000)].float() / 255
+        mean = x.mean((0, 2, 3))
+        # A constant channel (std 0) would divide by zero.
+        std = x.std((0, 2, 3)).clamp_min(1 / 255)
+    args.mean = mean.view(1, -1, 1, 1).to(args.dev)
+    args.std = std.view(1, -1, 1, 1).to(args.dev)
+
+
+def place_data(args, data):
+    """Images in GPU memory when they take under a quarter of it, else in pinned host memory."""
+    cuda = args.dev.type == "cuda"
+    for k, x in (("x", data["train_x"]), ("test_x", data["test_x"])):
+        on_gpu = cuda and x.numel() < torch.cuda.mem_get_info(args.dev)[0] // 4
+        if on_gpu:
+            data[k] = x.to(args.dev)
+        elif cuda:
+            data[k] = x.pin_memory()
+        else:
+            data[k] = x
+        if cuda:
+            where = "GPU" if on_gpu else "pinned host"
+            print(f"{k}: {x.numel() >> 20} MiB in {where} memory")
+    data["y"] = data["train_y"].to(args.dev)
+
+
+def pct(v):
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def report(res):
+    """Each stage's final EMA test accuracy (and median of the last 20), then the trusted subset."""
+    print(
+        f"\n{res['method']} on {res['dataset']} ({res['labels']} labels, {res['arch']}, "
+        f"{res['steps']} steps/SNN, seed {res['seed']}), wall time {res['wall_s']:.0f} s:"
+    )
+    names = (
+        ("supervised", "supervised floor"),
+        ("outer", "FixMatch (outer SNN)"),
+        ("inner", "KD-FixMatch (inner SNN)"),
+        ("suave", "Suave"),
+    )
+    for stage, name in names:
+        r = res.get(stage)
+        if not r:
+            continue
+        print(
+            f"  {name:24s} test acc {pct(r['test_acc'])}, median of last 20 "
+            f"{pct(r['test_acc_median20'])} ({r['evals']} evals), {r['images_per_s']:.0f} img/s"
+        )
+    t = res.get("trusted")
+    if t:
+        print(
+            f"  outer pseudo labels, all {t['unlabeled']} unlabeled: precision "
+            f"{pct(t['outer_pseudo_label_precision'])}"
+        )
+        print(
+            f"  confident (>= tau_select): {t['confident_size']}, "
+            f"precision {pct(t['confident_precision'])}"
+        )
+        print(
+            f"  trusted subset (after DEC): {t['trusted_size']}, "
+            f"precision {pct(t['trusted_precision'])}"
+        )
+
+
+# ==== The run's machinery: output directory, lock, records, checkpoints, resume, NaN stop ========
+# A run directory holds config.json (the flags), split.json (the labeled indices and what they
+# index), metrics.jsonl (a row per evaluation), ckpt_<stage>.pt while a stage trains,
+# <stage>.pt when it is done, trusted.pt, and results.json at the end. Every write is atomic.
 def save(path, obj):
-    """Atomic write (temp file, rename): .pt, a list as JSON lines, else JSON; strict (no NaN)."""
-    tmp, b = path + ".tmp", io.BytesIO()              # a .pt is serialised in memory first:
-    try:                                              # torch.save's own writes hide a full disk
+    """Atomic write (a temporary file, then a rename): .pt, a list as JSON lines, else JSON.
+
+    JSON is strict: a NaN is an error, not a number.
+    """
+    tmp = path + ".tmp"
+    try:
+        payload = serialize(path, obj)
         with open(tmp, "wb" if path.endswith(".pt") else "w") as f:
-            f.write(torch.save(obj, b) or b.getbuffer() if path.endswith(".pt") else
-                    "".join(json.dumps(r, allow_nan=False) + "\n" for r in obj) if isinstance(obj, list)
-                    else json.dumps(obj, indent=2, allow_nan=False))
+            f.write(payload)
         os.replace(tmp, path)
-    except (OSError, ValueError) as e:                # a full disk; a NaN, which JSON cannot hold
-        if os.path.lexists(tmp): os.remove(tmp)
+    except (OSError, ValueError) as e:
+        # A full disk, or a NaN, which JSON cannot hold.
+        if os.path.lexists(tmp):
+            os.remove(tmp)
         die(f"cannot write {path} ({getattr(e, 'strerror', None) or e})")
-def log_metrics(args, row):   # a line per evaluation, with the wall time of all the run's pieces
-    _metrics(args, _metrics(args) + [dict(row, wall_s=round(time.time() - args.t0, 1))])
-def trim_metrics(args, stage, step):   # a stage restarting at `step` drops its later rows
-    _metrics(args, [r for r in _metrics(args) if r["stage"] != stage or r["step"] <= step])
-def _metrics(args, rows=None):
-    """metrics.jsonl's rows (a last line cut short by a power loss is dropped), or write `rows`."""
+
+
+def serialize(path, obj):
+    if path.endswith(".pt"):
+        # In memory first: torch.save's own writes would hide a full disk.
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        return buffer.getbuffer()
+    if isinstance(obj, list):
+        return "".join(json.dumps(row, allow_nan=False) + "\n" for row in obj)
+    return json.dumps(obj, indent=2, allow_nan=False)
+
+
+def read_checkpoint(path, fix=REDO, use=None, weights_only=True):
+    """torch.load(path) on the CPU, then use(it); corrupt, cut short or foreign: one line."""
+    try:
+        obj = torch.load(path, "cpu", weights_only=weights_only)
+        if use is not None:
+            obj = use(obj)
+        return obj
+    except Exception as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        die(f"cannot load {path} ({reason}); {fix}")
+
+
+def read_metrics(args):
+    """metrics.jsonl's rows; a last line cut short by a power loss is dropped."""
     path = os.path.join(args.out, "metrics.jsonl")
-    if rows is not None: return save(path, rows)
-    text = open(path).read() if os.path.exists(path) else ""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        text = f.read()
     return [json.loads(line) for line in text.split("\n")[:-1]]
+
+
+def write_metrics(args, rows):
+    save(os.path.join(args.out, "metrics.jsonl"), rows)
+
+
+def log_metrics(args, row):
+    """A row per evaluation, with the wall time of all of the run's pieces so far."""
+    rows = read_metrics(args)
+    write_metrics(args, rows + [dict(row, wall_s=round(time.time() - args.t0, 1))])
+
+
+def trim_metrics(args, stage, step):
+    """A stage restarting at `step` drops its later rows."""
+    rows = read_metrics(args)
+    write_metrics(args, [r for r in rows if r["stage"] != stage or r["step"] <= step])
+
+
 def vars_of(args):
-    return {k: v for k, v in vars(args).items() if k not in ("dev", "mean", "std", "bf16", "t0", "lock")}
-def _restore(path, model, ema, opt, sched, args):
+    """The flags of a run, as config.json records them."""
+    runtime = ("dev", "mean", "std", "bf16", "t0", "lock")
+    return {k: v for k, v in vars(args).items() if k not in runtime}
+
+
+def save_checkpoint(path, model, ema, opt, sched, st, args):
+    cuda_rng = torch.cuda.get_rng_state_all() if args.dev.type == "cuda" else None
+    state = dict(
+        model=model.state_dict(),
+        ema=ema.state_dict(),
+        opt=opt.state_dict(),
+        sched=sched.state_dict(),
+        st=st,
+        rng=torch.get_rng_state(),
+        cuda_rng=cuda_rng,
+    )
+    save(path, state)
+
+
+def restore(path, model, ema, opt, sched, args):
     """A checkpoint, with lr, momentum and wd from the flags (they may change after a NaN stop)."""
-    c = load(path, weights_only=False)
-    model.load_state_dict(c["model"]), ema.load_state_dict(c["ema"])
-    opt.load_state_dict(c["opt"]), sched.load_state_dict(c["sched"]), torch.set_rng_state(c["rng"])
-    if c["cuda_rng"] and args.dev.type == "cuda": torch.cuda.set_rng_state_all(c["cuda_rng"])
-    for g, wd in zip(opt.param_groups, (args.wd, 0.0)):
-        g.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=wd)
+    c = read_checkpoint(path, weights_only=False)
+    model.load_state_dict(c["model"])
+    ema.load_state_dict(c["ema"])
+    opt.load_state_dict(c["opt"])
+    sched.load_state_dict(c["sched"])
+    # The random state too, so that the resumed run draws what the uninterrupted one would.
+    torch.set_rng_state(c["rng"])
+    if c["cuda_rng"] and args.dev.type == "cuda":
+        torch.cuda.set_rng_state_all(c["cuda_rng"])
+    for group, wd in zip(opt.param_groups, (args.wd, 0.0)):
+        group.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=wd)
     sched.base_lrs = [args.lr] * len(opt.param_groups)
     return c["st"]
-def _load_final(args, data, path, stage):          # a finished stage: its EMA and summary
-    ema = make_model(args, data, stage == "suave", False)[2]
-    return ema, load(path, then=lambda c: (ema.load_state_dict(c["ema"]), c["summary"])[1])
+
+
+def load_final(args, data, path, stage):
+    """A finished stage: its EMA model and summary."""
+    ema = make_model(args, data, suave=stage == "suave", imagenet=False)[2]
+
+    def use(c):
+        ema.load_state_dict(c["ema"])
+        return c["summary"]
+
+    return ema, read_checkpoint(path, use=use)
+
+
+def stop_if_diverged(args, stage, w, acc, float_state, done, bar):
+    """The NaN stop: a non-finite loss, weight, BatchNorm statistic or accuracy ends the run.
+
+    It exits with status 1 and says how to resume from the last checkpoint with other flags.
+    """
+    norms = torch.stack(torch._foreach_norm(float_state, math.inf)).cpu()
+    finite = torch.cat([w[:, 0], norms, torch.tensor([acc])]).isfinite()
+    if finite.all():
+        return
+    # The first non-finite step loss; weights and accuracy count as the window's last step.
+    first_bad = min(int((~finite).nonzero()[0, 0]), len(w) - 1)
+    bad_step = done - len(w) + first_bad + 1
+    save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad_step))
+    bar.close()
+    # Checkpoints are written at evaluations.
+    ckpt_step = (done - len(w)) // args.eval_every * args.eval_every
+    if ckpt_step:
+        at = f"at its checkpoint of step {ckpt_step}"
+    else:
+        at = "before a checkpoint"
+    fix = {"suave": "--sinkhorn-eps, ", "supervised": ""}.get(stage, "--lambda-u, ") + "--wd, "
+    fp32 = ", --precision fp32" if args.bf16 else ""
+    die(
+        f"{stage} SNN: non-finite loss or weights at step {bad_step}; stopped {at}. Resume with a "
+        f"lower --lr (or {fix}--momentum, --ema{fp32}): python "
+        f"kdfixmatch.py --out {shlex.quote(args.out)} --resume --lr ...",
+        status=1,
+    )
+
+
 def claim_out(args):
     """--out for this process alone: no other run in it, no live process holding its lock."""
-    for f in [] if args.resume or not os.path.isdir(args.out) else os.listdir(args.out):
-        if f.endswith(".pt") or f == "results.json":
-            die(f"--out {args.out} already holds a run ({f}); pass --resume or choose another --out")
+    if not args.resume and os.path.isdir(args.out):
+        for f in os.listdir(args.out):
+            if f.endswith(".pt") or f == "results.json":
+                die(
+                    f"--out {args.out} already holds a run ({f}); "
+                    "pass --resume or choose another --out"
+                )
     os.makedirs(args.out, exist_ok=True)
     lock = open(os.path.join(args.out, ".lock"), "a+")
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        die(f"--out {args.out} is in use by process {lock.seek(0) or lock.read()}; wait or stop it")
-    lock.truncate(0), lock.write(str(os.getpid())), lock.flush()
+        lock.seek(0)
+        die(f"--out {args.out} is in use by process {lock.read()}; wait or stop it")
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
     return lock
+
+
+def sha256_of(t):
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
+
+def split_record(args, data):
+    """What the labeled indices index: the data and the flags that drew them."""
+    x, y = data["train_x"], data["train_y"]
+    return dict(
+        dataset=args.dataset,
+        labels=args.labels,
+        seed=args.seed,
+        arch=args.arch,
+        data_dir=os.path.abspath(args.data_dir),
+        train_images=len(y),
+        train_labels_sha256=sha256_of(y.long()),
+        # A strided sample of the pixels: another --image-size or other images differ.
+        train_pixels_sha256=sha256_of(x[:: max(1, len(x) // 10000)]),
+    )
+
+
+def reuse_split(source, record, other):
+    """A persisted split, never redrawn, and never pointed into other data."""
+    recorded = read_json(source, f"restore it, or use {other}")
+    for k in sorted(set(recorded) & set(record) - {"data_dir"}):
+        if recorded[k] != record[k]:
+            die(
+                f"{source} records {k} {recorded[k]} (data {recorded.get('data_dir')}), "
+                f"this run {record[k]}; use that data and those flags, or {other}"
+            )
+    return torch.tensor(recorded["labeled"])
+
+
 def prepare_out(args, data):
     """Persist or reload the labeled split (with what it indexes), config.json and the code."""
-    y, path, x = data["train_y"], os.path.join(args.out, "split.json"), data["train_x"]
-    sha = lambda t: hashlib.sha256(t.numpy().tobytes()).hexdigest()
-    rec = dict(dataset=args.dataset, labels=args.labels, seed=args.seed, arch=args.arch,
-               data_dir=os.path.abspath(args.data_dir), train_images=len(y), train_labels_sha256=
-               sha(y.long()), train_pixels_sha256=sha(x[::max(1, len(x) // 10000)]))  # a sample
-    f = path if args.resume else args.outer_from and os.path.join(args.outer_from, "split.json")
-    other = f"another --{'out' if f == path else 'outer-from'}"
-    if f and (f != path or os.path.exists(f)):        # never redraw a persisted split, nor
-        s = load(f, f"restore it, or use {other}")   # point its indices into other data
-        for k in sorted(k for k in set(s) & set(rec) - {"data_dir"} if s[k] != rec[k]):
-            die(f"{f} records {k} {s[k]} (data {s.get('data_dir')}), this run {rec[k]}; "
-                f"use that data and those flags, or {other}")
-        split = torch.tensor(s["labeled"])
+    path = os.path.join(args.out, "split.json")
+    record = split_record(args, data)
+    source = None
+    if args.resume:
+        source = path
+    elif args.outer_from:
+        source = os.path.join(args.outer_from, "split.json")
+    if source is not None and (source != path or os.path.exists(source)):
+        other = "another --out" if source == path else "another --outer-from"
+        split = reuse_split(source, record, other)
     else:
-        split = labeled_split(y, args.labels, data["classes"], args.seed)
-    div = os.path.join(args.out, "diverged.json")
-    if args.resume:                                   # counts the earlier pieces' wall time
-        args.t0 -= max([r.get("wall_s", 0) for r in _metrics(args)], default=0)
-        if not os.path.exists(div): return split
-    else:                                             # a fresh start: no rows of an abandoned one
-        save(path, dict(rec, labeled=split.tolist())), _metrics(args, [])
-        for f in (__file__, kernels.__file__):        # the code beside its results
+        split = labeled_split(data["train_y"], args.labels, data["classes"], args.seed)
+    diverged = os.path.join(args.out, "diverged.json")
+    if args.resume:
+        # The run's wall time counts its earlier pieces.
+        args.t0 -= max([r.get("wall_s", 0) for r in read_metrics(args)], default=0)
+        if not os.path.exists(diverged):
+            return split
+    else:
+        # A fresh start: no rows of an abandoned one, and the code beside its results.
+        save(path, dict(record, labeled=split.tolist()))
+        write_metrics(args, [])
+        for f in (__file__, kernels.__file__):
             shutil.copy(f, os.path.join(args.out, os.path.basename(f)))
-    if os.path.exists(div):                           # after a NaN stop the flags given now are
-        os.replace(div, os.path.join(args.out, f"diverged-{int(time.time())}.json"))   # the run's
-    save(os.path.join(args.out, "config.json"), vars_of(args))   # last: what --resume looks for
+    if os.path.exists(diverged):
+        # After a NaN stop the flags given now are the run's; the stop's record is kept aside.
+        os.replace(diverged, os.path.join(args.out, f"diverged-{int(time.time())}.json"))
+    # config.json last: it is what --resume looks for.
+    save(os.path.join(args.out, "config.json"), vars_of(args))
     return split
-# ==== The pipeline =============================================================================
-def trusted_subset(args, data, outer):
-    """Outer EMA labels the unlabeled set -> select_confident -> dec_cluster. Cached in trusted.pt."""
-    path = os.path.join(args.out, "trusted.pt")
-    if os.path.exists(path): return load(path, weights_only=False)
-    logits, feats = evaluate(outer, data["x"], data["train_y"], args, features=True)
-    y, pseudo = data["train_y"], logits.argmax(1)
-    idx, labels = select_confident(logits.softmax(1), args.tau_select)
-    keep, info = (torch.ones(len(idx), dtype=torch.bool), dict(iters=0)) if args.no_dec else \
-        dec_cluster(feats[idx].to(args.dev), labels, data["classes"], args.dec_max_iters,
-                    args.dec_lr, args.dec_batch, args.dec_tol, args.kmeans_init, args.seed)
-    trusted = torch.full_like(y, -1).index_put_((idx[keep],), labels[keep])
-    prec = lambda sel, lab: (lab == y[sel]).float().mean().item() if len(sel) else None
-    out = dict(trusted=trusted, stats=dict(
-        unlabeled=len(y), outer_pseudo_label_precision=prec(torch.arange(len(y)), pseudo),
-        confident_size=len(idx), confident_precision=prec(idx, labels),
-        trusted_size=int(keep.sum()), trusted_precision=prec(idx[keep], labels[keep]),
-        dec_iters=info["iters"]))
-    save(path, out)
-    return out
-def main(argv=None):
-    """The pipeline: data, split, the stages of --method, results.json."""
-    args = argv if isinstance(argv, argparse.Namespace) else get_args(argv)
-    args.dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                            else "cpu" if args.device == "auto" else args.device)
-    if (cuda := args.dev.type == "cuda") and (args.dev.index or 0) >= torch.cuda.device_count():
-        die(f"--device {args.device}: not here ({torch.cuda.device_count()} GPUs); use --device cpu")
-    args.t0, args.lock = time.time(), None if args.bench else claim_out(args)
-    args.bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
-    torch.set_flush_denormal(True)                    # CPU: confident nets make denormals, 1.5x slower
-    torch.backends.cudnn.benchmark = True             # fixed shapes: cuDNN picks its fastest convs
-    if not cuda and hasattr(libc := ctypes.CDLL(None), "mallopt"):   # glibc: keep freed buffers,
-        libc.mallopt(-3, 1 << 30), libc.mallopt(-1, 1 << 30)   # not refault them: 11 % of a CPU step
-    data = load_dataset(args)
-    split = (labeled_split(data["train_y"], args.labels, data["classes"], args.seed) if args.bench
-             else prepare_out(args, data))
-    x = data["train_x"][::max(1, len(data["train_x"]) // 10000)].float() / 255   # a strided sample
-    ms = (torch.tensor([[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]) if args.pretrained or args.weights
-          else (x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp_min(1 / 255)))   # ImageNet weights: its
-    args.mean, args.std = (v.view(1, -1, 1, 1).to(args.dev) for v in ms)   # statistics; std 0: constant
-    for k, x in (("x", data["train_x"]), ("test_x", data["test_x"])):   # on the GPU when they fit
-        on_gpu = cuda and x.numel() < torch.cuda.mem_get_info(args.dev)[0] // 4
-        data[k] = x.to(args.dev) if on_gpu else x.pin_memory() if cuda else x
-        if cuda: print(f"{k}: {x.numel() >> 20} MiB in {'GPU' if on_gpu else 'pinned host'} memory")
-    data["y"] = data["train_y"].to(args.dev)
-    if args.bench: return bench(args, data, split)
-    res = dict({k: vars(args)[k] for k in "method dataset labels seed arch steps".split()}, device=str(
-        args.dev), versions=dict(torch=torch.__version__, torchvision=torchvision.__version__))
-    if args.method in ("supervised", "suave"):
-        _, res[args.method] = train_snn(args, data, args.method, split)
-    else:                                             # --outer-from: a finished run's outer SNN
-        outer, res["outer"] = (_load_final(args, data, os.path.join(args.outer_from, "outer.pt"),
-                               "outer") if args.outer_from else train_snn(args, data, "outer", split))
-        if args.method == "kdfixmatch":
-            kd = trusted_subset(args, data, outer)
-            res["trusted"] = kd["stats"]
-            _, res["inner"] = train_snn(args, data, "inner", split, trusted=kd["trusted"])
-    final = res[dict(fixmatch="outer", kdfixmatch="inner").get(args.method, args.method)]
-    res.update({k: final[k] for k in ("test_acc", "test_acc_median20", "evals")},
-               wall_s=time.time() - args.t0, config=vars_of(args))
-    save(os.path.join(args.out, "results.json"), res)
-    report(res)
-    return res
-def report(res):
-    """Each stage's final EMA test accuracy (median of last 20 if 20), then pseudo-label precision."""
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"
-    print(f"\n{res['method']} on {res['dataset']} ({res['labels']} labels, {res['arch']}, "
-          f"{res['steps']} steps/SNN, seed {res['seed']}), wall time {res['wall_s']:.0f} s:")
-    for stage, name in (("supervised", "supervised floor"), ("outer", "FixMatch (outer SNN)"),
-                        ("inner", "KD-FixMatch (inner SNN)"), ("suave", "Suave")):
-        if r := res.get(stage):                       # (FixMatch reports the median of the last 20)
-            print(f"  {name:24s} test acc {pct(r['test_acc'])}, median of last 20 "
-                  f"{pct(r['test_acc_median20'])} ({r['evals']} evals), {r['images_per_s']:.0f} img/s")
-    if t := res.get("trusted"):
-        print(f"  outer pseudo labels, all {t['unlabeled']} unlabeled: precision "
-              f"{pct(t['outer_pseudo_label_precision'])}\n  confident (>= tau_select): "
-              f"{t['confident_size']}, precision {pct(t['confident_precision'])}\n  trusted subset "
-              f"(after DEC): {t['trusted_size']}, precision {pct(t['trusted_precision'])}")
+
+
+# ==== Benchmark: --bench ==========================================================================
+def bench(args, data, split):
+    """--bench: images/s of (1) augment, (2) a step on a fixed batch (ceiling), (3) the loop."""
+    model, forward, ema, opt, sched = make_model(args, data)
+    cuda = args.dev.type == "cuda"
+    n = 200 if cuda else 20
+    images = args.batch_size * (1 + 2 * args.mu)
+    fixed = make_batch(data, split, 0, 0, args)
+    # (3) as train_snn runs it: prefetched on a GPU.
+    real = batches(data, split, range(2 * n), 0, args)
+
+    def now():
+        # Once the GPU's queued work is done.
+        if cuda:
+            torch.cuda.synchronize()
+        return time.time()
+
+    def augment_only(k):
+        make_batch(data, split, k, 0, args)
+
+    def step_on_fixed_batch(k):
+        train_step(args, forward, ema, opt, sched, "outer", fixed, None, k)
+
+    def step_on_real_batch(k):
+        train_step(args, forward, ema, opt, sched, "outer", next(real), None, k)
+
+    rates = []
+    for fn in (augment_only, step_on_fixed_batch, step_on_real_batch):
+        # A warm-up (and compilation), then n timed calls.
+        for k in range(n + n // 4):
+            if k == n // 4:
+                start = now()
+            fn(k)
+        rates.append(images * n / (now() - start))
+    ms = [f"{r:.0f} ({1000 * images / r:.1f} ms)" for r in rates]
+    precision_name = "bf16" if args.bf16 else "fp32"
+    path = "one launch per view" if kernels.augment_takes(fixed["x_s"]) else "per-op"
+    print(
+        f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev}, "
+        f"{precision_name}{' compiled' * args.compile}: images/s of (1) augment ({path}) "
+        f"{rates[0]:.0f}, (2) step on a fixed batch {ms[1]}, (3) real loop {ms[2]}; "
+        f"(3)/(2) = {rates[2] / rates[1]:.3f}"
+    )
+    return dict(zip(("augment", "ceiling", "real"), rates))
+
 
 if __name__ == "__main__":
     try:
         main(ARGS)
-    except KeyboardInterrupt:                         # one line, and how to go on
-        go = ARGS.resume or os.path.exists(c := os.path.join(ARGS.out, "config.json")) and \
-            load(c) == vars_of(ARGS)                  # (not another start's)
-        print("kdfixmatch.py: interrupted; " + (f"resume with: python {sys.argv[0]} --out "
-              f"{shlex.quote(ARGS.out)} --resume" if go else "nothing saved yet"), file=sys.stderr)
+    except KeyboardInterrupt:
+        # Offer --resume only for this command's run, not for another start's.
+        config = os.path.join(ARGS.out, "config.json")
+        resumable = ARGS.resume
+        if not resumable and os.path.exists(config):
+            resumable = read_json(config) == vars_of(ARGS)
+        if resumable:
+            hint = f"resume with: python {sys.argv[0]} --out {shlex.quote(ARGS.out)} --resume"
+        else:
+            hint = "nothing saved yet"
+        print(f"kdfixmatch.py: interrupted; {hint}", file=sys.stderr)
         sys.exit(130)
-    except OSError as e:                              # e.g. an --out we cannot write
+    except OSError as e:
+        # For example an --out that cannot be written.
         die(f"cannot write {e.filename or ARGS.out} ({e.strerror or e}); choose another --out")

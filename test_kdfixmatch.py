@@ -1058,7 +1058,7 @@ def _img(path, mode, rows, **save):
 
 def test_decode_every_mode_to_the_right_rgb_pixels(tmp_path, monkeypatch):
     def rgb(path):
-        x = kd._decode(path)
+        x = kd.decode(path)
         assert not isinstance(x, str), x
         assert x.dtype == torch.uint8 and x.shape[0] == 3
         return x.permute(1, 2, 0).reshape(-1, 3).tolist()
@@ -1098,7 +1098,7 @@ def test_decode_every_mode_to_the_right_rgb_pixels(tmp_path, monkeypatch):
     try:
         Image.open(ycc).load()
     except OSError:  # some Pillow builds (the GPU machine's) cannot read their own YCbCr TIFF
-        assert kd._decode(ycc).startswith(f"cannot decode {ycc} (OSError")  # refused, named
+        assert kd.decode(ycc).startswith(f"cannot decode {ycc} (OSError")  # refused, named
     else:
         assert all(p[0] >= 250 and max(p[1:]) <= 3 for p in rgb(ycc))
     # modes PIL opens but cannot write (TIFF's associated alpha, HSV): from memory
@@ -1115,14 +1115,14 @@ def test_decode_every_mode_to_the_right_rgb_pixels(tmp_path, monkeypatch):
         assert rgb("in-memory") == want, im.mode
     monkeypatch.undo()
     # out of range or unreadable: refused, the file named
-    assert "outside [0, 1]" in kd._decode(_img(tmp_path / "f2.tif", "F", [[0.0, 2.0]]))
-    assert "outside [0, 65535]" in kd._decode(_img(tmp_path / "i2.tif", "I", [[-1, 0]]))
+    assert "outside [0, 1]" in kd.decode(_img(tmp_path / "f2.tif", "F", [[0.0, 2.0]]))
+    assert "outside [0, 65535]" in kd.decode(_img(tmp_path / "i2.tif", "I", [[-1, 0]]))
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
     big = _img(tmp_path / "big.png", "L", np.random.default_rng(0).integers(0, 256, (64, 64)))
     (tmp_path / "cut.png").write_bytes(Path(big).read_bytes()[:300])  # truncated
     for f in ("empty.png", "junk.jpg", "cut.png"):
-        msg = kd._decode(str(tmp_path / f))
+        msg = kd.decode(str(tmp_path / f))
         assert isinstance(msg, str) and msg.startswith(f"cannot decode {tmp_path / f} ("), msg
 
 
@@ -1253,10 +1253,10 @@ def test_metrics_survive_a_cut_line_and_refuse_nan(tmp_path):
     kd.log_metrics(args, dict(stage="outer", step=4, loss=0.5))
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"stage": "outer", "st')  # a power loss mid-line
-    assert [r["step"] for r in kd._metrics(args)] == [2, 4]
+    assert [r["step"] for r in kd.read_metrics(args)] == [2, 4]
     kd.trim_metrics(args, "outer", 2)
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 1
-    assert kd._metrics(args)[0]["wall_s"] >= 5
+    assert kd.read_metrics(args)[0]["wall_s"] >= 5
     before = (tmp_path / "metrics.jsonl").read_bytes()
     for row in (dict(stage="outer", step=6, loss=float("nan")), dict(test_acc=float("inf"))):
         with pytest.raises(SystemExit):  # strict JSON: never a NaN number
@@ -1388,13 +1388,13 @@ def test_outer_from_trains_the_inner_with_the_outers_recipe(tmp_path, capsys):
 
 def test_sce_is_the_inner_snns_loss_only(tmp_path, monkeypatch):
     # the outer SNN is FixMatch (CE) even when --loss sce picks the inner SNN's unlabeled loss
-    seen, real = [], kernels.masked_pseudo_label_loss
+    seen, real = [], kd.unlabeled_loss
 
     def spy(weak, strong, tau, trusted, loss, *a, **k):
         seen.append((trusted is None, loss))
         return real(weak, strong, tau, trusted, loss, *a, **k)
 
-    monkeypatch.setattr(kernels, "masked_pseudo_label_loss", spy)
+    monkeypatch.setattr(kd, "unlabeled_loss", spy)
     kd.main([*_TINY[:-2], "--method", "kdfixmatch", "--loss", "sce", "--out", str(tmp_path / "r")])
     assert seen[:4] == [(True, "ce")] * 4 and seen[4:] == [(False, "sce")] * 4
 

@@ -32,6 +32,7 @@ import ctypes
 import fcntl
 import functools
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -191,6 +192,7 @@ def add_run_flags(g):
     a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
     a("--compile", action="store_true", help="torch.compile the model; on a GPU with CUDA graphs")
     a("--bench", action="store_true", help="print images/s of augment, step and loop; train none")
+    a("--tensorboard", action="store_true", help="also write curves for TensorBoard into --out")
 
 
 # Every numeric flag and its valid range, checked before anything runs: (flags, test, the range).
@@ -368,6 +370,8 @@ def check_paths(args):
         )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         die(f"--device {args.device}: unknown; use auto, cpu, cuda or cuda:N")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        die("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 # Flags first: a typo costs no torch import.
@@ -1433,12 +1437,10 @@ def train_snn(args, data, stage, split, trusted=None):
         # Checked once here, so that the steps need not (on a GPU that check is a sync).
         trusted = kernels.check_trusted(trusted, data["classes"]).to(args.dev)
     bar = progress_bar(stage, st["step"], K)
+    curves = open_curves(args, stage, st["step"])
     window = []
     t0 = time.time()
-    # Weights and BatchNorm statistics, checked for non-finite values at each read-back.
-    float_state = [
-        t for m in (model, ema) for t in m.state_dict().values() if t.is_floating_point()
-    ]
+    float_state = floating_state(model, ema)
     steps = range(st["step"], K)
     stream = batches(data, split, steps, seed, args, unlabeled=stage != "supervised")
     for step, b in zip(bar, stream):
@@ -1459,6 +1461,8 @@ def train_snn(args, data, stage, split, trusted=None):
             acc = evaluate(ema, data["test_x"], data["test_y"], args)
         stop_if_diverged(args, stage, w, acc, float_state, done, bar)
         row = metrics_row(stage, w, sched, st)
+        images_per_s = len(w) * images_per_step(args, stage) / max(time.time() - t0, 1e-9)
+        log_curves(curves, done, dict(row, images_per_s=images_per_s, test_acc=acc), evaluate_now)
         if evaluate_now:
             st["evals"].append(acc)
             log_metrics(args, dict(stage=stage, step=done, test_acc=acc, **row))
@@ -1466,10 +1470,50 @@ def train_snn(args, data, stage, split, trusted=None):
         show_progress(bar, row, st["evals"])
         t0 = time.time()
     bar.close()
+    if curves is not None:
+        curves.close()
     summary = summarize(st, K, images_per_step(args, stage))
     save(final, dict(ema=ema.state_dict(), summary=summary, args=vars_of(args)))
     os.remove(ckpt)
     return ema, summary
+
+
+def floating_state(*models):
+    """Weights and BatchNorm statistics: checked for non-finite values at each read-back."""
+    return [t for m in models for t in m.state_dict().values() if t.is_floating_point()]
+
+
+def open_curves(args, stage, start):
+    """--tensorboard: a writer in --out/tensorboard/<stage>; a resumed stage drops later events."""
+    if not args.tensorboard:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir = os.path.join(args.out, "tensorboard", stage)
+    return SummaryWriter(log_dir, purge_step=start if start else None)
+
+
+def log_curves(curves, step, values, evaluated):
+    """The step statistics at each read-back, the EMA model's test accuracy at evaluations."""
+    if curves is None:
+        return
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "test_acc" and not evaluated:
+            continue
+        curves.add_scalar(name, value, step)
+
+
+def log_trusted_curves(args, stats):
+    """--tensorboard: the confident and trusted subsets' sizes and precisions, at step 0."""
+    curves = open_curves(args, "trusted", 0)
+    if curves is None:
+        return
+    for name, value in stats.items():
+        if value is not None:
+            curves.add_scalar(name, value, 0)
+    curves.close()
 
 
 def show_progress(bar, row, evals):
@@ -1567,6 +1611,7 @@ def main(argv=None):
         if args.method == "kdfixmatch":
             kd = trusted_subset(args, data, outer)
             res["trusted"] = kd["stats"]
+            log_trusted_curves(args, kd["stats"])
             _, res["inner"] = train_snn(args, data, "inner", split, trusted=kd["trusted"])
     final_stage = dict(fixmatch="outer", kdfixmatch="inner").get(args.method, args.method)
     for k in ("test_acc", "test_acc_median20", "evals"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # run_all.sh: the paper's main table, resumably. FixMatch against KD-FixMatch on CIFAR10, SVHN,
 # CIFAR100 and FOOD101 at 400, 1000, 2000 and 4000 labels with ImageNet-pretrained EfficientNet-B0
-# (the paper's), over seeds, plus a compute-matched FixMatch the paper lacks; then a table and a plot.
+# (the paper's), over seeds, plus a compute-matched FixMatch the paper lacks; then a table, plots.
 #
 # Every cell (dataset, labels, method, seed) is one `kdfixmatch.py --out DIR` run, with K steps/SNN:
 #   fixmatch     --method fixmatch   --steps K        also the outer SNN of the seed's two KD cells
@@ -13,7 +13,10 @@
 # DIR = $OUT_DIR/<dataset>/<labels>/<method>/seed<s>/ (results.json, checkpoints, run.log).
 # A cell with results.json is skipped, a started one resumed from its checkpoint (--resume), a
 # dataset that cannot be found or downloaded becomes an "unavailable" row. Interrupt at any time
-# and run the same command again. Summary: $OUT_DIR/table.md and $OUT_DIR/table.png.
+# and run the same command again. Each cell is locked (flock) while it runs: a second sweep on
+# the same --out-dir runs the other cells and waits for the locked ones, then skips them.
+# Summary (report.py): $OUT_DIR/table.md; table.png, accuracy against labels; curves.png, test
+# accuracy against step; paired.png, each seed's KD-FixMatch minus FixMatch and FixMatch 2x.
 #
 # Run:  bash run_all.sh --smoke             # digits on CPU: the whole machinery, 16 cells, ~2 min
 #       bash run_all.sh                     # the paper's table (weeks of GPU time, see Cost)
@@ -32,11 +35,12 @@
 #   --no-pretrained   PRETRAINED  1: --pretrained (ImageNet weights; offline: -- --weights FILE) | 0
 #   --data-dir DIR    DATA_DIR    data
 #   --out-dir DIR     OUT_DIR     results                       | results-smoke
-#   --gpus 0,1,..     GPUS        none: cells one after another on kdfixmatch.py's default device
+#   --gpus 0,1,..     GPUS        none: cells one after another on kdfixmatch.py's default device;
+#                                 else GPU indices (nvidia-smi's), each once, that exist here
 #   --suave           SUAVE       0: add a Suave column (one more SNN training per seed)
 #   --smoke                       the tiny configuration above (options given still win)
 #   --print-commands              print the commands of unfinished cells, run nothing
-#   --table                       write table.md / table.png from what has finished, run nothing
+#   --table                       write table.md and the plots from what has finished, run nothing
 #                     PYTHON      python3 (the interpreter with torch; matplotlib optional)
 #
 # Cost: a cell is one SNN training of K steps (fixmatch; kd-ce and kd-sce: the inner SNN + DEC,
@@ -45,6 +49,7 @@
 # seed) is 5 trainings and the full table 4 x 4 x 3 x 5 = 240. --smoke on a 2-core CPU: about 6 s
 # per cell (half of it starting python), 1m34s in all. Exit status: 0 all done (or unavailable),
 # 1 a cell failed or could not run, 2 bad options or a cell recorded with other --steps / --arch.
+# Needs bash 4.3+ and flock (util-linux).
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -53,7 +58,7 @@ usage() { sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//';
 
 # =============================================================================================
 # Options: environment first, flags override, then the full-run or --smoke defaults
-SMOKE=0 MODE=run EXTRA=()
+SMOKE=0 MODE=run EXTRA=() GPUS_GIVEN=${GPUS:+1}
 need() { (($# >= 2)) || die "$1 needs a value"; }
 while (($#)); do
     case $1 in
@@ -67,7 +72,7 @@ while (($#)); do
         --suave)          SUAVE=1 ;;
         --data-dir)       need "$@"; DATA_DIR=$2; shift ;;
         --out-dir)        need "$@"; OUT_DIR=$2; shift ;;
-        --gpus)           need "$@"; GPUS=$2; shift ;;
+        --gpus)           need "$@"; GPUS=$2; GPUS_GIVEN=1; shift ;;
         --smoke)          SMOKE=1 ;;
         --print-commands) MODE=print ;;
         --table)          MODE=table ;;
@@ -84,7 +89,7 @@ fi
 : "${DATASETS:=cifar10 svhn cifar100 food101}" "${LABELS:=400 1000 2000 4000}" "${SEEDS:=3}"
 : "${STEPS:=1048576}" "${EVAL_EVERY:=}" "${ARCH:=efficientnet_b0}" "${PRETRAINED:=1}"
 : "${DATA_DIR:=data}" "${OUT_DIR:=results}" "${GPUS:=}" "${PYTHON:=python3}"
-DATASETS=${DATASETS//,/ } LABELS=${LABELS//,/ } GPUS=${GPUS//,/ }
+DATASETS=${DATASETS//,/ } LABELS=${LABELS//,/ }
 posint() { [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"; }
 for l in $LABELS; do posint --labels "$l"; done
 posint --seeds "$SEEDS"; posint --steps "$STEPS"
@@ -100,6 +105,21 @@ OUT_DIR=$(realpath -m "$OUT_DIR") DATA_DIR=$(realpath -m "$DATA_DIR")
 METHODS=(fixmatch kd-ce kd-sce fixmatch-2x)
 [[ ${SUAVE:-0} == [01] ]] || die "SUAVE must be 0 or 1, got '$SUAVE'"
 ((${SUAVE:-0})) && METHODS+=(suave)
+# --gpus: CUDA device indices, each once (one slot per GPU). Junk must not run on the CPU, and a
+# GPU named twice would be one slot; that they exist is checked before running (gpu_count).
+if [[ -n $GPUS_GIVEN ]]; then
+    sep='[[:space:]]*[,[:space:]][[:space:]]*'
+    [[ $GPUS =~ ^[[:space:]]*[0-9]+($sep[0-9]+)*[[:space:]]*$ ]] || die "--gpus '$GPUS': not a" \
+        "list of GPU indices; give them as nvidia-smi numbers them, e.g. --gpus 0,1 (or leave" \
+        "--gpus out to run one cell at a time on kdfixmatch.py's default device)"
+    ids=()
+    for id in ${GPUS//,/ }; do
+        [[ " ${ids[*]} " != *" $((10#$id)) "* ]] || die "--gpus '$GPUS': GPU $((10#$id)) is" \
+            "named twice; name each GPU once (one cell runs on each)"
+        ids+=("$((10#$id))")
+    done
+    GPUS=${ids[*]}
+fi
 
 # =============================================================================================
 # Cells: the grid in run order (a seed's fixmatch first: its two KD cells reuse it as outer SNN)
@@ -134,175 +154,10 @@ json_num() {  # file key -> the top-level number (kdfixmatch.py writes JSON with
 }
 
 # =============================================================================================
-# Summary: results/*/results.json -> table.md (+ table.png). Plain python, matplotlib optional.
+# Summary: the cells on disk -> table.md, table.png, curves.png, paired.png (report.py)
 summarise() {
-    "$PY" - "$OUT_DIR" "$DATASETS" "$LABELS" "$SEEDS" "$STEPS" "$ARCH" "${METHODS[*]}" <<'PY'
-import glob, json, os, statistics, sys
-
-out, datasets, labels, seeds, steps, arch, configured = sys.argv[1:]
-ALL = [("fixmatch", "FixMatch"), ("kd-ce", "KD-FixMatch (CE)"), ("kd-sce", "KD-FixMatch (SCE)"),
-       ("fixmatch-2x", "FixMatch 2x steps"), ("suave", "Suave")]
-SHORT = {"fixmatch": "FM", "kd-ce": "CE", "kd-sce": "SCE", "fixmatch-2x": "2x", "suave": "Suave"}
-PAPER = {"cifar10": 2.44, "svhn": 5.81, "cifar100": 1.99, "food101": 3.88}  # at 4000 labels
-NA = "–"
-
-def read(path):
-    try:
-        return open(path).read().strip()
-    except OSError:
-        return None
-
-# every cell on disk, plus the configured grid (so unstarted cells show as missing)
-cells = {}                               # (dataset, labels, method) -> {seed: state dict}
-for d_ in glob.glob(os.path.join(out, "*", "*", "*", "seed*")):
-    d, l, m, s = os.path.relpath(d_, out).split(os.sep)
-    if not l.isdigit() or not s[4:].isdigit() or m not in dict(ALL):
-        continue
-    res = read(os.path.join(d_, "results.json"))
-    cells.setdefault((d, int(l), m), {})[int(s[4:])] = dict(
-        res=json.loads(res) if res else None,
-        started=os.path.exists(os.path.join(d_, "split.json")),
-        failed=read(os.path.join(d_, "failed")), unavailable=read(os.path.join(d_, "unavailable")),
-        dir=d_)
-METHODS = [(m, n) for m, n in ALL if m in configured.split() or any(k[2] == m for k in cells)]
-found_d = sorted({k[0] for k in cells} - set(datasets.split()))
-rows = sorted({(d, int(l)) for d in datasets.split() for l in labels.split()}
-              | {k[:2] for k in cells}, key=lambda r: ((datasets.split() + found_d).index(r[0]), r[1]))
-
-def finished(d, l, m):
-    return {s: c["res"] for s, c in cells.get((d, l, m), {}).items() if c["res"]}
-
-def stat(xs, signed=False):
-    f = "{:+.2f}" if signed else "{:.2f}"
-    if len(xs) == 1:
-        return f"{f.format(xs[0])} (n=1)"
-    return f"{f.format(statistics.mean(xs))} ± {statistics.stdev(xs):.2f} (n={len(xs)})"
-
-def acc(d, l, m):
-    done = finished(d, l, m)
-    if done:
-        return stat([100 * r["test_acc"] for r in done.values()])
-    states = cells.get((d, l, m), {}).values()
-    return ("failed" if any(c["failed"] for c in states) else
-            "running" if any(c["started"] for c in states) else NA)
-
-def delta(d, l, a, b):                   # per-seed difference: a KD cell reuses its seed's outer
-    A, B = finished(d, l, a), finished(d, l, b)
-    xs = [100 * (A[s]["test_acc"] - B[s]["test_acc"]) for s in sorted(A.keys() & B.keys())]
-    return stat(xs, signed=True) if xs else NA
-
-def duration(sec):
-    return f"{sec:.0f} s" if sec < 120 else f"{sec / 60:.0f} min" if sec < 7200 else f"{sec / 3600:.1f} h"
-
-def wall(d, l):                          # a KD cell's cost includes the outer SNN it reused
-    fm, parts = finished(d, l, "fixmatch"), []
-    for m, short in ((m, SHORT[m]) for m in dict(METHODS)):
-        done = finished(d, l, m)
-        xs = [r["wall_s"] + (fm[s]["wall_s"] if m.startswith("kd") else 0)
-              for s, r in done.items() if not m.startswith("kd") or s in fm]
-        parts.append(f"{short} {duration(statistics.mean(xs))}" if xs else f"{short} {NA}")
-    return ", ".join(parts) if finished(d, l, "fixmatch") or finished(d, l, "fixmatch-2x") else NA
-
-def trusted(d, l):
-    rs = list(finished(d, l, "kd-ce").values()) or list(finished(d, l, "kd-sce").values())
-    ts = [r["trusted"] for r in rs if r.get("trusted")]
-    if not ts:
-        return NA, NA
-    size = f"{statistics.mean(t['trusted_size'] for t in ts):.0f} / {ts[0]['unlabeled']}"
-    prec = [100 * t["trusted_precision"] for t in ts if t["trusted_precision"] is not None]
-    return size, (stat(prec) if prec else NA)
-
-def paper(d, l):
-    return "n/a" if d not in PAPER else f"+{PAPER[d]:.2f}" if l == 4000 else "unknown"
-
-# what the rows are, as recorded in results.json where there are any
-recorded = [r for (d, l, m), c in cells.items() for r in finished(d, l, m).values()]
-archs = sorted({r["arch"] for r in recorded}) or [arch]
-ks = sorted({r["steps"] for r in recorded if r["method"] == "kdfixmatch"}) or [int(steps)]
-seeds_seen = sorted({r["seed"] for r in recorded})
-head = [name for _, name in METHODS] + [
-        "KD(CE) − FixMatch", "KD(SCE) − FixMatch", "KD(CE) − FixMatch 2x", "paper's gain",
-        "trusted size", "trusted precision (%)", "wall time per cell"]
-lines = [
-    "# FixMatch vs KD-FixMatch: test accuracy (%)", "",
-    f"Rows: datasets {', '.join(d for d in dict.fromkeys(r[0] for r in rows))}; labels "
-    f"{', '.join(map(str, sorted({r[1] for r in rows})))}; arch {', '.join(archs)}; "
-    f"K = {', '.join(map(str, ks))} steps per SNN; seeds 0..{int(seeds) - 1} configured"
-    f"{', finished: ' + ', '.join(map(str, seeds_seen)) if seeds_seen else ''}.",
-    "Accuracy: test accuracy of the final EMA model, mean ± sample std over the finished seeds "
-    "(n = how many; `running` = started, not finished; `–` = not started).",
-    "KD − FixMatch: mean ± std of the per-seed difference in accuracy points (a KD cell's outer "
-    "SNN is the FixMatch cell of its seed). FixMatch 2x steps: FixMatch trained 2K steps, the "
-    "SGD steps of KD-FixMatch's outer + inner SNNs (compute-matched; not in the paper).",
-    "Paper's gain: the KD-FixMatch − FixMatch gain the paper reports at 4000 labels, in accuracy "
-    "points; it gives no absolute accuracies and no other cells publicly (`unknown`; `n/a` = "
-    "not a paper dataset). Trusted: the KD cells' trusted subset (after DEC) of the unlabeled set, "
-    "size and pseudo-label precision. Wall time: mean of results.json's wall_s per cell (not "
-    "counting Python's start); a KD cell's includes its reused FixMatch outer SNN.", "",
-    "| dataset | labels | " + " | ".join(head) + " |", "|---|---:|" + "---:|" * len(head)]
-unavailable, failed = {}, []
-for (d, l, m), c in sorted(cells.items()):
-    for s, st in sorted(c.items()):
-        if st["unavailable"] and not any(finished(d, l_, m_) for d_, l_, m_ in cells if d_ == d):
-            unavailable.setdefault(d, st["unavailable"].replace("kdfixmatch.py: error: ", ""))
-        if st["failed"] and not st["res"]:
-            failed.append((os.path.relpath(st["dir"], out), st["failed"].splitlines()[-1]))
-for d, l in rows:
-    if d in unavailable:
-        if l == min(l_ for d_, l_ in rows if d_ == d):    # one row for the whole dataset
-            lines.append(f"| {d} | all | unavailable offline: {unavailable[d]} |"
-                         + " |" * (len(head) - 1))
-        continue
-    lines.append(f"| {d} | {l} | " + " | ".join(
-        [acc(d, l, m) for m in dict(METHODS)] + [delta(d, l, "kd-ce", "fixmatch"),
-         delta(d, l, "kd-sce", "fixmatch"), delta(d, l, "kd-ce", "fixmatch-2x"), paper(d, l),
-         *trusted(d, l), wall(d, l)]) + " |")
-if failed:
-    lines += ["", "Failed cells (see run.log in the cell's directory):"]
-    lines += [f"- `{p}`: {msg}" for p, msg in failed]
-
-# the plot: accuracy against label count, one panel per dataset, one line per method
-plotted = [d for d in dict.fromkeys(r[0] for r in rows)
-           if any(finished(d, l, m) for d_, l in rows if d_ == d for m in dict(METHODS))]
-png, note = os.path.join(out, "table.png"), None
-try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-except ImportError:
-    note = "table.png not written: matplotlib is not installed (pip install matplotlib)."
-if note is None and not plotted:
-    note = "table.png not written: no cell has finished yet."
-if note is None:
-    fig, axes = plt.subplots(1, len(plotted), figsize=(4.5 * len(plotted), 3.6), squeeze=False)
-    for ax, d in zip(axes[0], plotted):
-        for m, name in METHODS:
-            pts = [(l, [100 * r["test_acc"] for r in finished(d, l, m).values()])
-                   for d_, l in rows if d_ == d and finished(d, l, m)]
-            if pts:
-                ax.errorbar([p[0] for p in pts], [statistics.mean(p[1]) for p in pts],
-                            [statistics.stdev(p[1]) if len(p[1]) > 1 else 0 for p in pts],
-                            marker="o", capsize=3, label=name)
-        ls = sorted({l for d_, l in rows if d_ == d})
-        ax.set(xscale="log", title=d, xlabel="labels", ylabel="test accuracy (%)")
-        ax.set_xticks(ls, [str(l) for l in ls])
-        ax.minorticks_off()
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png + ".tmp.png", dpi=120)
-    os.replace(png + ".tmp.png", png)
-else:
-    if os.path.exists(png):
-        os.remove(png)                   # a plot of older results would mislead
-    lines += ["", f"Note: {note}"]
-os.makedirs(out, exist_ok=True)
-with open(os.path.join(out, "table.md.tmp"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-os.replace(os.path.join(out, "table.md.tmp"), os.path.join(out, "table.md"))
-print("\n".join(lines))
-print(f"\nwrote {os.path.join(out, 'table.md')}" + (f" and {png}" if note is None else f"\n{note}"))
-PY
+    "$PY" "$REPO/report.py" --out-dir "$OUT_DIR" --datasets "$DATASETS" --labels "$LABELS" \
+        --seeds "$SEEDS" --steps "$STEPS" --arch "$ARCH" --methods "${METHODS[*]}"
 }
 
 if [[ $MODE == table ]]; then summarise; exit; fi
@@ -347,6 +202,27 @@ for c in "${CELLS[@]}"; do                  # a finished cell must match the con
         "--arch than $ARCH; choose another --out-dir"
 done
 
+command -v flock >/dev/null || die "flock not found: install util-linux (it locks each cell)"
+gpu_count() {  # the CUDA GPUs here, numbered as a cell's CUDA_VISIBLE_DEVICES numbers them
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU '
+    else
+        env -u CUDA_VISIBLE_DEVICES "$PY" -c 'import torch; print(torch.cuda.device_count())' \
+            2>/dev/null || echo 0
+    fi
+}
+if [[ -n $GPUS ]]; then
+    ngpu=$(gpu_count) have="no CUDA GPU here"
+    ((ngpu > 0)) && have="the CUDA GPUs here are 0..$((ngpu - 1))"
+    for id in $GPUS; do
+        ((id < ngpu)) || die "--gpus: there is no GPU $id ($have); name GPUs that exist, or" \
+            "leave --gpus out to run on the CPU"
+    done
+    # A cell that cannot use its GPU then fails, rather than training on the CPU unnoticed.
+    [[ " ${EXTRA[*]} " == *" --device"* ]] || EXTRA+=(--device cuda)
+fi
+mkdir -p "$OUT_DIR" 2>/dev/null && [[ -w $OUT_DIR ]] || die "--out-dir $OUT_DIR: cannot write" \
+    "there; choose another --out-dir"
 SLOTS=(${GPUS:-cpu-or-default})             # slot name = the GPU id given to CUDA_VISIBLE_DEVICES
 if [[ -n $GPUS && " ${EXTRA[*]} " != *" --workers "* ]]; then  # share the CPU between the cells
     EXTRA+=(--workers $(($(nproc) / ${#SLOTS[@]} > 0 ? $(nproc) / ${#SLOTS[@]} : 1)))
@@ -358,9 +234,26 @@ log() { echo "[$(date +%H:%M:%S)] $*"; }
 run_cell() {  # index slot: runs in the background; the outcome is left in the cell's directory
     local i=$1 slot=$2 d l m s
     read -r d l m s <<<"${CELLS[i]}"
-    local dir resume="" py rc t0=$SECONDS
+    local dir resume="" py rc t0=$SECONDS lock
     dir=$(cell_dir $d $l $m $s)
-    mkdir -p "$dir" && rm -f "$dir/failed" "$dir/unavailable"
+    if ! mkdir -p "$dir"; then
+        log "[$((i + 1))/$N] $d $l $m seed$s ... not run: cannot create $dir"
+        return
+    fi
+    # One sweep at a time runs a cell: a second run_all.sh on this --out-dir waits for the first
+    # to finish it (and then skips it) instead of starting kdfixmatch.py on a run directory that
+    # is in use, which used to fail and leave a failure mark beside the first one's results.
+    # The kernel drops the lock when its holder dies (kdfixmatch.py inherits it), so none is stale.
+    exec {lock}>>"$dir/run_all.lock"
+    if ! flock -n "$lock"; then
+        log "[$((i + 1))/$N] $d $l $m seed$s ... another run_all.sh is running it; waiting"
+        flock "$lock"
+    fi
+    if [[ -f $dir/results.json ]]; then
+        log "[$((i + 1))/$N] $d $l $m seed$s ... done (by another run_all.sh)"
+        return
+    fi
+    rm -f "$dir/failed" "$dir/unavailable"
     [[ -f $dir/split.json ]] && resume=--resume
     cell_cmd $d $l $m $s
     printf '\n==== run_all.sh %s: %s\n' "$(date)" "${CMD[*]} $resume" >>"$dir/run.log"
@@ -408,8 +301,14 @@ for ((i = 0; i < N; i++)); do
 done
 log "$(count_done) done, ${#pending[@]} to go; ${#SLOTS[@]} at a time; results in $OUT_DIR"
 
+is_busy() {  # d l m s: another run_all.sh holds the cell's lock (it is running the cell)
+    local f
+    f=$(cell_dir "$@")/run_all.lock
+    [[ -f $f ]] && ! flock -n "$f" true
+}
+
 next_cell() {  # -> NEXT: the first pending cell that can start now (-1: none); drops dead cells
-    local keep=() i d l m s
+    local keep=() i d l m s busy=-1
     NEXT=-1
     for i in "${pending[@]}"; do
         read -r d l m s <<<"${CELLS[i]}"
@@ -423,8 +322,18 @@ next_cell() {  # -> NEXT: the first pending cell that can start now (-1: none); 
             fi
             keep+=("$i"); continue          # waits while its outer cell is pending or running
         fi
-        if ((NEXT < 0)); then NEXT=$i; else keep+=("$i"); fi
+        if ((NEXT < 0)) && ! is_busy $d $l $m $s; then
+            NEXT=$i
+        else
+            ((busy >= 0 || NEXT >= 0)) || busy=$i   # another sweep runs it: others first
+            keep+=("$i")
+        fi
     done
+    if ((NEXT < 0 && busy >= 0)); then          # only busy cells can start: wait for one
+        NEXT=$busy
+        pending=("${keep[@]}") keep=()
+        for i in "${pending[@]}"; do [[ $i == "$busy" ]] || keep+=("$i"); done
+    fi
     pending=("${keep[@]}")
 }
 
@@ -446,6 +355,7 @@ while :; do
         d=${CELLS[${AT[$slot]}]%% *}
         [[ -f $dir/unavailable && $unavail != *" $d "* ]] && unavail+="$d "
         [[ -f $dir/results.json ]] || ended_bad+="$dir "
+        [[ -d $dir ]] || nblocked=$((nblocked + 1))
         unset "PID[$slot]" "AT[$slot]"
         log "$(count_done) done, $((${#pending[@]} + ${#PID[@]})) to go"
     done

@@ -2634,3 +2634,711 @@ def test_dec_iters_counts_the_steps_taken():
     z, y = _blobs(seed=0)
     for cap in (1, 5):  # at the cap: cap steps (it said cap - 1)
         assert kd.dec_cluster(z, y, 4, max_iters=cap, tol=0.0, n_init=1)[1]["iters"] == cap
+
+
+# ---- kernels.py: the self-check at first use, provenance in results.json, and .ci/gpu
+_LINE = "kernels.py: {} self-check failed on {} ("
+
+
+@pytest.fixture
+def first_use(monkeypatch):
+    """A fresh process's record (no kernel checked or run yet), restored afterwards; without a GPU
+    the Triton path is forced for CPU tensors, which the interpreter runs."""
+    monkeypatch.setattr(kernels, "_SELF_CHECKS", {})
+    monkeypatch.setattr(kernels, "_CALLED", {})
+    if _DEV == "cpu":
+
+        def always(t):
+            return True
+
+        monkeypatch.setattr(kernels, "_use_triton", always)
+    return monkeypatch
+
+
+def _device_name():
+    return kernels._device_name(torch.device(_DEV, 0) if _DEV == "cuda" else torch.device("cpu"))
+
+
+def _loss_inputs(B=6, C=5, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    weak = (3 * torch.randn(B, C, generator=gen)).to(dtype).to(_DEV)
+    strong = torch.randn(B, C, generator=gen).to(dtype).to(_DEV).requires_grad_()
+    trusted = torch.tensor([-1, 2, -1, 0, 4, -1][:B], device=_DEV)
+    return weak, strong, trusted
+
+
+def _images(N=4, C=3, H=8, W=8):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (N, C, H, W), dtype=torch.uint8, generator=gen).to(_DEV)
+
+
+def _one_failure_line(capsys, kernel):
+    """The run's stderr: exactly one line, the self-check failure of kernel."""
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(_LINE.format(kernel, _device_name())), err
+    assert lines[0].endswith("); using the PyTorch path"), err
+    return lines[0]
+
+
+def _check_inputs(case):
+    """The arguments self_check takes for a kernel, as a call of each kind would hand them."""
+    if case == "augment rgb 8x8":
+        return (_images(1, 3, 8, 8),)
+    if case == "augment gray 13x17":
+        return (_images(1, 1, 13, 17),)
+    if case == "loss fp32":
+        return (*_loss_inputs()[:2], 0.1, 1.0, -4.0)
+    if case == "loss bf16, CIFAR-100's SCE":
+        return (*_loss_inputs(dtype=torch.bfloat16)[:2], 6.0, 0.1, -9.21)
+    z, mu = torch.zeros(3, 20, device=_DEV), torch.zeros(7, 20, device=_DEV)
+    if case == "dec alpha 1":
+        return z, mu, 1.0
+    return z, mu, 2.5
+
+
+@_needs_triton
+@pytest.mark.parametrize(
+    "case",
+    [
+        "augment rgb 8x8",
+        "augment gray 13x17",
+        "loss fp32",
+        "loss bf16, CIFAR-100's SCE",
+        "dec alpha 1",
+        "dec alpha 2.5",
+    ],
+)
+def test_self_check_passes_for_the_real_kernels(case):
+    # on a small input shaped like the call's: every op and Cutout, weak and strong; masked,
+    # trusted and untrusted rows, CE and SCE, with gradients; DEC forward and backward
+    kernel = dict(augment="augment", loss="masked_pseudo_label_loss", dec="dec_soft_assign")
+    assert kernels.self_check(kernel[case.split()[0]], *_check_inputs(case)) is None
+
+
+@_needs_triton
+def test_first_use_checks_once_and_records_the_triton_path(first_use, capsys):
+    weak, strong, trusted = _loss_inputs()
+    z, mu = torch.randn(9, 4, device=_DEV), torch.randn(3, 4, device=_DEV)
+    x = _images()
+    checked = []
+    real_check = kernels.self_check
+
+    def counting_check(kernel, *inputs):
+        checked.append(kernel)
+        return real_check(kernel, *inputs)
+
+    first_use.setattr(kernels, "self_check", counting_check)
+    for _ in range(2):
+        got = kernels.masked_pseudo_label_loss(weak, strong, 0.6, trusted, "sce")
+        want = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.6, trusted, "sce")
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+        q = kernels.dec_soft_assign(z, mu)
+        torch.testing.assert_close(q, kernels.dec_soft_assign_torch(z, mu), atol=1e-6, rtol=1e-5)
+        assert kernels.augment_takes(x)
+    assert checked == ["masked_pseudo_label_loss", "dec_soft_assign", "augment"]
+    assert capsys.readouterr().err == ""
+    version = __import__("triton").__version__
+    assert kernels.provenance() == {
+        name: dict(path="triton", triton=version, device=_device_name())
+        for name in ("masked_pseudo_label_loss", "dec_soft_assign", "augment")
+    }
+    kernels.reset_provenance()
+    assert kernels.provenance() == {}
+
+
+def test_provenance_of_the_pytorch_path(first_use, capsys):
+    # CPU tensors outside a forced test, KDFM_NO_TRITON=1, images over AUG_MAX_PIXELS: "torch",
+    # and no self-check runs
+    first_use.setattr(kernels, "_use_triton", _never)
+    side = 33
+    assert not kernels.augment_takes(torch.zeros(1, 3, side, side, dtype=torch.uint8))
+    kernels.dec_soft_assign(torch.randn(5, 4), torch.randn(2, 4))
+    report = kernels.provenance()
+    assert set(report) == {"augment", "dec_soft_assign"}
+    assert all(entry["path"] == "torch" for entry in report.values())
+    assert report["augment"]["device"] == "cpu" and kernels._SELF_CHECKS == {}
+    assert capsys.readouterr().err == ""
+
+
+def _never(t):
+    return False
+
+
+@_needs_triton
+def test_loss_self_check_mismatch_falls_back_to_pytorch(first_use, capsys):
+    # a kernel whose loss is 2 % too large: one line, then the reference for the rest of the run
+    real = kernels._masked_pseudo_label_loss_triton
+    calls = []
+
+    def scaled(*args, **kw):
+        calls.append(1)
+        value, mask, target = real(*args, **kw)
+        return value * 1.02, mask, target
+
+    first_use.setattr(kernels, "_masked_pseudo_label_loss_triton", scaled)
+    weak, strong, trusted = _loss_inputs()
+    for _ in range(3):
+        got = kernels.masked_pseudo_label_loss(weak, strong, 0.6, trusted, check=False)
+        want = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.6, trusted)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    line = _one_failure_line(capsys, "masked_pseudo_label_loss")
+    assert "CE: loss: 1 of 1 values differ" in line
+    # the check's first case failed; the kernel never ran for the calls themselves
+    assert len(calls) == 1
+    path = kernels.provenance()["masked_pseudo_label_loss"]["path"]
+    assert path.startswith("torch after a failed self-check: CE: loss: 1 of 1 values differ")
+
+
+@_needs_triton
+def test_loss_self_check_catches_a_wrong_gradient(first_use, capsys):
+    # the value right, d loss / d strong wrong on SCE only (the third case, upstream 0.5)
+    real = kernels._masked_pseudo_label_loss_triton
+
+    def wrong_sce_grad(weak, strong, tau, trusted=None, loss="ce", *rest, **kw):
+        value, mask, target = real(weak, strong, tau, trusted, loss, *rest, **kw)
+        if loss == "sce":
+            # The same value; every entry of the gradient 1e-3 larger.
+            total = strong.float().sum()
+            value = value + 1e-3 * (total - total.detach())
+        return value, mask, target
+
+    first_use.setattr(kernels, "_masked_pseudo_label_loss_triton", wrong_sce_grad)
+    weak, strong, trusted = _loss_inputs()
+    kernels.masked_pseudo_label_loss(weak, strong, 0.6, trusted, "sce")
+    line = _one_failure_line(capsys, "masked_pseudo_label_loss")
+    assert "SCE, trusted labels: d loss / d strong_logits:" in line
+
+
+@_needs_triton
+def test_augment_self_check_mismatch_falls_back_to_the_ops(first_use, capsys):
+    # a kernel one gray level off on one pixel: apply_plan takes its own ops from then on
+    real = kernels._augment_triton
+
+    def off_by_one(x, prm, strong):
+        out = real(x, prm, strong)
+        out.view(-1)[5] += 1
+        return out
+
+    first_use.setattr(kernels, "_augment_triton", off_by_one)
+    x = _images(6, 3, 8, 8)
+    plan = kd.draw_plan(6, 8, 8, True, True, torch.Generator().manual_seed(0))
+    got = kd.apply_plan(x, plan)
+    line = _one_failure_line(capsys, "augment")
+    assert "weak views: 1 of 5376 pixels differ, the first in image 0" in line
+    assert not kernels.augment_takes(x)
+    with first_use.context() as m:
+        m.setattr(kernels, "_use_triton", _never)
+        assert torch.equal(got, kd.apply_plan(x, plan))
+    path = kernels.provenance()["augment"]["path"]
+    assert path.startswith("torch after a failed self-check: weak views: 1 of 5376 pixels")
+    assert capsys.readouterr().err == ""
+
+
+@_needs_triton
+@pytest.mark.parametrize("kernel", ["augment", "masked_pseudo_label_loss", "dec_soft_assign"])
+def test_self_check_exception_falls_back_to_pytorch(kernel, first_use, capsys):
+    # a kernel that raises, as a failed compile does (a message of several lines): one line
+    def broken(*args, **kw):
+        raise RuntimeError(
+            "at 12:8:\n    x = tl.load(ptr)\n        ^\nptxas fatal: out of registers"
+        )
+
+    name = dict(
+        augment="_augment_triton",
+        masked_pseudo_label_loss="_masked_pseudo_label_loss_triton",
+        dec_soft_assign="_dec_soft_assign_triton",
+    )[kernel]
+    first_use.setattr(kernels, name, broken)
+    if kernel == "augment":
+        x = _images()
+        plan = kd.draw_plan(4, 8, 8, True, True, torch.Generator().manual_seed(1))
+        kd.apply_plan(x, plan)
+        assert not kernels.augment_takes(x)
+    elif kernel == "masked_pseudo_label_loss":
+        weak, strong, trusted = _loss_inputs()
+        got = kernels.masked_pseudo_label_loss(weak, strong, 0.6, trusted)
+        want = kernels.masked_pseudo_label_loss_torch(weak, strong, 0.6, trusted)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    else:
+        z, mu = torch.randn(9, 4, device=_DEV), torch.randn(3, 4, device=_DEV)
+        assert torch.equal(kernels.dec_soft_assign(z, mu), kernels.dec_soft_assign_torch(z, mu))
+    line = _one_failure_line(capsys, kernel)
+    failure = "RuntimeError: at 12:8: ... ptxas fatal: out of registers"
+    assert line.endswith(f"({failure}); using the PyTorch path")
+    path = kernels.provenance()[kernel]["path"]
+    assert path == f"torch after a failed self-check: {failure}"
+
+
+_TINY_FIXMATCH = ["--labels", "20", "--steps", "4", "--eval-every", "2", "--batch-size", "4"]
+_TINY_FIXMATCH += ["--mu", "1", "--workers", "0", "--method", "fixmatch", "--device", _DEV]
+
+
+@_needs_triton
+def test_results_json_records_kernel_provenance(first_use, capsys, tmp_path):
+    # a run (digits, 8 x 8 images) whose augmentation kernel fails its self-check: one line,
+    # the per-op path for the rest of the run, and results.json says so
+    real = kernels._augment_triton
+
+    def off_by_one(x, prm, strong):
+        out = real(x, prm, strong)
+        out.view(-1)[7] += 1
+        return out
+
+    first_use.setattr(kernels, "_augment_triton", off_by_one)
+    out = tmp_path / "run"
+    kd.main([*_TINY_FIXMATCH, "--out", str(out)])
+    err = capsys.readouterr().err
+    # digits: 28 one-channel 8 x 8 images in the check, 1792 pixels
+    failure = "weak views: 1 of 1792 pixels differ, the first in image 0"
+    line = f"{_LINE.format('augment', _device_name())}{failure}); using the PyTorch path"
+    assert err.count("self-check failed") == 1 and line in err.splitlines(), err
+    report = json.load(open(out / "results.json"))["kernels"]
+    version = __import__("triton").__version__
+    assert report["augment"] == dict(
+        path=f"torch after a failed self-check: {failure}", triton=version, device=_device_name()
+    )
+    # the loss, where the run hands it to kernels.py, passed its check
+    for kernel, entry in report.items():
+        assert entry["triton"] == version and entry["device"] == _device_name()
+        if kernel != "augment":
+            assert entry["path"] == "triton", report
+
+
+def test_plan_rows_are_what_apply_plan_hands_the_kernel(monkeypatch):
+    # the self-check builds augment's parameter rows itself: the same as apply_plan's
+    handed = []
+
+    def capture(x, prm, strong):
+        handed.append((prm, strong))
+        return x.clone()
+
+    def takes(x):
+        return True
+
+    monkeypatch.setattr(kernels, "augment_takes", takes)
+    monkeypatch.setattr(kernels, "augment", capture)
+    x = torch.zeros(30, 3, 13, 17, dtype=torch.uint8)
+    for strong in (False, True):
+        plan = kd.draw_plan(30, 13, 17, True, strong, torch.Generator().manual_seed(2))
+        kd.apply_plan(x, plan)
+        prm, was_strong = handed[-1]
+        assert was_strong == strong
+        assert torch.equal(prm.cpu(), kernels._plan_rows(kd, plan, 13, 17, strong))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_ci_gpu_without_cuda_exits_2_with_one_line(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable)
+    r = subprocess.run(
+        ["bash", str(HERE / ".ci" / "gpu"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=HERE,
+        env=env,
+    )
+    lines = (r.stdout + r.stderr).splitlines()
+    assert r.returncode == 2 and len(lines) == 1, (r.returncode, r.stdout, r.stderr)
+    assert "CUDA" in lines[0] and not out.exists()
+
+
+def test_ci_gpu_without_arguments_exits_2_with_one_line():
+    r = subprocess.run(
+        ["bash", str(HERE / ".ci" / "gpu")], capture_output=True, text=True, timeout=60, cwd=HERE
+    )
+    lines = (r.stdout + r.stderr).splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "OUT_DIR" in lines[0], (r.stdout, r.stderr)
+
+
+# ---- README.md and RESULTS.md, report.py's table and plots, run_all.sh's --gpus and cell locks
+import fcntl  # noqa: E402
+
+import report  # noqa: E402
+
+_REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def _popen_run_all(log_path, *args, **env):
+    e = {k: v for k, v in os.environ.items() if k not in _RUN_ALL_ENV}
+    e.update(PYTHON=sys.executable, **{k: str(v) for k, v in env.items()})
+    log = open(log_path, "w")
+    return subprocess.Popen(["bash", _RUN_ALL, *args], env=e, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline:
+        time.sleep(0.2)
+    return predicate()
+
+
+# ---- README.md and RESULTS.md: links, line references, length
+
+
+def _doc(name):
+    with open(os.path.join(_REPO, name)) as f:
+        return f.read()
+
+
+def _slug(heading):
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_readme_is_at_most_300_lines():
+    assert len(_doc("README.md").splitlines()) <= 300
+
+
+def test_readme_line_references_point_at_their_defs():
+    # ``name`` ([kdfixmatch.py:N](kdfixmatch.py#LN)): line N of kdfixmatch.py defines name.
+    refs = re.findall(
+        r"`(\w+)` \(\[kdfixmatch\.py:(\d+)\]\(kdfixmatch\.py#L(\d+)\)\)", _doc("README.md")
+    )
+    names = {name for name, _, _ in refs}
+    for name in ("fixmatch_step", "select_confident", "dec_cluster", "sce_loss", "train_snn"):
+        assert name in names, name
+    with open(os.path.join(_REPO, "kdfixmatch.py")) as f:
+        code = f.read().splitlines()
+    for name, shown, target in refs:
+        assert shown == target, (name, shown, target)
+        assert 1 <= int(shown) <= len(code), (name, shown)
+        assert f"def {name}(" in code[int(shown) - 1], (name, shown, code[int(shown) - 1])
+
+
+def _anchors(text):
+    return {_slug(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("name", ["README.md", "RESULTS.md"])
+def test_doc_links_resolve_inside_the_repository(name):
+    text = _doc(name)
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links
+    for link in links:
+        if re.match(r"[a-z]+:", link):  # http(s), mailto: not a file
+            continue
+        path, _, anchor = link.partition("#")
+        full = os.path.realpath(os.path.join(_REPO, path or name))
+        assert full.startswith(_REPO + os.sep), f"{name}: {link} is outside the repository"
+        assert os.path.exists(full), f"{name}: {link} does not exist"
+        if anchor and full.endswith(".md"):  # #L123 in a source file is a line, not a heading
+            with open(full) as f:
+                assert anchor in _anchors(f.read()), f"{name}: {link}: no such heading"
+    # Files that are not in the repository are not referred to (the notes beside it, a shim).
+    for outside in ("NOTES.md", ".gpu/", "../shared"):
+        assert outside not in text, f"{name} refers to {outside}"
+
+
+def test_readme_test_command_is_the_one_ci_runs():
+    ci = _doc(".ci/run")
+    command = "python -m pytest -q test_kdfixmatch.py"
+    assert command in ci and command in _doc("README.md")
+
+
+# ---- report.py: the table's data and the three pictures
+
+
+def _cell(out, dataset, labels, method, seed, acc=None, curve=(), steps=40, trusted=None):
+    """A cell as kdfixmatch.py leaves it: split.json, config.json, metrics.jsonl, results.json."""
+    d = os.path.join(out, dataset, str(labels), method, f"seed{seed}")
+    os.makedirs(d)
+    with open(os.path.join(d, "split.json"), "w") as f:
+        json.dump(dict(dataset=dataset, labels=labels, seed=seed), f)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(dict(steps=2 * steps if method == "fixmatch-2x" else steps), f, indent=2)
+    stage = report.STAGE[method]
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        for step, a in curve:
+            f.write(json.dumps(dict(stage=stage, step=step, test_acc=a, loss=1.0)) + "\n")
+    if acc is not None:
+        res = dict(
+            method="kdfixmatch" if method.startswith("kd") else "fixmatch",
+            arch="small_cnn",
+            seed=seed,
+            steps=2 * steps if method == "fixmatch-2x" else steps,
+            test_acc=acc,
+            wall_s=10.0,
+        )
+        if trusted:
+            res["trusted"] = dict(unlabeled=1500, trusted_size=trusted, trusted_precision=0.9)
+        with open(os.path.join(d, "results.json"), "w") as f:
+            json.dump(res, f, indent=2)
+    return d
+
+
+def _sweep(out):
+    """digits 20 and 50 labels, seeds 0 and 1, K = 40: every method's curve, all finished but
+    digits 50 seed 1's KD (SCE) cell, which is still running (a curve, no results)."""
+    accs = {
+        "fixmatch": (0.60, 0.70),
+        "kd-ce": (0.66, 0.71),
+        "kd-sce": (0.62, None),
+        "fixmatch-2x": (0.68, 0.75),
+    }
+    for labels in (20, 50):
+        for method, per_seed in accs.items():
+            for seed, acc in enumerate(per_seed):
+                last = acc if acc is not None else 0.5
+                curve = [(20, last - 0.1), (40, last)]
+                if method == "fixmatch-2x":
+                    curve += [(60, last), (80, last)]
+                if labels == 20 and acc is None:
+                    acc = last
+                _cell(out, "digits", labels, method, seed, acc, curve, trusted=900)
+
+
+def test_report_curve_of_a_kd_cell_starts_after_its_outer_snn(tmp_path):
+    out = str(tmp_path)
+    fm = _cell(out, "digits", 50, "fixmatch", 0, 0.7, [(20, 0.5), (40, 0.7)])
+    kd = _cell(out, "digits", 50, "kd-ce", 0, 0.8, [(20, 0.6), (40, 0.8)])
+    with open(os.path.join(kd, "metrics.jsonl"), "a") as f:
+        f.write('{"stage": "inner", "step": 6')  # cut short by a power loss: skipped
+    with open(os.path.join(fm, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(dict(stage="inner", step=99, test_acc=0.1)) + "\n")  # not its stage
+    cells = report.read_cells(out)
+    assert report.curves(cells, "digits", 50, "fixmatch", 40) == {0: ([20, 40], [50.0, 70.0])}
+    # The inner SNN's steps come after the outer SNN's K = 40 (config.json's --steps).
+    assert report.curves(cells, "digits", 50, "kd-ce", 999) == {0: ([60, 80], [60.0, 80.0])}
+    per_seed = {0: ([10, 20, 30], [1.0, 2.0, 3.0]), 1: ([10, 20], [3.0, 4.0])}
+    assert report.mean_curve(per_seed) == ([10, 20], [2.0, 3.0])  # steps both seeds reached
+
+
+def test_report_paired_differences_are_per_seed(tmp_path):
+    out = str(tmp_path)
+    _sweep(out)
+    cells = report.read_cells(out)
+    diffs = report.paired_differences(cells, "digits", 50, "kd-ce", "fixmatch")
+    assert diffs == pytest.approx({0: 6.0, 1: 1.0})
+    diffs = report.paired_differences(cells, "digits", 50, "kd-sce", "fixmatch-2x")
+    assert diffs == pytest.approx({0: -6.0})  # seed 1's KD (SCE) has not finished
+    assert report.delta(cells, "digits", 50, "kd-ce", "fixmatch-2x") == "-3.00 ± 1.41 (n=2)"
+
+
+def _overlaps(a, b):
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_report_figures_are_labelled_and_their_legend_covers_nothing(tmp_path):
+    out = str(tmp_path)
+    _sweep(out)
+    cells = report.read_cells(out)
+    plt = report.load_pyplot()
+    if plt is None:
+        pytest.skip("matplotlib is not installed")
+    rows = report.table_rows(cells, ["digits"], [20, 50])
+    methods = report.shown_methods(cells, ["fixmatch", "kd-ce", "kd-sce", "fixmatch-2x"])
+    figures = {
+        "table": (report.plot_table(plt, cells, rows, methods), 1),
+        "curves": (report.plot_curves(plt, cells, rows, methods, 40), 2),
+        "paired": (report.plot_paired(plt, cells, rows), 2),
+    }
+    for name, (fig, panels) in figures.items():
+        renderer = fig.canvas.get_renderer()
+        axes = [ax for ax in fig.axes if ax.get_visible()]
+        assert len(axes) == panels, name
+        assert len(fig.legends) == 1, name
+        legend = fig.legends[0].get_window_extent(renderer)
+        assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1, name  # inside the figure
+        assert fig.bbox.y0 <= legend.y0, name
+        for ax in axes:
+            assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), name
+            assert not _overlaps(legend, ax.get_tightbbox(renderer)), name
+        plt.close(fig)
+    # paired.png: 4 pairs at 50 labels (KD (SCE) seed 0 only), one point per seed and a mean.
+    fig = report.plot_paired(plt, cells, rows)
+    ax50 = fig.axes[1]
+    assert [t.get_text() for t in ax50.get_xticklabels()] == [
+        "CE − FM",
+        "CE − FM 2x",
+        "SCE − FM",
+        "SCE − FM 2x",
+    ]
+    points = [line.get_ydata()[0] for line in ax50.lines if line.get_marker() == "o"]
+    assert sorted(points) == pytest.approx(sorted([6.0, 1.0, -2.0, -4.0, 2.0, -6.0]))
+    assert any(list(line.get_ydata()) == [0, 0] for line in ax50.lines)  # zero marked
+    plt.close(fig)
+
+
+def test_run_all_table_writes_curves_and_paired_png(tmp_path):
+    out = str(tmp_path / "results")
+    _sweep(out)
+    args = ("--table", "--datasets", "digits", "--labels", "20 50", "--seeds", "2", "--steps", "40")
+    r = _run_all(*args, OUT_DIR=out)
+    assert r.returncode == 0, r.stderr
+    mpl = report.load_pyplot()
+    if mpl is None:
+        pytest.skip("matplotlib is not installed")
+    for name in ("table.png", "curves.png", "paired.png"):
+        image = mpl.imread(os.path.join(out, name))
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400, name
+        assert image[..., :3].std() > 0.05, name  # not a blank picture
+    assert "not written" not in open(os.path.join(out, "table.md")).read()
+    # With nothing finished or logged, the plots are removed (they would show older results)
+    # and the table says why.
+    for method in report.METHODS:
+        for labels in (20, 50):
+            for seed in (0, 1):
+                d = os.path.join(out, "digits", str(labels), method, f"seed{seed}")
+                for f in ("results.json", "metrics.jsonl"):
+                    if os.path.exists(os.path.join(d, f)):
+                        os.remove(os.path.join(d, f))
+    r = _run_all(*args, OUT_DIR=out)
+    assert r.returncode == 0, r.stderr
+    text = open(os.path.join(out, "table.md")).read()
+    for name in ("table.png", "curves.png", "paired.png"):
+        assert not os.path.exists(os.path.join(out, name)), name
+        assert f"Note: {name} not written: " in text, name
+
+
+# ---- run_all.sh: --gpus checked, each cell locked against a second sweep
+
+
+def test_run_all_gpus_must_be_indices_each_once(tmp_path):
+    for gpus in ("foo", ",", "0,0", "", "0,,1", "1,x", "0, 1, 1"):
+        r = _run_all("--table", "--gpus", gpus)
+        assert r.returncode == 2 and r.stdout == "", gpus
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("run_all.sh: error: --gpus"), gpus
+    r = _run_all("--table", GPUS=",")  # the environment variable too
+    assert r.returncode == 2 and "--gpus" in r.stderr
+    r = _run_all("--table", "--gpus", "0, 1", OUT_DIR=tmp_path)
+    assert r.returncode == 0 and "--gpus" not in r.stderr  # a well-formed list passes
+
+
+def test_run_all_gpus_must_exist(tmp_path):
+    # GPU 99 is on no machine: the cells must not start (CUDA_VISIBLE_DEVICES=99 trains on the CPU)
+    out = str(tmp_path / "out")
+    r = _run_all("--smoke", "--gpus", "99", OUT_DIR=out, LABELS=20, SEEDS=1, STEPS=2, timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--gpus: there is no GPU 99" in lines[0]
+    assert not os.path.exists(out)
+
+
+def test_run_all_defers_and_waits_for_a_cell_another_sweep_holds(tmp_path):
+    out = str(tmp_path / "sweep")
+    outer = os.path.join(out, "digits", "20", "fixmatch", "seed0")
+    os.makedirs(outer)
+    lock = open(os.path.join(outer, "run_all.lock"), "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as a running sweep holds it (flock(1) is flock(2))
+    log = str(tmp_path / "log")
+    env = dict(OUT_DIR=out, LABELS=20, SEEDS=1, STEPS=10, EVAL_EVERY=10)
+    sweep = _popen_run_all(log, "--smoke", **env)
+    try:
+        # (Without the lock, the held cell would start at once: stop waiting then too.)
+        _wait_for(lambda: re.search("is running it|fixmatch seed0 ... start", open(log).read()))
+        text = open(log).read()
+        assert "digits 20 fixmatch seed0 ... another run_all.sh is running it" in text, text
+        # The free cell ran first; the held one waited, and nothing failed meanwhile.
+        assert "fixmatch-2x seed0 ... start" in text and "fixmatch seed0 ... start" not in text
+        assert not os.path.exists(os.path.join(outer, "failed"))
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+    assert sweep.wait(timeout=600) == 0, open(log).read()[-3000:]
+    text = open(log).read()
+    assert text.index("fixmatch-2x seed0 ... start") < text.index("fixmatch seed0 ... start")
+    for method in ("fixmatch", "kd-ce", "kd-sce", "fixmatch-2x"):
+        cell = os.path.join(out, "digits", "20", method, "seed0")
+        assert os.path.exists(os.path.join(cell, "results.json")), method
+        assert not os.path.exists(os.path.join(cell, "failed")), method
+
+
+def test_run_all_two_sweeps_on_one_out_dir(tmp_path):
+    # The second sweep starts while the first trains its first cell: neither marks the other's
+    # cells failed, every cell trains once, and both end with status 0.
+    out = str(tmp_path / "sweep")
+    env = dict(OUT_DIR=out, LABELS=50, SEEDS=1, STEPS=40, EVAL_EVERY=20)
+    first = _popen_run_all(str(tmp_path / "first.log"), "--smoke", **env)
+    outer = os.path.join(out, "digits", "50", "fixmatch", "seed0")
+    assert _wait_for(lambda: os.path.exists(os.path.join(outer, "split.json")))
+    second = _run_all("--smoke", **env)
+    assert first.wait(timeout=600) == 0, open(tmp_path / "first.log").read()[-3000:]
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
+    for method in ("fixmatch", "kd-ce", "kd-sce", "fixmatch-2x"):
+        cell = os.path.join(out, "digits", "50", method, "seed0")
+        assert os.path.exists(os.path.join(cell, "results.json")), method
+        assert not os.path.exists(os.path.join(cell, "failed")), method
+        with open(os.path.join(cell, "run.log")) as f:
+            assert f.read().count("==== run_all.sh") == 1, method  # trained by one sweep
+    for name in ("table.md", "table.png", "curves.png", "paired.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+
+
+# ---- The unlabeled loss written out in kdfixmatch.py, and --tensorboard (curves of a run)
+import importlib.util  # noqa: E402
+
+
+def test_unlabeled_loss_written_out_equals_the_kernels_reference_bit_for_bit():
+    # kdfixmatch.unlabeled_loss is the training path on a CPU (mask, Heuristic 1, CE or sce_loss);
+    # the fused kernel's reference in kernels.py must compute exactly the same numbers
+    g = torch.Generator().manual_seed(0)
+    weak = torch.randn(64, 10, generator=g) * 4
+    strong = torch.randn(64, 10, generator=g, requires_grad=True)
+    trusted = torch.randint(-1, 10, (64,), generator=g)
+    for t in (None, trusted):
+        for loss in ("ce", "sce"):
+            got = kd.unlabeled_loss(weak, strong, 0.9, t, loss, 0.3, 0.7, -2.0)
+            want = kernels.masked_pseudo_label_loss_torch(
+                weak, strong, 0.9, t, loss, 0.3, 0.7, -2.0
+            )
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+            (g_got,) = torch.autograd.grad(got[0], strong)
+            (g_want,) = torch.autograd.grad(want[0], strong)
+            assert torch.equal(g_got, g_want)
+    # the SCE path is sce_loss itself: alpha CE + beta (-A)(1 - p_y) on the unmasked rows
+    loss_u, mask, target = kd.unlabeled_loss(weak, strong, 0.9, trusted, "sce", 0.3, 0.7, -2.0)
+    per_sample = kd.sce_loss(strong, target, 0.3, 0.7, -2.0)
+    torch.testing.assert_close(loss_u, (per_sample * mask).sum() / 64)
+    p_y = strong.softmax(1).gather(1, target[:, None]).squeeze(1)
+    ce = F.cross_entropy(strong, target, reduction="none")
+    torch.testing.assert_close(per_sample, 0.3 * ce + 0.7 * 2.0 * (1 - p_y))
+
+
+def test_tensorboard_curves_read_back_with_tensorboards_own_reader(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "r"
+    argv = [*_TINY[:-2], "--steps", "8", "--eval-every", "4", "--tensorboard", "--out", str(out)]
+    res = kd.main(argv)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for stage in ("outer", "inner"):
+        ev = EventAccumulator(str(out / "tensorboard" / stage))
+        ev.Reload()
+        tags = set(ev.Tags()["scalars"])
+        assert {"loss", "lr", "mask", "pl_precision", "test_acc", "images_per_s"} <= tags
+        # the test accuracy curve is the metrics rows' EMA accuracy, step for step
+        acc = [(e.step, e.value) for e in ev.Scalars("test_acc")]
+        want = [(r["step"], r["test_acc"]) for r in rows if r["stage"] == stage]
+        assert [s for s, _ in acc] == [s for s, _ in want] == [4, 8]
+        for (_, a), (_, b) in zip(acc, want):
+            assert abs(a - b) < 1e-6
+        assert [e.value for e in ev.Scalars("lr")][-1] > 0
+        assert res[stage]["test_acc"] == want[-1][1]
+    ev = EventAccumulator(str(out / "tensorboard" / "trusted"))
+    ev.Reload()
+    assert ev.Scalars("trusted_size")[0].value == res["trusted"]["trusted_size"]
+    precision = res["trusted"]["trusted_precision"]
+    assert abs(ev.Scalars("trusted_precision")[0].value - precision) < 1e-6
+
+
+def test_tensorboard_flag_without_the_package_is_one_line(tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *a, **k):
+        return None if name == "tensorboard" else real(name, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(SystemExit) as e:
+        kd.get_args(["--tensorboard", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "--tensorboard" in err and "pip install tensorboard" in err
+    # without the flag nothing asks for the package
+    assert not kd.get_args(["--out", str(tmp_path / "r")]).tensorboard

@@ -29,6 +29,7 @@ import collections
 import concurrent.futures
 import copy
 import ctypes
+import errno
 import fcntl
 import functools
 import hashlib
@@ -39,8 +40,8 @@ import math
 import os
 import re
 import shlex
-import shutil
 import socket
+import stat
 import sys
 import time
 
@@ -56,7 +57,7 @@ FIXMATCH = dict(
     eval_every=1024,  # evaluate the EMA model (and checkpoint) every N steps
     image_size=None,  # resize once at load; None keeps the native size
     wd=5e-4,  # weight decay on conv and linear weights
-    ema_warmup=False,  # FixMatch's EMA is a constant 0.999 (ours: see --ema-warmup)
+    ema_warmup=None,  # None: the run decides (see EMA_INITIAL_SHARE_MAX)
     sce_alpha=0.1,  # SCE's alpha and beta for CIFAR-10 (Wang et al. 2019)
     sce_beta=1.0,
 )
@@ -70,7 +71,6 @@ DATASET_DEFAULTS = {
         batch_size=32,
         mu=5,
         eval_every=100,
-        ema_warmup=True,
     ),
     "cifar10": FIXMATCH,
     "svhn": FIXMATCH,
@@ -85,8 +85,31 @@ DATASET_DEFAULTS = {
 # ==== The command line: parsed and checked before torch is imported ==============================
 def die(msg, status=2):
     """Bad input: one line naming the flag or file and the fix, exit status 2, no traceback."""
+    close_progress_bars()
     print(f"kdfixmatch.py: error: {msg}", file=sys.stderr)
     sys.exit(status)
+
+
+def close_progress_bars():
+    """Close tqdm's open bars: a message is then the last line, not followed by a bar's redraw."""
+    bar_class = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(bar_class, "_instances", [])):
+        bar.close()
+
+
+def interrupted(args):
+    """Ctrl-C: one line, exit status 130; --resume is offered only for this command's run."""
+    config = os.path.join(args.out, "config.json")
+    resumable = args.resume
+    if not resumable and os.path.exists(config):
+        resumable = read_json(config) == vars_of(args)
+    if resumable:
+        hint = f"resume with: python {sys.argv[0]} --out {shlex.quote(args.out)} --resume"
+    else:
+        hint = "nothing saved yet"
+    close_progress_bars()
+    print(f"kdfixmatch.py: interrupted; {hint}", file=sys.stderr)
+    sys.exit(130)
 
 
 # What a damaged record's error suggests, unless the caller knows better.
@@ -151,7 +174,7 @@ def add_fixmatch_flags(g):
     a(
         "--ema-warmup",
         action=argparse.BooleanOptionalAction,
-        help="min(ema,(1+k)/(10+k)); ours [digits]",
+        help="decay min(ema, (1+k)/(10+k)); ours [on while ema^K > 1 %%]",
     )
 
 
@@ -211,6 +234,19 @@ VALID = [
     ("image_size", lambda v: v >= 8, ">= 8 (pixels)"),
     ("seed", lambda v: 0 <= v < 2**31, "in [0, 2^31)"),
 ]
+# The EMA warm-up's default. FixMatch's constant decay 0.999 suits its 2^20 steps; a run of a few
+# hundred steps would evaluate (and label with) a model that is still mostly its random
+# initialisation: 0.999^300 = 74 %. Unless --ema-warmup or --no-ema-warmup is given, the warm-up
+# is on exactly when a constant EMA would still hold more than this share of the initial weights
+# at step K (at 0.999: K < 4,603), so the paper's recipe is unchanged.
+EMA_INITIAL_SHARE_MAX = 0.01
+
+
+def constant_ema_initial_share(args):
+    """The share of the initial weights a constant EMA still holds after K steps: ema^K."""
+    return args.ema**args.steps
+
+
 # --outer-from reuses another run's outer SNN, so these flags come from that run's config.json.
 OUTER_RECIPE = (
     "dataset data_dir labels image_size arch pretrained weights steps batch_size mu tau "
@@ -218,6 +254,8 @@ OUTER_RECIPE = (
 ).split()
 # Flags that --resume may change: where the run's code, data or hardware live, not its recipe.
 FREE_ON_RESUME = set("out resume workers device precision compile data_dir bench".split())
+# Flags newer than some runs' config.json: a missing one is the flag's default (off).
+ADDED_LATER = {"tensorboard"}
 # After a NaN stop (diverged.json), --resume may also change the optimisation's knobs.
 FREE_AFTER_NAN_STOP = set("lr wd momentum lambda_u ema ema_warmup sinkhorn_eps sce_beta".split())
 
@@ -229,11 +267,13 @@ def get_args(argv=None):
     given = flags_given(parser, argv, args)
     if not args.out.strip() or os.path.isfile(args.out):
         die(f"--out {args.out!r} is not a directory; choose another --out")
-    take_recorded_recipe(args, given)
+    take_recorded_recipe(args, given, parser)
     for name, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     check_values(args)
+    if args.ema_warmup is None:
+        args.ema_warmup = constant_ema_initial_share(args) > EMA_INITIAL_SHARE_MAX
     refuse_flags_that_do_nothing(args, given)
     check_paths(args)
     return args
@@ -256,14 +296,28 @@ def read_json(path, fix=REDO):
         die(f"cannot load {path} ({reason}); {fix}")
 
 
-def take_recorded_recipe(args, given):
+def vars_of(args):
+    """The flags of a run, as config.json records them."""
+    runtime = ("dev", "mean", "std", "bf16", "t0", "lock")
+    return {k: v for k, v in vars(args).items() if k not in runtime}
+
+
+def take_recorded_recipe(args, given, parser):
     """--resume: the run's config.json; --outer-from: the outer run's recipe; given flags agree."""
     source = recipe_source(args)
     if source is None or not os.path.exists(source):
         return
     recorded = read_json(source, "restore it")
-    if not args.resume:
-        recorded = {k: v for k, v in recorded.items() if k in OUTER_RECIPE}
+    if not isinstance(recorded, dict):
+        die(f"{source}: not a JSON object; restore it")
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    if args.resume:
+        required = flags.keys() - FREE_ON_RESUME - ADDED_LATER
+    else:
+        required = set(OUTER_RECIPE)
+    # Only the flags' fields are taken (and, for --outer-from, only the outer's recipe).
+    recorded = {k: v for k, v in recorded.items() if k in flags and (args.resume or k in required)}
+    check_recorded_recipe(source, recorded, flags, required)
     refuse_other_recipe(args, given, recorded, source)
     for name, value in recorded.items():
         if name not in given | {"out", "resume"}:
@@ -271,6 +325,48 @@ def take_recorded_recipe(args, given):
     if args.resume and os.path.exists(os.path.join(args.out, "results.json")):
         print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume")
         sys.exit(0)
+
+
+def check_recorded_recipe(path, recorded, flags, required):
+    """A config.json's fields as this program writes them: one line naming a missing or bad one.
+
+    A hand edit or damage must not train another recipe: a missing `steps` used to train the
+    dataset's default number of steps.
+    """
+    for name in sorted(required - recorded.keys()):
+        die(f"{path} has no field {name}; restore it")
+    # The dataset first: it decides which fields may be null.
+    for name in sorted(recorded, key=lambda name: name != "dataset"):
+        problem = field_problem(name, flags[name], recorded[name], recorded.get("dataset"))
+        if problem:
+            die(f"{path} field {name}: {json.dumps(recorded[name])} {problem}; restore it")
+
+
+# The JSON types that a flag's value may have in config.json, by the flag's argparse type.
+JSON_KINDS = {
+    int: ((int,), "an integer"),
+    float: ((int, float), "a number"),
+    None: ((str,), "a string"),
+}
+
+
+def field_problem(name, action, value, dataset):
+    """Why a recorded value is not one that the flag `action` could have given, or None."""
+    if action.nargs == 0:
+        # --pretrained, --ema-warmup and the like: true or false.
+        return None if type(value) is bool else "is not true or false"
+    if value is None:
+        may_be_null = action.default is None and DATASET_DEFAULTS[dataset].get(name) is None
+        return None if may_be_null else "is null"
+    kinds, kind_name = JSON_KINDS[action.type]
+    if type(value) not in kinds:
+        return f"is not {kind_name}"
+    if action.choices and value not in action.choices:
+        return f"is not one of {', '.join(action.choices)}"
+    for names, is_valid, valid_range in VALID:
+        if name in names.split() and not (math.isfinite(value) and is_valid(value)):
+            return f"must be {valid_range}"
+    return None
 
 
 def recipe_source(args):
@@ -374,34 +470,46 @@ def check_paths(args):
         die("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
-# Flags first: a typo costs no torch import.
+# Flags first: a typo costs no torch import. Loading torch takes seconds: a Ctrl-C then is one
+# line too.
 if __name__ == "__main__":
     ARGS = get_args()
+try:
+    import numpy as np
+    import PIL.Image
+    import sklearn.datasets
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import torchvision
+    import torchvision.transforms.v2.functional as TF
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.cluster import KMeans
+    from tqdm import tqdm
 
-import numpy as np
-import PIL.Image
-import sklearn.datasets
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-import torchvision.transforms.v2.functional as TF
-from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
-from tqdm import tqdm
-
-import kernels
+    import kernels
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    interrupted(ARGS)
 
 
 # ==== Data: every set decoded once into a uint8 tensor (N, C, H, W) in memory ====================
 def load_dataset(args):
     """-> dict(train_x, train_y, test_x, test_y, classes, flip): uint8 images (N, C, H, W)."""
     if args.dataset == "digits":
+        # 1,797 images of 8x8 pixels, 10 classes (load_digits).
+        side = args.image_size or 8
+        refuse_what_does_not_fit(args, 1797, (1, side, side), 10)
         return load_digits(args.image_size)
     if args.dataset == "folder":
         splits = image_folders(args.data_dir)
     else:
         splits = [torchvision_split(args.dataset, args.data_dir, train) for train in (True, False)]
+    shape = decoded_shape(splits[0], args.image_size)
+    if shape is not None:
+        images = sum(len(ds) for ds in splits)
+        refuse_what_does_not_fit(args, images, shape, len(getattr(splits[0], "classes", [])) or 10)
     # Each split as a list of (x, y) parts, or of error strings from the decoding workers.
     parts = [to_uint8(ds, args.image_size, args.workers) for ds in splits]
     refuse_bad_parts(parts, args.data_dir)
@@ -443,6 +551,8 @@ def load_digits(size):
 
 def image_folders(root):
     """torchvision ImageFolders root/train and root/test, with the same classes (at least 2)."""
+    for split in ("train", "test"):
+        refuse_unsafe_files(root, f"{root}/{split}")
     try:
         splits = [torchvision.datasets.ImageFolder(f"{root}/{s}") for s in ("train", "test")]
     except FileNotFoundError as e:
@@ -456,6 +566,42 @@ def image_folders(root):
             f" hold {len(train_classes)} and {len(test_classes)}; in one only: {only_one})"
         )
     return splits
+
+
+def refuse_unsafe_files(root, top):
+    """No symbolic link loop, and no image file that is not a regular file: each one named.
+
+    Checked before ImageFolder walks the tree: a directory link back up (train/a/x -> ..)
+    multiplied the set and mislabelled a class, and a named pipe called x.png blocked decoding.
+    """
+    seen = set()
+    for dirpath, _, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            die(
+                f"--data-dir {root}: {dirpath} leads back to {real}, which the folder already "
+                "holds (a symbolic link loop, or a second link to it); remove that link"
+            )
+        seen.add(real)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if torchvision.datasets.folder.has_file_allowed_extension(
+                name, torchvision.datasets.folder.IMG_EXTENSIONS
+            ):
+                refuse_unsafe_file(root, path)
+
+
+def refuse_unsafe_file(root, path):
+    """An image file that a symbolic link loop, a named pipe, a socket or a device is not."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            die(f"--data-dir {root}: {path} is a symbolic link loop; remove it")
+        die(f"--data-dir {root}: cannot read {path} ({e.strerror}); replace or remove it")
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a socket or device"
+        die(f"--data-dir {root}: {path} is not a regular file ({kind}); remove it")
 
 
 def torchvision_split(name, root, train):
@@ -493,7 +639,22 @@ def to_uint8(ds, size, workers):
     # The workers send a tensor per batch, not per image: one file descriptor each.
     ds.loader = functools.partial(decode, size=size)
     loader = torch.utils.data.DataLoader(ds, 256, num_workers=workers, collate_fn=stack_decoded)
-    return list(tqdm(loader, desc="decode", leave=False, disable=None))
+    try:
+        return list(tqdm(loader, desc="decode", leave=False, disable=None))
+    except RuntimeError as e:
+        # A worker killed (a signal to it, or the out-of-memory killer): the DataLoader's two
+        # chained tracebacks become one line.
+        if "DataLoader worker" not in str(e):
+            raise
+        # The cause, when it is the signal's own message, names the signal too.
+        reason = str(e)
+        if "DataLoader worker" in str(e.__cause__):
+            reason = str(e.__cause__)
+        die(
+            f"decoding stopped: {reason}; run again, with fewer --workers "
+            "(or --workers 0) if memory is short",
+            status=1,
+        )
 
 
 def decode(path, size=None):
@@ -548,6 +709,141 @@ def labeled_split(train_y, n_labels, classes, seed):
     by_class = [torch.nonzero(train_y == c).squeeze(1) for c in range(classes)]
     chosen = [i[torch.randperm(len(i), generator=g)[:per_class]] for i in by_class]
     return torch.cat(chosen).sort()[0]
+
+
+# ==== Memory: what the data and a training step need, estimated before either is allocated ======
+# An --image-size or --mu too large for the machine used to end in an allocator's traceback,
+# minutes of swapping, or an out-of-memory kill with no message. The estimates are lower bounds
+# (every layer's output counted once), so a run that fits is never refused.
+def decoded_shape(ds, size):
+    """(C, H, W) of a split's images once decoded, without decoding them; None if unknown."""
+    if isinstance(getattr(ds, "data", None), np.ndarray):
+        # CIFAR is stored NHWC, SVHN NCHW.
+        _, first, second, third = ds.data.shape
+        if first in (1, 3):
+            channels, height, width = first, second, third
+        else:
+            channels, height, width = third, first, second
+        if size:
+            height = width = size
+        return channels, height, width
+    # Image files decode to RGB: --image-size square, or (ImageFolder) the first image's size.
+    if size:
+        return 3, size, size
+    if not getattr(ds, "samples", None):
+        return None
+    try:
+        with PIL.Image.open(ds.samples[0][0]) as im:
+            width, height = im.size
+    except Exception:
+        # Not an image: decoding reports it, by name.
+        return None
+    return 3, height, width
+
+
+def refuse_what_does_not_fit(args, images, shape, classes):
+    """One line with the figure and the limit when the images, or a step, cannot fit in memory."""
+    host = memory_available(torch.device("cpu"))
+    if host is None:
+        return
+    # The images as uint8; twice while the decoded parts are joined into one tensor.
+    data = 2 * images * math.prod(shape)
+    if data > host:
+        die(
+            f"{size_flag(args, shape)}: the {images} images need about {gib(data)} GiB of memory, "
+            f"more than the {gib(host)} GiB available; use a smaller --image-size"
+        )
+    if args.arch == "efficientnet_b0" and shape[0] != 3:
+        # build_model refuses these images later, in its own words.
+        return
+    # load_dataset may run without setup_device (a test, a notebook): then the CPU, in fp32.
+    device = getattr(args, "dev", torch.device("cpu"))
+    if device.type == "cuda":
+        refuse_a_step_that_does_not_fit(args, images, shape, classes, memory_available(device))
+    else:
+        refuse_a_step_that_does_not_fit(args, images, shape, classes, host - data)
+
+
+def refuse_a_step_that_does_not_fit(args, images, shape, classes, room):
+    """A training step's activations, or an evaluation's, against `room` bytes of memory."""
+    per_image, largest = activation_sizes(args, shape, classes)
+    element = 2 if getattr(args, "bf16", False) else 4
+    supervised = args.method == "supervised" and not args.bench
+    step_images = args.batch_size if supervised else args.batch_size * (1 + 2 * args.mu)
+    step = step_images * per_image * element
+    # An evaluation holds a layer's input and output for 1024 images at a time.
+    evaluation = min(1024, images) * 2 * largest * element
+    where = "GPU" if getattr(args, "dev", torch.device("cpu")).type == "cuda" else "host"
+    flags = f"--batch-size {args.batch_size}" + ("" if supervised else f", --mu {args.mu}")
+    if args.image_size:
+        flags += f", --image-size {args.image_size}"
+    if step > room:
+        die(
+            f"{flags}: a training step needs about {gib(step)} GiB ({step_images} images of "
+            f"{'x'.join(map(str, shape))} through {args.arch}), more than the {gib(room)} GiB of "
+            f"{where} memory available; lower them"
+        )
+    if evaluation > room:
+        die(
+            f"{size_flag(args, shape)}: evaluating 1024 images at a time needs about "
+            f"{gib(evaluation)} GiB ({args.arch}), more than the {gib(room)} GiB of {where} "
+            "memory available; use a smaller --image-size"
+        )
+
+
+def size_flag(args, shape):
+    """--image-size N, or the images' own C x H x W."""
+    if args.image_size:
+        return f"--image-size {args.image_size}"
+    return "x".join(map(str, shape)) + " images"
+
+
+def activation_sizes(args, shape, classes):
+    """Per image: the elements of every layer's output (summed), and of the largest one.
+
+    Counted by a forward pass on the meta device, which computes shapes and allocates nothing.
+    The network as build_model makes it: Suave's projector head (a few thousand values per
+    image) is left out, as the lower bound allows.
+    """
+    with torch.device("meta"):
+        model = build_model(args.arch, shape[0], classes)
+    sizes = []
+
+    def count(module, inputs, output):
+        sizes.append(output[0].numel())
+
+    for module in model.modules():
+        if not list(module.children()):
+            module.register_forward_hook(count)
+    # Two images: BatchNorm in training mode needs more than one value per channel.
+    model(torch.empty(2, *shape, device="meta"))
+    return sum(sizes), max(sizes)
+
+
+def memory_available(device):
+    """Bytes free on a GPU; on the host, MemAvailable (less under a cgroup limit); None: unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def gib(n):
+    return f"{n / 2**30:.1f}"
 
 
 # ==== Augmentation (FixMatch): weak and strong views, drawn per sample, applied per batch ========
@@ -976,12 +1272,13 @@ def fixmatch_step(
 def unlabeled_loss(logits_w, logits_s, tau, trusted=None, loss="ce", alpha=0.1, beta=1.0, A=-4.0):
     """FixMatch's unlabeled term; in the inner SNN with Heuristic 1 and CE or SCE.
 
-        q_b       = softmax(logits_w[b])                 the weak view's prediction
-        m_b       = 1[max q_b >= tau]                     FixMatch's mask
-        target_b  = argmax q_b        if m_b              Heuristic 1 (inner SNN, our reading):
-                  = trusted_b         elif trusted_b >= 0   the inner model's own confident label,
-                  (masked)            otherwise             else the trusted outer label
-        loss_u    = 1/(mu B) sum_b m_b H(target_b, logits_s[b]),  H = CE or SCE (sce_loss)
+    FixMatch, for each of the mu*B unlabeled images b:
+        q_b      = softmax(logits_w[b])      the weak view's prediction
+        m_b      = 1[max q_b >= tau]         the mask
+        target_b = argmax q_b                the pseudo label
+    Heuristic 1 (the inner SNN; our reading): where m_b = 0 but the outer SNN's label trusted_b
+    is known (>= 0), target_b = trusted_b and m_b = 1; the other rows stay masked.
+        loss_u   = 1/(mu B) sum_b m_b H(target_b, logits_s[b]),   H = CE, or SCE (sce_loss)
 
     The mean runs over all mu*B rows, masked ones included, as in the official code. On a GPU the
     fused kernel (kernels.masked_pseudo_label_loss) computes the same in one launch.
@@ -1033,9 +1330,9 @@ def dec_cluster(
     if n < k:
         # Too few candidates for k clusters: none is trusted.
         return torch.zeros(n, dtype=torch.bool), dict(iters=0, moved=0.0)
-    mu, steps, moved = dec_fit(z, k, max_iters, lr, batch, tol, n_init, seed)
+    centroids, steps, moved = dec_fit(z, k, max_iters, lr, batch, tol, n_init, seed)
     with torch.no_grad():
-        clusters = kernels.dec_soft_assign(z, mu).argmax(1).cpu()
+        clusters = kernels.dec_soft_assign(z, centroids).argmax(1).cpu()
     pseudo = pseudo.cpu()
     table = torch.zeros(k, k, dtype=torch.long).index_put_(
         (clusters, pseudo), torch.tensor(1), True
@@ -1046,19 +1343,21 @@ def dec_cluster(
 
 
 def dec_fit(z, k, max_iters, lr, batch, tol, n_init, seed):
-    """DEC's centroids mu on fixed features z. -> (mu, SGD steps taken, share moved at the end)."""
+    """DEC's k centroids on fixed features z. -> (centroids, SGD steps taken, share moved last)."""
     n = len(z)
-    km = KMeans(k, n_init=n_init, random_state=seed).fit(z.cpu().numpy())
-    mu = torch.tensor(km.cluster_centers_, dtype=torch.float32, device=z.device, requires_grad=True)
-    opt = torch.optim.SGD([mu], lr=lr, momentum=0.9)
+    centers = kmeans(z.cpu().numpy(), k, n_init, seed)
+    centroids = torch.tensor(centers, dtype=torch.float32, device=z.device, requires_grad=True)
+    opt = torch.optim.SGD([centroids], lr=lr, momentum=0.9)
     g = torch.Generator(z.device).manual_seed(seed)
     # The target P is recomputed once per pass over the data.
     steps_per_pass = max(1, math.ceil(n / batch))
-    assign, moved, it = None, 1.0, 0
+    assign = None
+    moved = 1.0
+    steps = 0
     for it in range(max_iters):
         if it % steps_per_pass == 0:
             with torch.no_grad():
-                q = kernels.dec_soft_assign(z, mu)
+                q = kernels.dec_soft_assign(z, centroids)
                 # DEC's target: p_ij = q_ij^2 / f_j, normalised over j, with f_j = sum_i q_ij.
                 p = q**2 / q.sum(0)
                 p = p / p.sum(1, keepdim=True)
@@ -1068,16 +1367,40 @@ def dec_fit(z, k, max_iters, lr, batch, tol, n_init, seed):
             if moved < tol:
                 break
             assign = new
+        # One SGD step on KL(P || Q) for a batch drawn with replacement.
         i = torch.randint(n, (min(batch, n),), generator=g, device=z.device)
-        qb = kernels.dec_soft_assign(z[i], mu)
+        qb = kernels.dec_soft_assign(z[i], centroids)
         kl = (p[i] * (p[i].clamp_min(1e-12).log() - qb.clamp_min(1e-12).log())).sum(1).mean()
         opt.zero_grad()
         kl.backward()
         opt.step()
-    # At the cap, max_iters steps were taken; a break at step `it` took `it` steps.
-    if moved >= tol:
-        it += 1
-    return mu, it, moved
+        steps += 1
+    return centroids, steps, moved
+
+
+def kmeans(z, k, n_init, seed):
+    """The centres of KMeans(k, n_init=n_init, random_state=seed).fit(z), with a progress bar.
+
+    The restarts run one at a time, drawing from one random state in turn, and a restart wins
+    when its inertia is lower and its clustering differs, as in KMeans.fit: the same centres, bit
+    for bit, and no minutes of silence when there are many restarts on many points.
+    """
+    random_state = np.random.RandomState(seed)
+    best = None
+    interval = 0.5 if sys.stderr.isatty() else 30
+    for _ in tqdm(range(n_init), desc="k-means", mininterval=interval, maxinterval=60):
+        km = KMeans(k, n_init=1, random_state=random_state).fit(z)
+        if best is None:
+            best = km
+        elif km.inertia_ < best.inertia_ and not same_clustering(km.labels_, best.labels_):
+            best = km
+    return best.cluster_centers_
+
+
+def same_clustering(a, b):
+    """Each cluster of labelling a is one cluster of b (scikit-learn's _is_same_clustering)."""
+    pairs = np.unique(np.stack([a, b]), axis=1)
+    return len(pairs[0]) == len(np.unique(pairs[0]))
 
 
 def trusted_subset(args, data, outer):
@@ -1088,10 +1411,11 @@ def trusted_subset(args, data, outer):
     """
     path = os.path.join(args.out, "trusted.pt")
     if os.path.exists(path):
-        return read_checkpoint(path, weights_only=False)
+        return read_trusted(path, data)
     y = data["train_y"]
     logits, feats = evaluate(outer, data["x"], y, args, features=True)
     pseudo = logits.argmax(1)
+    top, top_share = top_class(pseudo, data["classes"])
     idx, labels = select_confident(logits.softmax(1), args.tau_select)
     if args.no_dec:
         keep, info = torch.ones(len(idx), dtype=torch.bool), dict(iters=0)
@@ -1116,6 +1440,8 @@ def trusted_subset(args, data, outer):
         trusted_size=int(keep.sum()),
         trusted_precision=precision(labels[keep], y[idx[keep]]),
         dec_iters=info["iters"],
+        outer_top_class=top,
+        outer_top_class_share=top_share,
     )
     out = dict(trusted=trusted, stats=stats)
     save(path, out)
@@ -1204,7 +1530,10 @@ def suave_step(model, x_l, y_l, x_1, x_2, temperature=0.1, eps=0.05, iters=3, sm
     loss_l = F.cross_entropy(s_l / temperature, y_l, label_smoothing=smoothing)
     loss = (B * loss_l + 2 * U * loss_u) / (B + 2 * U)
     parts = dict(
-        loss_u=loss_u.detach(), mask=torch.ones(U, device=scores.device), pseudo=t_1.argmax(1)
+        loss_s=loss_l.detach(),
+        loss_u=loss_u.detach(),
+        mask=torch.ones(U, device=scores.device),
+        pseudo=t_1.argmax(1),
     )
     return loss, parts
 
@@ -1226,6 +1555,47 @@ def ema_decay(step, ema, warmup):
     if warmup:
         return min(ema, (1 + step) / (10 + step))
     return ema
+
+
+def update_ema(ema, model, step, args):
+    """The EMA of the parameters; BatchNorm's running statistics are copied as they are."""
+    decay = ema_decay(step, args.ema, args.ema_warmup)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+
+
+def ema_warmup_record(args):
+    """For results.json: the warm-up on or off; by the default rule or by a flag against it."""
+    share = constant_ema_initial_share(args)
+    by_rule = share > EMA_INITIAL_SHARE_MAX
+    by = "default" if args.ema_warmup == by_rule else "flag"
+    return dict(on=args.ema_warmup, by=by, constant_ema_initial_share=share)
+
+
+def announce_ema(args):
+    """The run's first line: the EMA warm-up and why. -> the warnings it gives (a list)."""
+    record = ema_warmup_record(args)
+    share = f"{100 * record['constant_ema_initial_share']:.2f} %"
+    state = "on" if args.ema_warmup else "off"
+    if record["by"] == "flag":
+        state += " (--ema-warmup)" if args.ema_warmup else " (--no-ema-warmup)"
+    print(
+        f"EMA warm-up {state}: a constant {args.ema} EMA would hold {share} of its random initial "
+        f"weights at step {args.steps} (the default warms up above 1 %)"
+    )
+    if args.ema_warmup or record["by"] == "default":
+        return []
+    return warn(
+        f"--no-ema-warmup: the constant {args.ema} EMA still holds {share} of its random initial "
+        f"weights at step {args.steps}, so the model that is evaluated (and labels) is mostly "
+        "untrained; drop --no-ema-warmup, or train more --steps"
+    )
+
+
+def warn(message):
+    """A warning: one line on stderr now, and in results.json's list (returned as [message])."""
+    print(f"kdfixmatch.py: warning: {message}", file=sys.stderr)
+    return [message]
 
 
 def make_model(args, data, suave=False, imagenet=True):
@@ -1288,7 +1658,7 @@ def epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
-def batch_images(data, pool, step, size, stream, dev):
+def batch_images(data, pool, step, size, order_seed, dev):
     """Batch `step` of `size` indices into pool (None: every training image), and their images.
 
     Each stream (labeled, unlabeled) walks through its own permutation per epoch.
@@ -1299,7 +1669,7 @@ def batch_images(data, pool, step, size, stream, dev):
     last_epoch = (pos + size - 1) // n
     slices = []
     for e in range(first_epoch, last_epoch + 1):
-        slices.append(epoch_permutation(n, stream, e)[max(0, pos - e * n) : pos + size - e * n])
+        slices.append(epoch_permutation(n, order_seed, e)[max(0, pos - e * n) : pos + size - e * n])
     host = torch.cat(slices)
     if pool is not None:
         host = pool[host]
@@ -1357,7 +1727,7 @@ def batches(data, split, steps, seed, args, unlabeled=True, prefetch=None):
 
 
 def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
-    """One SGD update and the EMA -> (loss, mask rate, right, used) as one tensor, no GPU sync."""
+    """One SGD update and the EMA -> (loss, mask rate, right, used, labeled loss), no GPU sync."""
     if args.compile and args.dev.type == "cuda":
         # The last step's CUDA graph outputs are done with.
         torch.compiler.cudagraph_mark_step_begin()
@@ -1406,16 +1776,14 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
     opt.step()
     sched.step()
     with torch.no_grad():
-        # The EMA of the parameters; BatchNorm's running statistics are copied as they are.
-        decay = ema_decay(step, args.ema, args.ema_warmup)
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-        torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+        update_ema(ema, model, step, args)
         if "mask" not in s:
             # The supervised floor has no pseudo labels.
-            return torch.stack([loss.detach(), *loss.new_zeros(3)])
+            return torch.stack([loss.detach(), *loss.new_zeros(3), s["loss_s"]])
         used = s["mask"] > 0
         right = (used & (s["pseudo"] == b["y_u"])).sum()
-        return torch.stack([loss.detach(), s["mask"].mean(), right, used.sum()]).float()
+        stats = [loss.detach(), s["mask"].mean(), right, used.sum(), s["loss_s"]]
+        return torch.stack(stats).float()
 
 
 def train_snn(args, data, stage, split, trusted=None):
@@ -1460,6 +1828,7 @@ def train_snn(args, data, stage, split, trusted=None):
         if evaluate_now:
             acc = evaluate(ema, data["test_x"], data["test_y"], args)
         stop_if_diverged(args, stage, w, acc, float_state, done, bar)
+        track_labeled_loss(st, w)
         row = metrics_row(stage, w, sched, st)
         images_per_s = len(w) * images_per_step(args, stage) / max(time.time() - t0, 1e-9)
         log_curves(curves, done, dict(row, images_per_s=images_per_s, test_acc=acc), evaluate_now)
@@ -1473,9 +1842,16 @@ def train_snn(args, data, stage, split, trusted=None):
     if curves is not None:
         curves.close()
     summary = summarize(st, K, images_per_step(args, stage))
+    summary.update(prediction_summary(ema, data, args))
     save(final, dict(ema=ema.state_dict(), summary=summary, args=vars_of(args)))
     os.remove(ckpt)
     return ema, summary
+
+
+def track_labeled_loss(st, w):
+    """The labeled loss at the first read-back and at the latest: did the model fit its labels?"""
+    st.setdefault("labeled_loss_first", float(w[:, 4].mean()))
+    st["labeled_loss_last"] = float(w[:, 4].mean())
 
 
 def floating_state(*models):
@@ -1564,6 +1940,8 @@ def summarize(st, K, per_step):
         train_s=st["train_s"],
         images_per_s=K * per_step / max(st["train_s"], 1e-9),
         pseudo_label_precision=precision_pl,
+        labeled_loss_first=st.get("labeled_loss_first"),
+        labeled_loss_last=st.get("labeled_loss_last"),
     )
 
 
@@ -1580,6 +1958,101 @@ def evaluate(model, x, y, args, features=False):
     return (logits.argmax(1) == y).float().mean().item()
 
 
+# ==== Is it a trained model? The evaluated model, and DEC's input, against chance ================
+# A model at chance level, or one that predicts one class for nearly every image, has failed,
+# whatever its loss says. The run still reports what it measured, and says so in one line with the
+# likely causes. "Nearly every": at least this share of the images, when the data's own share of
+# that class is 5 points lower or more.
+ONE_CLASS_SHARE = 0.9
+
+
+def prediction_summary(model, data, args):
+    """The class the model predicts most often on the test images, and for what share of them."""
+    logits = evaluate(model, data["test_x"], data["test_y"], args, features=True)[0]
+    top, share = top_class(logits.argmax(1), data["classes"])
+    return dict(top_class=top, top_class_share=share)
+
+
+def top_class(labels, classes):
+    """-> (the most frequent label, its share of all labels)."""
+    counts = torch.bincount(labels, minlength=classes)
+    top = int(counts.argmax())
+    return top, counts[top].item() / max(1, len(labels))
+
+
+def is_one_class(share, top, truth):
+    """Nearly all predictions are one class, far more than the images of that class."""
+    true_share = (truth == top).float().mean().item()
+    return share >= ONE_CLASS_SHARE and share >= true_share + 0.05
+
+
+def is_near_chance(acc, classes, n):
+    """Within three binomial standard deviations of 1/classes on n images (at least 2 points)."""
+    chance = 1 / classes
+    margin = max(0.02, 3 * math.sqrt(chance * (1 - chance) / n))
+    return acc <= chance + margin
+
+
+def likely_causes(args):
+    """Why a model may not have learned, for this run's flags."""
+    share = constant_ema_initial_share(args)
+    if not args.ema_warmup and share > EMA_INITIAL_SHARE_MAX:
+        return (
+            f"its EMA still holds {100 * share:.2f} % of its random initial weights at step "
+            f"{args.steps} (drop --no-ema-warmup, or train more --steps)"
+        )
+    return f"too few steps (--steps {args.steps}), or --lr {args.lr} too high or too low"
+
+
+def stage_warning(stage, summary, data, args):
+    """One line when a stage's evaluated model is at chance level or predicts one class."""
+    share = summary.get("top_class_share")
+    first = summary.get("labeled_loss_first")
+    last = summary.get("labeled_loss_last")
+    if share is None or first is None:
+        # A stage finished by an earlier version of this program: not checked.
+        return None
+    acc, classes, test_y = summary["test_acc"], data["classes"], data["test_y"]
+    one_class = is_one_class(share, summary["top_class"], test_y)
+    at_chance = is_near_chance(acc, classes, len(test_y))
+    loss_fell = last <= first / 2
+    if not (one_class or (at_chance and loss_fell)):
+        return None
+    what = f"tests at {pct(acc)}"
+    if at_chance:
+        what += f", chance level (1/{classes})"
+    if one_class:
+        top = summary["top_class"]
+        what = f"predicts one class ({top}) for {100 * share:.1f} % of the test images and {what}"
+    return (
+        f"{stage} SNN: its EMA model {what}, while its labeled loss went from {first:.3g} to "
+        f"{last:.3g}; likely causes: {likely_causes(args)}"
+    )
+
+
+def trusted_warning(stats, data, args):
+    """One line when the outer model labels the unlabeled set with one class, or at chance."""
+    share = stats.get("outer_top_class_share")
+    if share is None:
+        return None
+    y, top, right = data["train_y"], stats["outer_top_class"], stats["outer_pseudo_label_precision"]
+    one_class = is_one_class(share, top, y)
+    at_chance = is_near_chance(right, data["classes"], len(y))
+    if not (one_class or at_chance):
+        return None
+    what = f"the outer SNN's labels of the {len(y)} unlabeled images are"
+    if one_class:
+        what += f" one class ({top}) for {100 * share:.1f} % of them, and"
+    what += f" {pct(right)} right"
+    if at_chance:
+        what += f", chance level (1/{data['classes']})"
+    return (
+        f"trusted subset: {what}; DEC keeps {stats['trusted_size']} of its "
+        f"{stats['confident_size']} confident ones for the inner SNN; likely causes: "
+        f"{likely_causes(args)}"
+    )
+
+
 # ==== The pipeline ================================================================================
 def main(argv=None):
     """The pipeline: data, split, the stages of --method, results.json."""
@@ -1587,6 +2060,7 @@ def main(argv=None):
     setup_device(args)
     args.t0 = time.time()
     args.lock = None if args.bench else claim_out(args)
+    warnings = [] if args.bench else announce_ema(args)
     data = load_dataset(args)
     if args.bench:
         split = labeled_split(data["train_y"], args.labels, data["classes"], args.seed)
@@ -1612,12 +2086,24 @@ def main(argv=None):
             kd = trusted_subset(args, data, outer)
             res["trusted"] = kd["stats"]
             log_trusted_curves(args, kd["stats"])
+            # Said before the inner SNN trains on it.
+            trusted_problem = trusted_warning(kd["stats"], data, args)
+            if trusted_problem:
+                warnings += warn(trusted_problem)
             _, res["inner"] = train_snn(args, data, "inner", split, trusted=kd["trusted"])
     final_stage = dict(fixmatch="outer", kdfixmatch="inner").get(args.method, args.method)
     for k in ("test_acc", "test_acc_median20", "evals"):
         res[k] = res[final_stage][k]
+    for stage in STAGES:
+        problem = stage_warning(stage, res[stage], data, args) if stage in res else None
+        if problem:
+            warnings.append(problem)
+    res["ema_warmup"] = ema_warmup_record(args)
+    res["warnings"] = warnings
     res["wall_s"] = time.time() - args.t0
     res["config"] = vars_of(args)
+    # Which path each kernel took (Triton, PyTorch, or PyTorch after a failed self-check).
+    res["kernels"] = kernels.provenance()
     save(os.path.join(args.out, "results.json"), res)
     report(res)
     return res
@@ -1728,6 +2214,8 @@ def report(res):
             f"  trusted subset (after DEC): {t['trusted_size']}, "
             f"precision {pct(t['trusted_precision'])}"
         )
+    for warning in res.get("warnings", []):
+        print(f"  warning: {warning}")
 
 
 # ==== The run's machinery: output directory, lock, records, checkpoints, resume, NaN stop ========
@@ -1735,15 +2223,23 @@ def report(res):
 # index), metrics.jsonl (a row per evaluation), ckpt_<stage>.pt while a stage trains,
 # <stage>.pt when it is done, trusted.pt, and results.json at the end. Every write is atomic.
 def save(path, obj):
-    """Atomic write (a temporary file, then a rename): .pt, a list as JSON lines, else JSON.
+    """Atomic write (a temporary file, then a rename) of a .pt, JSON lines (a list), bytes or JSON.
 
-    JSON is strict: a NaN is an error, not a number.
+    JSON is strict: a NaN is an error, not a number. Nothing planted in --out redirects the
+    write: the temporary file is created afresh (a symbolic link at its name is removed, not
+    followed; O_EXCL and O_NOFOLLOW refuse one planted after that), and the rename replaces a
+    link at `path` itself, not its target.
     """
     tmp = path + ".tmp"
     try:
         payload = serialize(path, obj)
-        with open(tmp, "wb" if path.endswith(".pt") else "w") as f:
-            f.write(payload)
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+        try:
+            write_all(fd, payload)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except (OSError, ValueError) as e:
         # A full disk, or a NaN, which JSON cannot hold.
@@ -1753,20 +2249,36 @@ def save(path, obj):
 
 
 def serialize(path, obj):
+    """The bytes that save() writes."""
+    if isinstance(obj, bytes):
+        return obj
     if path.endswith(".pt"):
         # In memory first: torch.save's own writes would hide a full disk.
         buffer = io.BytesIO()
         torch.save(obj, buffer)
         return buffer.getbuffer()
     if isinstance(obj, list):
-        return "".join(json.dumps(row, allow_nan=False) + "\n" for row in obj)
-    return json.dumps(obj, indent=2, allow_nan=False)
+        text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in obj)
+    else:
+        text = json.dumps(obj, indent=2, allow_nan=False)
+    return text.encode()
 
 
-def read_checkpoint(path, fix=REDO, use=None, weights_only=True):
-    """torch.load(path) on the CPU, then use(it); corrupt, cut short or foreign: one line."""
+def write_all(fd, payload):
+    """os.write until all of payload is written (one call may write part of it)."""
+    view = memoryview(payload)
+    while len(view):
+        view = view[os.write(fd, view) :]
+
+
+def read_checkpoint(path, fix=REDO, use=None):
+    """torch.load(path) on the CPU, then use(it); corrupt, cut short or foreign: one line.
+
+    weights_only=True: a file can hold tensors, numbers, strings, lists and dicts, never code, so
+    a .pt planted in a run directory cannot run anything when it is loaded.
+    """
     try:
-        obj = torch.load(path, "cpu", weights_only=weights_only)
+        obj = torch.load(path, "cpu", weights_only=True)
         if use is not None:
             obj = use(obj)
         return obj
@@ -1776,13 +2288,38 @@ def read_checkpoint(path, fix=REDO, use=None, weights_only=True):
 
 
 def read_metrics(args):
-    """metrics.jsonl's rows; a last line cut short by a power loss is dropped."""
+    """metrics.jsonl's rows, each checked; a last line cut short by a power loss is dropped."""
     path = os.path.join(args.out, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        text = f.read()
-    return [json.loads(line) for line in text.split("\n")[:-1]]
+    try:
+        with open(path) as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        die(f"cannot load {path} ({getattr(e, 'strerror', None) or type(e).__name__}); restore it")
+    # Each row ends with its newline: what follows the last one is a row cut short.
+    lines = text.split("\n")[:-1]
+    return [metrics_line(path, number, line) for number, line in enumerate(lines, 1)]
+
+
+def metrics_line(path, number, line):
+    """One row of metrics.jsonl as this program writes it, or one line naming the line."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        row = None
+    problem = None
+    if not isinstance(row, dict):
+        problem = "not a JSON object (cut short or edited)"
+    elif not isinstance(row.get("stage"), str):
+        problem = "no stage"
+    elif type(row.get("step")) is not int:
+        problem = "no step (an integer)"
+    elif type(row.get("wall_s", 0.0)) not in (int, float):
+        problem = "wall_s is not a number"
+    if problem:
+        die(f"{path} line {number}: {problem}; remove that line, or restore the file")
+    return row
 
 
 def write_metrics(args, rows):
@@ -1801,12 +2338,6 @@ def trim_metrics(args, stage, step):
     write_metrics(args, [r for r in rows if r["stage"] != stage or r["step"] <= step])
 
 
-def vars_of(args):
-    """The flags of a run, as config.json records them."""
-    runtime = ("dev", "mean", "std", "bf16", "t0", "lock")
-    return {k: v for k, v in vars(args).items() if k not in runtime}
-
-
 def save_checkpoint(path, model, ema, opt, sched, st, args):
     cuda_rng = torch.cuda.get_rng_state_all() if args.dev.type == "cuda" else None
     state = dict(
@@ -1821,17 +2352,39 @@ def save_checkpoint(path, model, ema, opt, sched, st, args):
     save(path, state)
 
 
+# What save_checkpoint writes, and the training state `st` inside it.
+CHECKPOINT_PARTS = {"model", "ema", "opt", "sched", "st", "rng", "cuda_rng"}
+STATE_FIELDS = {"step": int, "evals": list, "train_s": (int, float), "pl_hit": int, "pl_n": int}
+
+
 def restore(path, model, ema, opt, sched, args):
-    """A checkpoint, with lr, momentum and wd from the flags (they may change after a NaN stop)."""
-    c = read_checkpoint(path, weights_only=False)
-    model.load_state_dict(c["model"])
-    ema.load_state_dict(c["ema"])
-    opt.load_state_dict(c["opt"])
-    sched.load_state_dict(c["sched"])
+    """A checkpoint, with lr, momentum and wd from the flags (they may change after a NaN stop).
+
+    A file that loads but is not this run's checkpoint is one line naming the file and the part.
+    """
+    c = read_checkpoint(path)
+    fix = "remove it and --resume to train that stage from its start"
+    if not isinstance(c, dict) or c.keys() != CHECKPOINT_PARTS:
+        found = sorted(c) if isinstance(c, dict) else type(c).__name__
+        die(f"{path}: not a checkpoint of this program (it holds {found}); {fix}")
+    st = c["st"]
+    for name, kind in STATE_FIELDS.items():
+        if not isinstance(st, dict) or not isinstance(st.get(name), kind):
+            die(f"{path} part st: no {name} of the training state; {fix}")
+    if not 0 <= st["step"] <= args.steps:
+        die(f"{path} part st: step {st['step']} is not in 0..{args.steps} (--steps); {fix}")
+    for name, part in (("model", model), ("ema", ema), ("opt", opt), ("sched", sched)):
+        try:
+            part.load_state_dict(c[name])
+        except Exception as e:
+            die(f"{path} part {name} does not fit this run ({type(e).__name__}); {fix}")
     # The random state too, so that the resumed run draws what the uninterrupted one would.
-    torch.set_rng_state(c["rng"])
-    if c["cuda_rng"] and args.dev.type == "cuda":
-        torch.cuda.set_rng_state_all(c["cuda_rng"])
+    try:
+        torch.set_rng_state(c["rng"])
+        if c["cuda_rng"] and args.dev.type == "cuda":
+            torch.cuda.set_rng_state_all(c["cuda_rng"])
+    except Exception as e:
+        die(f"{path} part rng is not a random state ({type(e).__name__}); {fix}")
     for group, wd in zip(opt.param_groups, (args.wd, 0.0)):
         group.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=wd)
     sched.base_lrs = [args.lr] * len(opt.param_groups)
@@ -1844,9 +2397,34 @@ def load_final(args, data, path, stage):
 
     def use(c):
         ema.load_state_dict(c["ema"])
-        return c["summary"]
+        summary = c["summary"]
+        # The fields that main and report read; another file's summary lacks them.
+        missing = {"test_acc", "test_acc_median20", "evals", "images_per_s"} - summary.keys()
+        if missing:
+            raise KeyError(sorted(missing))
+        return summary
 
     return ema, read_checkpoint(path, use=use)
+
+
+def read_trusted(path, data):
+    """trusted.pt, checked: an outer label (or -1) for each unlabeled image, and its statistics."""
+    c = read_checkpoint(path)
+    fix = "remove it and --resume to redo the trusted subset"
+    if not isinstance(c, dict) or c.keys() != {"trusted", "stats"}:
+        found = sorted(c) if isinstance(c, dict) else type(c).__name__
+        die(f"{path}: not a trusted subset of this program (it holds {found}); {fix}")
+    y, classes, trusted = data["train_y"], data["classes"], c["trusted"]
+    fits = isinstance(trusted, torch.Tensor) and trusted.dtype == y.dtype
+    fits = fits and trusted.shape == y.shape
+    if not fits or not ((trusted >= -1) & (trusted < classes)).all():
+        die(
+            f"{path} field trusted: not a label in -1..{classes - 1} for each of the {len(y)} "
+            f"unlabeled images; {fix}"
+        )
+    if not isinstance(c["stats"], dict):
+        die(f"{path} field stats: not a dict; {fix}")
+    return c
 
 
 def stop_if_diverged(args, stage, w, acc, float_state, done, bar):
@@ -1869,36 +2447,61 @@ def stop_if_diverged(args, stage, w, acc, float_state, done, bar):
         at = f"at its checkpoint of step {ckpt_step}"
     else:
         at = "before a checkpoint"
-    fix = {"suave": "--sinkhorn-eps, ", "supervised": ""}.get(stage, "--lambda-u, ") + "--wd, "
+    # The flags that can make the step finite again: the step's size, and for FixMatch the weight
+    # of its unlabeled term. Not the EMA (an average of finite weights is finite), nor Sinkhorn's
+    # epsilon (its targets are floored, so Suave's loss is bounded while the weights are finite).
+    fix = "--lambda-u, --wd, " if stage in ("outer", "inner") else "--wd, "
     fp32 = ", --precision fp32" if args.bf16 else ""
     die(
         f"{stage} SNN: non-finite loss or weights at step {bad_step}; stopped {at}. Resume with a "
-        f"lower --lr (or {fix}--momentum, --ema{fp32}): python "
+        f"lower --lr (or {fix}--momentum{fp32}): python "
         f"kdfixmatch.py --out {shlex.quote(args.out)} --resume --lr ...",
         status=1,
     )
 
 
 def claim_out(args):
-    """--out for this process alone: no other run in it, no live process holding its lock."""
-    if not args.resume and os.path.isdir(args.out):
-        for f in os.listdir(args.out):
-            if f.endswith(".pt") or f == "results.json":
-                die(
-                    f"--out {args.out} already holds a run ({f}); "
-                    "pass --resume or choose another --out"
-                )
+    """--out for this process alone, and what it holds, decided under its lock.
+
+    The checks come after the lock, so that no other run can finish or start in between: a
+    finished run is never rewritten, and a new start never replaces a run.
+    """
     os.makedirs(args.out, exist_ok=True)
-    lock = open(os.path.join(args.out, ".lock"), "a+")
+    lock = open_lock(args.out)
     try:
         fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.seek(0)
         die(f"--out {args.out} is in use by process {lock.read()}; wait or stop it")
+    if args.resume and os.path.exists(os.path.join(args.out, "results.json")):
+        print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume")
+        sys.exit(0)
+    if not args.resume:
+        for f in sorted(os.listdir(args.out)):
+            if f.endswith(".pt") or f == "results.json":
+                die(
+                    f"--out {args.out} already holds a run ({f}); "
+                    "pass --resume or choose another --out"
+                )
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
     return lock
+
+
+def open_lock(out):
+    """out/.lock, never through a symbolic link planted there (O_NOFOLLOW)."""
+    path = os.path.join(out, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        die(f"--out {out}: .lock is a symbolic link; remove it")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        die(f"--out {out}: .lock is not a regular file; remove it")
+    return os.fdopen(fd, "r+")
 
 
 def sha256_of(t):
@@ -1921,16 +2524,49 @@ def split_record(args, data):
     )
 
 
+# split.json's fields and their JSON types (split_record's, and the labeled indices).
+SPLIT_FIELDS = dict(
+    dataset=str,
+    labels=int,
+    seed=int,
+    arch=str,
+    data_dir=str,
+    train_images=int,
+    train_labels_sha256=str,
+    train_pixels_sha256=str,
+    labeled=list,
+)
+TYPE_NAMES = {int: "an integer", str: "a string", list: "a list", bool: "true or false"}
+
+
 def reuse_split(source, record, other):
-    """A persisted split, never redrawn, and never pointed into other data."""
-    recorded = read_json(source, f"restore it, or use {other}")
-    for k in sorted(set(recorded) & set(record) - {"data_dir"}):
+    """A persisted split, never redrawn, and never pointed into other data.
+
+    Each field is checked against what split_record wrote, so a hand-edited or damaged file is one
+    line naming the field, not a traceback or another split.
+    """
+    fix = f"restore it, or use {other}"
+    recorded = read_json(source, fix)
+    if not isinstance(recorded, dict):
+        die(f"{source}: not a JSON object; {fix}")
+    for k, kind in SPLIT_FIELDS.items():
+        if type(recorded.get(k)) is not kind:
+            die(f"{source} field {k}: missing, or not {TYPE_NAMES[kind]}; {fix}")
+    for k in sorted(set(record) - {"data_dir"}):
         if recorded[k] != record[k]:
             die(
                 f"{source} records {k} {recorded[k]} (data {recorded.get('data_dir')}), "
                 f"this run {record[k]}; use that data and those flags, or {other}"
             )
-    return torch.tensor(recorded["labeled"])
+    labeled, n = recorded["labeled"], record["train_images"]
+    if not all(type(i) is int and 0 <= i < n for i in labeled):
+        die(f"{source} field labeled: an index outside 0..{n - 1} (the training images); {fix}")
+    if len(set(labeled)) != record["labels"]:
+        die(
+            f"{source} field labeled: {len(set(labeled))} distinct indices of {len(labeled)}, "
+            f"for --labels {record['labels']}; {fix}"
+        )
+    return torch.tensor(labeled)
 
 
 def prepare_out(args, data):
@@ -1958,7 +2594,8 @@ def prepare_out(args, data):
         save(path, dict(record, labeled=split.tolist()))
         write_metrics(args, [])
         for f in (__file__, kernels.__file__):
-            shutil.copy(f, os.path.join(args.out, os.path.basename(f)))
+            with open(f, "rb") as code:
+                save(os.path.join(args.out, os.path.basename(f)), code.read())
     if os.path.exists(diverged):
         # After a NaN stop the flags given now are the run's; the stop's record is kept aside.
         os.replace(diverged, os.path.join(args.out, f"diverged-{int(time.time())}.json"))
@@ -2010,6 +2647,8 @@ def bench(args, data, split):
         f"{rates[0]:.0f}, (2) step on a fixed batch {ms[1]}, (3) real loop {ms[2]}; "
         f"(3)/(2) = {rates[2] / rates[1]:.3f}"
     )
+    for name, entry in kernels.provenance().items():
+        print(f"kernel {name}: {entry['path']} (triton {entry['triton']}, {entry['device']})")
     return dict(zip(("augment", "ceiling", "real"), rates))
 
 
@@ -2017,17 +2656,7 @@ if __name__ == "__main__":
     try:
         main(ARGS)
     except KeyboardInterrupt:
-        # Offer --resume only for this command's run, not for another start's.
-        config = os.path.join(ARGS.out, "config.json")
-        resumable = ARGS.resume
-        if not resumable and os.path.exists(config):
-            resumable = read_json(config) == vars_of(ARGS)
-        if resumable:
-            hint = f"resume with: python {sys.argv[0]} --out {shlex.quote(ARGS.out)} --resume"
-        else:
-            hint = "nothing saved yet"
-        print(f"kdfixmatch.py: interrupted; {hint}", file=sys.stderr)
-        sys.exit(130)
+        interrupted(ARGS)
     except OSError as e:
         # For example an --out that cannot be written.
         die(f"cannot write {e.filename or ARGS.out} ({e.strerror or e}); choose another --out")

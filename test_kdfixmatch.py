@@ -1264,20 +1264,6 @@ def test_metrics_survive_a_cut_line_and_refuse_nan(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
 
 
-@pytest.mark.parametrize("name", ["results.json", "ckpt_outer.pt"])
-def test_full_disk_names_the_file_and_keeps_the_old_one(name, tmp_path, capsys):
-    path = tmp_path / name
-    kd.save(str(path), {"old": 1} if name.endswith(".json") else {"w": torch.zeros(3)})
-    before = path.read_bytes()
-    os.symlink("/dev/full", str(path) + ".tmp")  # writes there fail with ENOSPC
-    with pytest.raises(SystemExit) as e:
-        kd.save(str(path), {"new": 2} if name.endswith(".json") else {"w": torch.ones(10**5)})
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and f"cannot write {path} (" in err and len(err.splitlines()) == 1
-    assert os.strerror(errno.ENOSPC) in err
-    assert path.read_bytes() == before and not os.path.lexists(str(path) + ".tmp")
-
-
 def test_a_disk_filling_up_mid_checkpoint_is_one_line_too(tmp_path):
     # a write that fails part way (a filling disk; here a file-size limit) used to surface as
     # torch.save's "unexpected pos" RuntimeError, a traceback, with the .tmp left behind
@@ -2574,62 +2560,6 @@ def test_a_fresh_start_leaves_nothing_of_an_abandoned_one(tmp_path, monkeypatch)
     assert e.value.code == 2  # no NaN stop: lr is the run's
 
 
-def test_ctrl_c_offers_resume_only_for_this_commands_run(tmp_path):
-    # an earlier start (A) left config.json; B, interrupted before writing its own, must not offer
-    # `--resume`, which would run A's flags; A's own command may. The interrupt lands while the
-    # run decodes a FIFO (it blocks there until the test opens the other end).
-    data, out = tmp_path / "data", tmp_path / "run"
-    for split in ("train", "test"):
-        for c in ("a", "b"):
-            (data / split / c).mkdir(parents=True)
-            Image.new("RGB", (8, 8), (9, 9, 9)).save(data / split / c / "1.png")
-    os.mkfifo(fifo := data / "train" / "a" / "0.png")  # decoded first
-    a = [
-        "--dataset",
-        "folder",
-        "--data-dir",
-        str(data),
-        "--workers",
-        "0",
-        "--labels",
-        "2",
-        "--steps",
-        "4",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    ]
-    out.mkdir()
-    (out / "config.json").write_text(json.dumps(kd.vars_of(kd.get_args(a))))  # A's start left it
-
-    def interrupt(argv):
-        p = subprocess.Popen(
-            [sys.executable, str(HERE / "kdfixmatch.py"), *argv],
-            cwd=HERE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        fd, deadline = None, time.time() + 120
-        while fd is None and p.poll() is None and time.time() < deadline:
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # only once the run reads it
-            except OSError:
-                time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
-        time.sleep(0.5)  # then EOF: a read the signal did not
-        os.close(fd)  # interrupt returns, and Python raises
-        err = p.communicate(timeout=60)[1]
-        assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
-        return err
-
-    b = [x if x != "4" else "6" for x in a]  # B: --steps 6
-    assert "kdfixmatch.py: interrupted; nothing saved yet" in interrupt(b)
-    assert f"resume with: python {HERE / 'kdfixmatch.py'} --out {out} --resume" in interrupt(a)
-
-
 def test_dec_iters_counts_the_steps_taken():
     z, y = _blobs(seed=0)
     for cap in (1, 5):  # at the cap: cap steps (it said cap - 1)
@@ -3351,3 +3281,679 @@ def test_tensorboard_flag_without_the_package_is_one_line(tmp_path, monkeypatch,
     assert "--tensorboard" in err and "pip install tensorboard" in err
     # without the flag nothing asks for the package
     assert not kd.get_args(["--out", str(tmp_path / "r")]).tensorboard
+
+
+# ---- Reliability and security: the EMA warm-up default, no silent chance level, nothing run
+# from a run directory, no race that rewrites a finished run, damaged records, memory, interrupts
+import os  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# A tiny FixMatch run on digits: 4 steps, evaluated (and checkpointed) every 2.
+_TINY_CPU = [
+    "--labels",
+    "20",
+    "--steps",
+    "4",
+    "--eval-every",
+    "2",
+    "--batch-size",
+    "4",
+    "--mu",
+    "1",
+    "--workers",
+    "0",
+    "--device",
+    "cpu",
+    "--method",
+    "fixmatch",
+]
+
+
+def _cli(*argv, timeout=600, preexec_fn=None):
+    return subprocess.run(
+        [sys.executable, str(HERE / "kdfixmatch.py"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=HERE,
+        preexec_fn=preexec_fn,
+    )
+
+
+def _ours(err):
+    """The lines kdfixmatch.py itself wrote to stderr (not the progress bars)."""
+    return [ln for ln in err.replace("\r", "\n").splitlines() if ln.startswith("kdfixmatch.py")]
+
+
+def _refused(call, capsys):
+    """Run `call`, expect exit status 2 and one line on stderr; return that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        call()
+    err = capsys.readouterr().err
+    lines = [ln for ln in _ours(err) if not ln.startswith("kdfixmatch.py: warning:")]
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _separable_folder(root, side=8, train=300, test=100, seed=0):
+    """An ImageFolder of 10 classes of grayscale stripes (5 periods x 2 orientations), each image
+    with a random phase and noise: separable by a small CNN, and kept so by flips and shifts."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side]
+    for split, n in (("train", train), ("test", test)):
+        for c in range(10):
+            d = Path(root) / split / f"c{c}"
+            d.mkdir(parents=True)
+            period, coord = 2 + c % 5, (yy, xx)[c // 5]
+            for i in range(n):
+                stripes = (coord + rng.integers(period)) % period < period / 2
+                pixels = stripes * 160 + 40 + rng.normal(0, 20, (side, side))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L").save(d / f"{i}.png")
+    return str(root)
+
+
+# ---- 1, 2: the EMA warm-up's default follows the run; no silent chance level ----------------
+
+
+@pytest.mark.parametrize(
+    "argv, on",
+    [
+        (["--dataset", "cifar10", "--steps", "300"], True),  # 0.999^300 = 74 % of the init
+        (["--dataset", "cifar10", "--steps", "4602"], True),  # 0.999^4602 = 1.0006 %
+        (["--dataset", "cifar10", "--steps", "4603"], False),  # 0.999^4603 = 0.9996 %
+        (["--dataset", "cifar10"], False),  # FixMatch's 2^20 steps: its constant EMA
+        (["--dataset", "svhn", "--steps", "5000"], False),
+        (["--steps", "5000"], False),  # digits too: the rule, not the dataset, decides
+        ([], True),  # the default digits run (500 steps) keeps its warm-up
+        (["--ema", "0.99", "--steps", "458"], True),  # 0.99^458 = 1.004 %
+        (["--ema", "0.99", "--steps", "459"], False),  # 0.99^459 = 0.994 %
+        (["--dataset", "cifar10", "--steps", "5000", "--ema-warmup"], True),  # the flags win
+        (["--dataset", "cifar10", "--steps", "300", "--no-ema-warmup"], False),
+    ],
+)
+def test_ema_warmup_default_is_on_while_a_constant_ema_keeps_over_1_percent_of_the_init(argv, on):
+    assert kd.get_args(argv).ema_warmup is on
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("steps, warmup", [(5000, False), (300, True)])
+def test_the_ema_decay_at_every_step_k_5000_keeps_fixmatchs_constant_bit_for_bit(
+    steps, warmup, tmp_path, monkeypatch
+):
+    # The EMA update's weight 1 - d at each of the first steps, read where it is applied. At
+    # K = 5,000 (0.999^5000 = 0.7 % < 1 %) it is FixMatch's constant 1 - 0.999 at every step,
+    # bit for bit; at K = 300 the warm-up's 1 - min(0.999, (1 + k) / (10 + k)).
+    weights, real = [], torch._foreach_lerp_
+
+    def spy(ema, model, weight):
+        weights.append(weight)
+        if len(weights) == 40:
+            raise _Stop
+        return real(ema, model, weight)
+
+    monkeypatch.setattr(torch, "_foreach_lerp_", spy)
+    argv = [*_TINY_CPU, "--steps", str(steps), "--eval-every", "1000", "--out", str(tmp_path / "r")]
+    with pytest.raises(_Stop):
+        kd.main(argv)
+    expected = [1 - (min(0.999, (1 + k) / (10 + k)) if warmup else 0.999) for k in range(40)]
+    assert weights == expected
+
+
+@pytest.fixture(scope="module")
+def folder_runs(tmp_path_factory):
+    """The issue's case: a 40-label grayscale ImageFolder, 10 classes of 300 training and 100 test
+    images (8x8 here, so that each run takes seconds), small_cnn, B = 16, K = 300."""
+    root = tmp_path_factory.mktemp("issue25")
+    data = _separable_folder(root / "data")
+    common = ["--dataset", "folder", "--data-dir", data, "--labels", "40", "--arch", "small_cnn"]
+    common += ["--batch-size", "16", "--steps", "300", "--workers", "0", "--device", "cpu"]
+    runs = {}
+    for name, extra in (
+        ("supervised", ["--method", "supervised"]),
+        ("kdfixmatch", ["--method", "kdfixmatch"]),
+        ("no-warmup", ["--method", "supervised", "--no-ema-warmup"]),
+    ):
+        out = root / name
+        r = _cli(*common, *extra, "--out", out)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = (r, _results(out))
+    return runs
+
+
+def test_folder_case_beats_chance_by_a_wide_margin_with_the_default_flags(folder_runs):
+    for name in ("supervised", "kdfixmatch"):
+        r, res = folder_runs[name]
+        print(name, res["test_acc"])
+        assert res["test_acc"] >= 0.5, (name, res["test_acc"])  # chance: 0.1
+        assert res["warnings"] == []  # a trained model: no chance-level warning
+        assert res["ema_warmup"]["on"] and res["ema_warmup"]["by"] == "default"
+        assert abs(res["ema_warmup"]["constant_ema_initial_share"] - 0.999**300) < 1e-12
+        # said in the run's first lines, before any training
+        head = r.stdout.splitlines()[:3]
+        assert any("EMA warm-up on" in ln and "74.07 %" in ln for ln in head), r.stdout[:1000]
+    kd_res = folder_runs["kdfixmatch"][1]
+    assert kd_res["outer"]["test_acc"] >= 0.5 and kd_res["inner"]["test_acc"] >= 0.5
+
+
+def test_no_ema_warmup_at_300_steps_warns_with_the_share_and_records_it(folder_runs):
+    r, res = folder_runs["no-warmup"]
+    warn = [ln for ln in _ours(r.stderr) if "--no-ema-warmup" in ln]
+    assert len(warn) == 1 and "warning" in warn[0] and "74.07 %" in warn[0], r.stderr[-2000:]
+    assert warn[0].split("warning: ")[1] in res["warnings"]
+    assert res["ema_warmup"] == dict(
+        on=False, by="flag", constant_ema_initial_share=pytest.approx(0.999**300, abs=1e-12)
+    )
+    # The model it evaluates is, in all but a quarter, its random initialisation: it predicts one
+    # class. It still reports the accuracy it measured, and says so in one line of the summary.
+    assert res["test_acc"] == pytest.approx(0.1)
+    chance = [w for w in res["warnings"] if "chance" in w]
+    assert len(chance) == 1 and "one class" in chance[0] and "74.07 %" in chance[0], res
+    assert sum(chance[0] in ln for ln in r.stdout.splitlines()) == 1  # in the summary
+
+
+def test_dec_input_at_chance_or_of_one_class_is_reported_before_the_inner_snn_trains(
+    tmp_path, capsys
+):
+    # The outer's EMA after 20 steps without the warm-up is 98 % its random initialisation: its
+    # labels of the unlabeled images are at chance level, and DEC's input says so, before the
+    # inner SNN trains on it.
+    data = _separable_folder(tmp_path / "data", train=30, test=10)
+    argv = ["--dataset", "folder", "--data-dir", data, "--labels", "40", "--steps", "20"]
+    argv += ["--batch-size", "8", "--mu", "1", "--workers", "0", "--device", "cpu"]
+    argv += ["--no-ema-warmup", "--eval-every", "20", "--out", str(tmp_path / "r")]
+    res = kd.main(argv)
+    err = capsys.readouterr().err
+    trusted = [w for w in res["warnings"] if w.startswith("trusted subset:")]
+    assert len(trusted) == 1 and "chance level (1/10)" in trusted[0], res["warnings"]
+    assert "98.02 %" in trusted[0]  # the likely cause: 0.999^20 of the initial weights
+    assert trusted[0] in err and err.index(trusted[0]) < err.index("inner:")
+    # An outer model that labels every image with one class (its head: class 3's bias only).
+    fm = _finished(tmp_path)
+    final = torch.load(fm / "outer.pt", weights_only=True)
+    final["ema"]["head.weight"].zero_()
+    final["ema"]["head.bias"].copy_(torch.eye(10)[3])
+    torch.save(final, fm / "outer.pt")
+    capsys.readouterr()
+    res = kd.main(
+        [
+            "--method",
+            "kdfixmatch",
+            "--outer-from",
+            str(fm),
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "kd"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert res["trusted"]["outer_top_class"] == 3 and res["trusted"]["outer_top_class_share"] == 1
+    trusted = [w for w in res["warnings"] if w.startswith("trusted subset:")]
+    assert len(trusted) == 1 and "one class (3) for 100.0 %" in trusted[0], res["warnings"]
+    assert trusted[0] in err and err.index(trusted[0]) < err.index("inner:")
+
+
+# ---- 4: code from a run directory, files of the wrong shape ---------------------------------
+
+
+class _Planted:
+    """Unpickling this calls os.mkdir(path): code run by loading a file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def _finished(tmp_path, method="fixmatch"):
+    out = tmp_path / method
+    kd.main([*_TINY_CPU[:-1], method, "--out", str(out)])
+    return out
+
+
+def test_a_planted_checkpoint_or_trusted_file_runs_no_code_on_resume(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    fm = _finished(tmp_path)
+    for f in ("results.json", "outer.pt"):
+        (fm / f).unlink()
+    torch.save({"model": _Planted(str(marker))}, fm / "ckpt_outer.pt")
+    line = _refused(lambda: kd.main(["--out", str(fm), "--resume"]), capsys)
+    assert not marker.exists() and str(fm / "ckpt_outer.pt") in line
+    kdr = _finished(tmp_path, "kdfixmatch")
+    for f in ("results.json", "inner.pt", "trusted.pt"):
+        (kdr / f).unlink()
+    torch.save({"trusted": _Planted(str(marker)), "stats": {}}, kdr / "trusted.pt")
+    line = _refused(lambda: kd.main(["--out", str(kdr), "--resume"]), capsys)
+    assert not marker.exists() and str(kdr / "trusted.pt") in line
+
+
+def test_run_files_that_load_but_are_not_ours_are_one_line(tmp_path, capsys):
+    kdr = _finished(tmp_path, "kdfixmatch")
+    for f in ("results.json", "inner.pt"):
+        (kdr / f).unlink()
+    trusted = torch.load(kdr / "trusted.pt", weights_only=True)
+    cases = [
+        ("trusted.pt", {"stats": trusted["stats"]}, "trusted"),
+        ("trusted.pt", dict(trusted, trusted=trusted["trusted"][:7]), "trusted"),
+        ("trusted.pt", dict(trusted, trusted=trusted["trusted"] + 20), "trusted"),
+        ("ckpt_inner.pt", {"model": {}}, "ckpt_inner.pt"),
+        ("ckpt_inner.pt", [1, 2, 3], "ckpt_inner.pt"),
+    ]
+    for name, obj, field in cases:
+        saved = (kdr / name).read_bytes() if (kdr / name).exists() else None
+        torch.save(obj, kdr / name)
+        line = _refused(lambda: kd.main(["--out", str(kdr), "--resume"]), capsys)
+        assert str(kdr / name) in line and field in line, line
+        if saved is None:
+            (kdr / name).unlink()
+        else:
+            (kdr / name).write_bytes(saved)
+    fm = _finished(tmp_path)  # a checkpoint of another architecture
+    (fm / "results.json").unlink()
+    (fm / "outer.pt").unlink()
+    model = kd.build_model("wrn28_2", 1, 10)
+    torch.save(dict(model=model.state_dict(), ema=model.state_dict()), fm / "ckpt_outer.pt")
+    line = _refused(lambda: kd.main(["--out", str(fm), "--resume"]), capsys)
+    assert str(fm / "ckpt_outer.pt") in line
+
+
+# ---- 4: symlinks ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "links",
+    [
+        [".lock"],
+        ["kdfixmatch.py", "kernels.py"],
+        ["split.json.tmp", "config.json.tmp", "metrics.jsonl.tmp", "ckpt_outer.pt.tmp"],
+        ["results.json.tmp", "outer.pt.tmp"],
+    ],
+)
+def test_symlinks_planted_in_out_never_write_elsewhere(links, tmp_path, capsys):
+    out, victims = tmp_path / "run", {}
+    out.mkdir()
+    for name in links:
+        victim = tmp_path / f"victim-{name}"
+        victim.write_text("precious")
+        os.symlink(victim, out / name)
+        victims[victim] = "precious"
+    try:
+        kd.main([*_TINY_CPU, "--out", str(out)])
+    except SystemExit as e:  # refusing such an --out is a fix too, in one line
+        err = capsys.readouterr().err
+        assert e.code == 2 and len(_ours(err)) == 1, err
+    for victim, text in victims.items():
+        assert victim.read_text() == text, victim
+
+
+def test_data_symlink_loop_is_refused_by_name(tmp_path, capsys):
+    data = tmp_path / "d"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (data / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("L", (8, 8), 40 * i).save(data / split / c / f"{i}.png")
+    os.symlink("..", data / "train" / "a" / "x")  # train/a/x/a/x/... : a loop
+    args = kd.get_args(["--dataset", "folder", "--data-dir", str(data), "--workers", "0"])
+    line = _refused(lambda: kd.load_dataset(args), capsys)
+    assert str(data / "train" / "a" / "x") in line and "symbolic link loop" in line, line
+
+
+def test_data_self_loop_symlink_is_named_as_a_loop(tmp_path, capsys):
+    data = tmp_path / "d"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (data / split / c).mkdir(parents=True)
+            Image.new("L", (8, 8), 9).save(data / split / c / "0.png")
+    os.symlink("1.png", data / "train" / "b" / "1.png")  # points at itself
+    args = kd.get_args(["--dataset", "folder", "--data-dir", str(data), "--workers", "0"])
+    line = _refused(lambda: kd.load_dataset(args), capsys)
+    assert f"{data / 'train' / 'b' / '1.png'} is a symbolic link loop" in line, line
+
+
+def test_a_named_pipe_called_png_is_refused_not_read_forever(tmp_path):
+    data = tmp_path / "d"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (data / split / c).mkdir(parents=True)
+            Image.new("L", (8, 8), 9).save(data / split / c / "0.png")
+    os.mkfifo(data / "train" / "a" / "1.png")
+    argv = ["--dataset", "folder", "--data-dir", data, "--workers", "0", "--labels", "2"]
+    r = _cli(*argv, "--steps", "2", "--out", tmp_path / "r", timeout=120)  # it used to hang
+    lines = _ours(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert str(data / "train" / "a" / "1.png") in lines[0] and "not a regular file" in lines[0]
+
+
+# ---- 4: decide under the lock -----------------------------------------------------------------
+
+
+def test_a_resume_started_while_the_run_finishes_leaves_it_as_it_is(tmp_path, capsys):
+    fm = _finished(tmp_path)
+    done = (fm / "results.json").read_bytes()
+    (fm / "results.json").unlink()  # still finishing when the resume is started ...
+    args = kd.get_args(["--out", str(fm), "--resume"])
+    (fm / "results.json").write_bytes(done)  # ... and finished when it takes the lock
+    with pytest.raises(SystemExit) as e:
+        kd.main(args)
+    assert not e.value.code and "is complete" in capsys.readouterr().out
+    assert (fm / "results.json").read_bytes() == done
+
+
+def test_a_new_start_never_replaces_a_run_that_finished_meanwhile(tmp_path, capsys, monkeypatch):
+    # The other run writes its last file and releases the lock just as this start takes it.
+    import fcntl
+
+    fm = _finished(tmp_path)
+    out = tmp_path / "out"
+    planted = []
+
+    def finish_then(real):
+        def lock(*a, **k):
+            if not planted:
+                planted.append(1)
+                shutil.copytree(fm, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock"))
+            return real(*a, **k)
+
+        return lock
+
+    monkeypatch.setattr(fcntl, "lockf", finish_then(fcntl.lockf))
+    monkeypatch.setattr(fcntl, "flock", finish_then(fcntl.flock))
+    before = {f.name: f.read_bytes() for f in fm.iterdir() if f.is_file()}
+    line = _refused(lambda: kd.main([*_TINY_CPU, "--out", str(out)]), capsys)
+    assert "already holds a run" in line
+    after = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name != ".lock"}
+    assert after == {k: v for k, v in before.items() if k != ".lock"}
+
+
+# ---- 4: hand-edited or damaged records ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda c: c.pop("steps"), "steps"),  # it trained the dataset's default 500 steps
+        (lambda c: c.update(steps="4"), "steps"),
+        (lambda c: c.update(steps=4.5), "steps"),
+        (lambda c: c.update(steps=True), "steps"),
+        (lambda c: c.update(lr="fast"), "lr"),
+        (lambda c: c.update(method="fixmatch2"), "method"),
+        (lambda c: c.update(arch="resnet50"), "arch"),
+        (lambda c: c.update(ema_warmup="yes"), "ema_warmup"),
+        (lambda c: c.update(steps=-4), "steps"),
+        (lambda c: c.update(tau=2.0), "tau"),
+        (lambda c: c.update(outer_from=3), "outer_from"),
+    ],
+)
+def test_a_hand_edited_config_names_the_file_and_field(edit, field, tmp_path, capsys):
+    fm = _finished(tmp_path)
+    (fm / "results.json").unlink()
+    cfg = json.loads((fm / "config.json").read_text())
+    edit(cfg)
+    (fm / "config.json").write_text(json.dumps(cfg))
+    line = _refused(lambda: kd.get_args(["--out", str(fm), "--resume"]), capsys)
+    cfg = fm / "config.json"
+    assert f"{cfg} field {field}:" in line or f"{cfg} has no field {field};" in line, line
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda s: s.pop("labeled"), "labeled"),
+        (lambda s: s.pop("train_pixels_sha256"), "train_pixels_sha256"),
+        (lambda s: s.pop("train_images"), "train_images"),
+        (lambda s: s.update(labeled=s["labeled"][:-1] + [10**6]), "labeled"),
+        (lambda s: s.update(labeled=s["labeled"][:-1] + [-1]), "labeled"),
+        (lambda s: s.update(labeled=s["labeled"][:-1]), "labeled"),
+        (lambda s: s.update(labeled=s["labeled"][:-1] + [s["labeled"][0]]), "labeled"),
+        (lambda s: s.update(labeled="0, 1"), "labeled"),
+        (lambda s: s.update(labels="20"), "labels"),
+    ],
+)
+def test_a_hand_edited_split_names_the_file_and_field(edit, field, tmp_path, capsys):
+    fm = _finished(tmp_path)
+    (fm / "results.json").unlink()
+    s = json.loads((fm / "split.json").read_text())
+    edit(s)
+    (fm / "split.json").write_text(json.dumps(s))
+    line = _refused(lambda: kd.main(["--out", str(fm), "--resume"]), capsys)
+    assert f"{fm / 'split.json'} field {field}:" in line, line
+
+
+def test_a_corrupt_middle_line_of_metrics_is_one_line_naming_it(tmp_path, capsys):
+    fm = _finished(tmp_path)
+    (fm / "results.json").unlink()
+    rows = (fm / "metrics.jsonl").read_text().splitlines()
+    (fm / "metrics.jsonl").write_text(rows[0][:20] + "\n" + rows[1] + "\n")  # line 1 cut
+    line = _refused(lambda: kd.main(["--out", str(fm), "--resume"]), capsys)
+    assert f"{fm / 'metrics.jsonl'} line 1" in line, line
+    (fm / "metrics.jsonl").write_text('{"stage": "outer"}\n' + rows[1] + "\n")  # no step
+    line = _refused(lambda: kd.main(["--out", str(fm), "--resume"]), capsys)
+    assert f"{fm / 'metrics.jsonl'} line 1" in line and "step" in line, line
+
+
+# ---- 4: memory --------------------------------------------------------------------------------
+
+
+def _at_most_12_gib():
+    # A safety net: should the check not refuse, the run fails on this limit, not on the machine.
+    resource.setrlimit(resource.RLIMIT_AS, (12 << 30, resource.RLIM_INFINITY))
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--image-size", "4096"], "--image-size 4096"),  # 30 GB of digits, and the step
+        # 2 GB of digits, and a step of 352 images of 1024 x 1024 through small_cnn: 500 GB (at
+        # 512 it is 120 GB, which a large machine may have: then the run trains, as it should)
+        (["--image-size", "1024"], "--image-size 1024"),
+        (["--mu", "100000"], "--mu 100000"),  # a step of 6.4 million images: 500 GB
+    ],
+)
+def test_what_cannot_fit_in_memory_is_refused_with_the_figure_and_the_limit(argv, needle, tmp_path):
+    r = _cli(*argv, "--device", "cpu", "--out", tmp_path / "r", preexec_fn=_at_most_12_gib)
+    lines = _ours(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert needle in lines[0] and lines[0].count("GiB") >= 2, lines[0]
+    assert not (tmp_path / "r" / "split.json").exists()  # refused before anything was written
+
+
+def test_large_images_at_image_size_2048_are_refused_before_decoding(tmp_path):
+    data = tmp_path / "d"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (data / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (600, 400), (i, 0, 0)).save(data / split / c / f"{i}.png")
+    argv = ["--dataset", "folder", "--data-dir", data, "--image-size", "2048", "--labels", "2"]
+    r = _cli(*argv, "--workers", "0", "--out", tmp_path / "r", preexec_fn=_at_most_12_gib)
+    lines = _ours(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "--image-size 2048" in lines[0] and "GiB" in lines[0]
+
+
+# ---- 4: interrupts and messages -------------------------------------------------------------
+
+
+def test_ctrl_c_during_the_first_seconds_is_one_line(tmp_path):
+    # The first second: the torch import (about 1-5 s); it used to print a long traceback.
+    p = subprocess.Popen(
+        [sys.executable, str(HERE / "kdfixmatch.py"), "--out", str(tmp_path / "r")],
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(0.4)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert _ours(err) == ["kdfixmatch.py: interrupted; nothing saved yet"]
+
+
+def _raw_cmdline(pid):
+    try:
+        return open(f"/proc/{pid}/cmdline").read()
+    except OSError:
+        return ""
+
+
+def _workers(pid):
+    """The forked children of pid: its DataLoader workers (not, say, an ldconfig it runs)."""
+    try:
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except OSError:
+        return []
+    return [int(c) for c in children if _raw_cmdline(c) == _raw_cmdline(pid)]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc (Linux)")
+def test_a_decoding_worker_stopped_by_a_signal_is_one_line(tmp_path):
+    # SIGTERM to a worker (as `pkill -f kdfixmatch` or the OOM killer would) used to print the
+    # DataLoader's two chained tracebacks.
+    data = _separable_folder(tmp_path / "d", side=16, train=300, test=10)
+    argv = ["--dataset", "folder", "--data-dir", data, "--workers", "2", "--labels", "40"]
+    argv += ["--steps", "2"]
+    p = subprocess.Popen(
+        [sys.executable, str(HERE / "kdfixmatch.py"), *argv, "--out", str(tmp_path / "r")],
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Both workers at once: a lone forked child may be a helper that has not yet exec'd.
+        deadline, workers = time.time() + 120, []
+        while len(workers) < 2 and p.poll() is None and time.time() < deadline:
+            workers = _workers(p.pid)
+        # Stopped, the run takes no more batches: the workers wait with theirs, and one is
+        # killed before the decoding could end.
+        os.kill(p.pid, signal.SIGSTOP)
+        os.kill(workers[0], signal.SIGTERM)
+        os.kill(p.pid, signal.SIGCONT)
+        err = p.communicate(timeout=120)[1]
+    finally:
+        p.kill()
+        p.wait()
+    lines = _ours(err)
+    assert p.returncode not in (0, None) and "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and str(workers[0]) in lines[0] and "--workers" in lines[0], lines
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, resource.RLIM_INFINITY))
+
+
+def test_a_full_disk_mid_run_is_the_last_line_not_inside_the_progress_bar(tmp_path):
+    # The first checkpoint (about 1 MB) does not fit: the error must be the last thing written,
+    # not followed by the progress bar's final redraw.
+    argv = [*_TINY_CPU, "--steps", "40", "--eval-every", "20", "--out", tmp_path / "r"]
+    r = _cli(*argv, preexec_fn=_limit_file_size)
+    lines = _ours(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1 and "cannot write" in lines[0], r.stderr[-2000:]
+    assert r.stderr.rstrip().endswith(lines[0]), repr(r.stderr[-500:])
+
+
+def test_k_means_restarts_show_progress(tmp_path, capsys):
+    argv = [*_TINY_CPU[:-1], "kdfixmatch", "--kmeans-init", "3", "--tau-select", "0"]
+    kd.main([*argv, "--out", str(tmp_path / "r")])  # every unlabeled image is a candidate
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert any("k-means" in ln and "3/3" in ln for ln in err.splitlines()), err[-2000:]
+
+
+def test_k_means_one_restart_at_a_time_is_sklearns_fit_bit_for_bit():
+    # The progress needs the restarts one at a time; the best of them must be sklearn's own
+    # KMeans(n_init=...) result exactly, or the default run's accuracies would change.
+    from sklearn.cluster import KMeans
+
+    g = torch.Generator().manual_seed(0)
+    blobs = [torch.randn(80, 6, generator=g) + 4 * torch.randn(6, generator=g) for _ in range(5)]
+    z = torch.cat(blobs).numpy()
+    for n_init, seed in ((1, 0), (7, 3), (20, 0)):
+        ref = KMeans(5, n_init=n_init, random_state=seed).fit(z).cluster_centers_
+        np.testing.assert_array_equal(kd.kmeans(z, 5, n_init, seed), ref)
+
+
+def test_a_nan_stop_names_only_flags_that_can_fix_it(tmp_path):
+    # A diverged Suave: its loss is bounded (cosine scores, Sinkhorn's floored targets), so only
+    # the step's size can fix it; the EMA never makes the trained weights finite, in any stage.
+    for method in ("suave", "fixmatch"):
+        argv = [*_TINY_CPU[:-1], method, "--steps", "40", "--eval-every", "20", "--lr", "1e6"]
+        r = _cli(*argv, "--out", tmp_path / method)
+        lines = _ours(r.stderr)
+        assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+        assert "--lr" in lines[0] and "--momentum" in lines[0], lines[0]
+        assert "--ema" not in lines[0] and "--sinkhorn-eps" not in lines[0], lines[0]
+
+
+# ---- Replacements for two tests of test_kdfixmatch.py that the fixes above break ---------------
+# test_full_disk_names_the_file_and_keeps_the_old_one planted `<file>.tmp -> /dev/full` to get
+# ENOSPC: writes no longer follow a planted link, so the full disk is now os.write's error.
+# test_ctrl_c_offers_resume_only_for_this_commands_run interrupted a run blocked on a FIFO called
+# 0.png, which is now refused by name: the interrupt now lands while torch loads.
+
+
+@pytest.mark.parametrize("name", ["results.json", "ckpt_outer.pt"])
+def test_full_disk_names_the_file_and_keeps_the_old_one(name, tmp_path, capsys, monkeypatch):
+    path = tmp_path / name
+    kd.save(str(path), {"old": 1} if name.endswith(".json") else {"w": torch.zeros(3)})
+    before = path.read_bytes()
+    real, calls = os.write, []
+
+    def fills_up(fd, data):
+        # The first 10 bytes fit; then the disk is full.
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, bytes(data[:10]))
+
+    monkeypatch.setattr(os, "write", fills_up)
+    with pytest.raises(SystemExit) as e:
+        kd.save(str(path), {"new": 2} if name.endswith(".json") else {"w": torch.ones(10**5)})
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"cannot write {path} (" in err and len(err.splitlines()) == 1
+    assert os.strerror(errno.ENOSPC) in err and len(calls) == 2
+    assert path.read_bytes() == before and not os.path.lexists(str(path) + ".tmp")
+
+
+def test_ctrl_c_offers_resume_only_for_this_commands_run(tmp_path):
+    # An earlier start (A) left config.json; B, interrupted before writing its own, must not offer
+    # `--resume`, which would run A's flags; A's own command may. The interrupt lands in the
+    # first second, while torch loads.
+    out = tmp_path / "run"
+    out.mkdir()
+    a = [*_TINY_CPU, "--out", str(out)]
+    (out / "config.json").write_text(json.dumps(kd.vars_of(kd.get_args(a))))
+
+    def interrupt(argv):
+        p = subprocess.Popen(
+            [sys.executable, str(HERE / "kdfixmatch.py"), *argv],
+            cwd=HERE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        time.sleep(0.4)
+        p.send_signal(signal.SIGINT)
+        err = p.communicate(timeout=60)[1]
+        assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
+        return _ours(err)
+
+    b = [x if x != "4" else "6" for x in a]  # B: --steps 6
+    assert interrupt(b) == ["kdfixmatch.py: interrupted; nothing saved yet"]
+    resume = f"resume with: python {HERE / 'kdfixmatch.py'} --out {out} --resume"
+    assert interrupt(a) == [f"kdfixmatch.py: interrupted; {resume}"]

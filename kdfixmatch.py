@@ -253,7 +253,9 @@ OUTER_RECIPE = (
     "lambda_u lr momentum wd ema ema_warmup seed"
 ).split()
 # Flags that --resume may change: where the run's code, data or hardware live, not its recipe.
-FREE_ON_RESUME = set("out resume workers device precision compile data_dir bench".split())
+FREE_ON_RESUME = set(
+    "out resume workers device precision compile data_dir bench tensorboard".split()
+)
 # Flags newer than some runs' config.json: a missing one is the flag's default (off).
 ADDED_LATER = {"tensorboard"}
 # After a NaN stop (diverged.json), --resume may also change the optimisation's knobs.
@@ -2385,8 +2387,12 @@ def restore(path, model, ema, opt, sched, args):
             torch.cuda.set_rng_state_all(c["cuda_rng"])
     except Exception as e:
         die(f"{path} part rng is not a random state ({type(e).__name__}); {fix}")
+    # After a NaN stop the flags may differ from the checkpoint's: they apply from the next step
+    # on, its learning rate included (the schedule would otherwise apply a new --lr one step late).
+    lr_now = args.lr * lr_factor(st["step"], args.steps)
     for group, wd in zip(opt.param_groups, (args.wd, 0.0)):
-        group.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=wd)
+        group.update(lr=lr_now, initial_lr=args.lr, momentum=args.momentum, weight_decay=wd)
+        group["nesterov"] = args.momentum > 0
     sched.base_lrs = [args.lr] * len(opt.param_groups)
     return c["st"]
 

@@ -3957,3 +3957,36 @@ def test_ctrl_c_offers_resume_only_for_this_commands_run(tmp_path):
     assert interrupt(b) == ["kdfixmatch.py: interrupted; nothing saved yet"]
     resume = f"resume with: python {HERE / 'kdfixmatch.py'} --out {out} --resume"
     assert interrupt(a) == [f"kdfixmatch.py: interrupted; {resume}"]
+
+
+def test_restore_applies_the_flags_lr_momentum_and_nesterov_from_the_first_resumed_step(tmp_path):
+    # A checkpoint at step 20 of 60 taken at lr 0.03 (8 SGD steps on random data)
+    args = kd.get_args(["--steps", "60", "--out", str(tmp_path / "r"), "--device", "cpu"])
+    args.dev = torch.device("cpu")
+    data = dict(train_x=torch.zeros(1, 1, 8, 8, dtype=torch.uint8), classes=10)
+    model, _, ema, opt, sched = kd.make_model(args, data)
+    for _ in range(20):
+        loss = model(torch.randn(4, 1, 8, 8)).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    st = dict(step=20, evals=[], train_s=0.0, pl_hit=0, pl_n=0)
+    path = str(tmp_path / "ckpt_outer.pt")
+    kd.save_checkpoint(path, model, ema, opt, sched, st, args)
+    saved_lr = opt.param_groups[0]["lr"]
+    # The same flags: the optimiser is exactly the checkpoint's (an exact resume)
+    model, _, ema, opt, sched = kd.make_model(args, data)
+    kd.restore(path, model, ema, opt, sched, args)
+    assert [g["lr"] for g in opt.param_groups] == [saved_lr] * 2
+    assert saved_lr == 0.03 * math.cos(7 * math.pi * 20 / (16 * 60))
+    # After a NaN stop, --lr 0.01 --momentum 0: the very next step trains at 0.01's schedule,
+    # as plain SGD (it used to take one more step at the saved lr, with Nesterov on)
+    args.lr, args.momentum = 0.01, 0.0
+    model, _, ema, opt, sched = kd.make_model(args, data)
+    kd.restore(path, model, ema, opt, sched, args)
+    want = 0.01 * math.cos(7 * math.pi * 20 / (16 * 60))
+    for g in opt.param_groups:
+        assert g["lr"] == want and g["momentum"] == 0.0 and g["nesterov"] is False
+    sched.step()
+    assert sched.get_last_lr()[0] == 0.01 * math.cos(7 * math.pi * 21 / (16 * 60))

@@ -157,10 +157,13 @@ def test_sinkhorn_rows_sum_to_one_and_balances_a_skewed_batch():
     assert (q.sum(0) - 25.6).abs().max() < 0.05 * 25.6  # equal share per prototype (3 iterations)
     q50 = kd.sinkhorn(scores, eps=0.05, iters=50)
     torch.testing.assert_close(q50.sum(0), torch.full((10,), 25.6), rtol=1e-4, atol=1e-3)
-    torch.set_flush_denormal(True)  # as main() runs it
-    try:  # a small eps, one prototype far from
-        far = torch.cat([scores[:, :9] + 0.5, torch.full((256, 1), -1.0)], 1)  # every sample:
-        q = kd.sinkhorn(far, eps=0.01, iters=3)  # exp(-200) underflows; no 0 / 0
+    # Flush denormals to zero, as main() runs it.
+    torch.set_flush_denormal(True)
+    try:
+        # A small eps, with one prototype far from every sample: exp(-200) underflows, yet
+        # there is no 0 / 0.
+        far = torch.cat([scores[:, :9] + 0.5, torch.full((256, 1), -1.0)], 1)
+        q = kd.sinkhorn(far, eps=0.01, iters=3)
     finally:
         torch.set_flush_denormal(False)
     assert q.isfinite().all() and (q >= 0).all()
@@ -242,8 +245,9 @@ def test_dec_cluster_recovers_planted_clusters_and_drops_disagreeing_labels():
 
 def test_dec_cluster_ignores_cluster_numbering():
     z, y = _blobs(seed=1)
-    perm = torch.tensor([2, 0, 3, 1])  # pseudo labels are a relabelling of
-    keep, _ = kd.dec_cluster(z, perm[y], 4, n_init=5)  # the clusters: Hungarian undoes it
+    # The pseudo labels are a relabelling of the clusters: the Hungarian matching undoes it.
+    perm = torch.tensor([2, 0, 3, 1])
+    keep, _ = kd.dec_cluster(z, perm[y], 4, n_init=5)
     assert bool(keep.all())
 
 
@@ -708,6 +712,13 @@ def _results(out):
     return json.load(open(Path(out) / "results.json"))
 
 
+def _wait_until_written(p, path, timeout=300):
+    """Wait until path exists, or the process p ends, or the timeout passes."""
+    deadline = time.time() + timeout
+    while not path.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def test_killed_run_resumes_every_stage_and_never_redraws_labels(tmp_path):
     out = tmp_path / "run"
     argv = [
@@ -736,9 +747,7 @@ def test_killed_run_resumes_every_stage_and_never_redraws_labels(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 300
-    while not (out / "ckpt_inner.pt").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_until_written(p, out / "ckpt_inner.pt")
     p.send_signal(signal.SIGKILL)  # killed inside the inner SNN
     p.wait()
     assert (out / "outer.pt").exists() and (out / "trusted.pt").exists()
@@ -994,9 +1003,7 @@ def test_a_resumed_checkpoint_trains_with_the_changed_flags_after_a_nan_stop(tmp
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 300
-    while not (out / "ckpt_outer.pt").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_until_written(p, out / "ckpt_outer.pt")
     p.send_signal(signal.SIGKILL)
     p.wait()
     r = run_cli("--out", str(out), "--resume", "--lr", "0.01")
@@ -1056,65 +1063,76 @@ def _img(path, mode, rows, **save):
     return str(path)
 
 
-def test_decode_every_mode_to_the_right_rgb_pixels(tmp_path, monkeypatch):
-    def rgb(path):
-        x = kd.decode(path)
-        assert not isinstance(x, str), x
-        assert x.dtype == torch.uint8 and x.shape[0] == 3
-        return x.permute(1, 2, 0).reshape(-1, 3).tolist()
+def _rgb(path):
+    """kd.decode's pixels as a list of [r, g, b] rows, checking it decoded to 3 uint8 planes."""
+    x = kd.decode(path)
+    assert not isinstance(x, str), x
+    assert x.dtype == torch.uint8 and x.shape[0] == 3
+    return x.permute(1, 2, 0).reshape(-1, 3).tolist()
 
-    def grey(*vs):
-        return [[v] * 3 for v in vs]
 
-    assert rgb(_img(tmp_path / "l.png", "L", [[0, 7, 200, 255]])) == grey(0, 7, 200, 255)
+def _grey(*vs):
+    return [[v] * 3 for v in vs]
+
+
+def test_decode_grey_palette_alpha_and_wide_modes_to_the_right_rgb_pixels(tmp_path):
+    assert _rgb(_img(tmp_path / "l.png", "L", [[0, 7, 200, 255]])) == _grey(0, 7, 200, 255)
     im = Image.new("1", (2, 1))
     im.putpixel((1, 0), 1)
     im.save(tmp_path / "1.png")
-    assert rgb(str(tmp_path / "1.png")) == grey(0, 255)
+    assert _rgb(str(tmp_path / "1.png")) == _grey(0, 255)
     im = Image.new("P", (3, 1))  # palette colours, transparency ignored
     im.putpalette([10, 20, 30, 40, 50, 60, 70, 80, 90])
     im.putdata([0, 1, 2])
     im.save(tmp_path / "p.png", transparency=1)
-    assert rgb(str(tmp_path / "p.png")) == [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
+    assert _rgb(str(tmp_path / "p.png")) == [[10, 20, 30], [40, 50, 60], [70, 80, 90]]
     # alpha is dropped: the colour under it is kept, whatever the alpha
-    assert rgb(_img(tmp_path / "rgba.png", "RGBA", [[[1, 2, 3, 0], [4, 5, 6, 128]]])) == [
+    assert _rgb(_img(tmp_path / "rgba.png", "RGBA", [[[1, 2, 3, 0], [4, 5, 6, 128]]])) == [
         [1, 2, 3],
         [4, 5, 6],
     ]
-    assert rgb(_img(tmp_path / "la.png", "LA", [[[9, 0], [99, 255]]])) == grey(9, 99)
+    assert _rgb(_img(tmp_path / "la.png", "LA", [[[9, 0], [99, 255]]])) == _grey(9, 99)
     # 16 bits: round(v / 257), so an 8-bit value widened as v * 257 comes back exactly
-    assert rgb(_img(tmp_path / "i16.png", "I;16", [[0, 257 * 100, 65535, 1000]])) == grey(
+    assert _rgb(_img(tmp_path / "i16.png", "I;16", [[0, 257 * 100, 65535, 1000]])) == _grey(
         0, 100, 255, 4
     )
-    assert rgb(_img(tmp_path / "i32.tif", "I", [[0, 257 * 3, 65535]])) == grey(0, 3, 255)
-    assert rgb(_img(tmp_path / "f.tif", "F", [[0.0, 0.5, 1.0, 0.1]])) == grey(0, 128, 255, 26)
-    assert rgb(_img(tmp_path / "cmyk.tif", "CMYK", [[[0, 255, 255, 0], [0, 0, 0, 255]]])) == [
+    assert _rgb(_img(tmp_path / "i32.tif", "I", [[0, 257 * 3, 65535]])) == _grey(0, 3, 255)
+    assert _rgb(_img(tmp_path / "f.tif", "F", [[0.0, 0.5, 1.0, 0.1]])) == _grey(0, 128, 255, 26)
+
+
+def test_decode_colour_space_and_in_memory_modes_to_the_right_rgb_pixels(tmp_path, monkeypatch):
+    assert _rgb(_img(tmp_path / "cmyk.tif", "CMYK", [[[0, 255, 255, 0], [0, 0, 0, 255]]])) == [
         [255, 0, 0],
         [0, 0, 0],
     ]
-    lab = rgb(_img(tmp_path / "lab.tif", "LAB", [[[255, 0, 0], [0, 0, 0]]]))  # a*, b* signed
+    lab = _rgb(_img(tmp_path / "lab.tif", "LAB", [[[255, 0, 0], [0, 0, 0]]]))  # a*, b* signed
     assert min(lab[0]) >= 250 and max(lab[1]) <= 5  # white and black
     ycc = _img(tmp_path / "ycc.tif", "YCbCr", [[[76, 85, 255]] * 2] * 2)  # BT.601 red
     try:
         Image.open(ycc).load()
-    except OSError:  # some Pillow builds (the GPU machine's) cannot read their own YCbCr TIFF
-        assert kd.decode(ycc).startswith(f"cannot decode {ycc} (OSError")  # refused, named
+    except OSError:
+        # Some Pillow builds (the GPU machine's) cannot read their own YCbCr TIFF: the file is
+        # refused, and named.
+        assert kd.decode(ycc).startswith(f"cannot decode {ycc} (OSError")
     else:
-        assert all(p[0] >= 250 and max(p[1:]) <= 3 for p in rgb(ycc))
+        assert all(p[0] >= 250 and max(p[1:]) <= 3 for p in _rgb(ycc))
     # modes PIL opens but cannot write (TIFF's associated alpha, HSV): from memory
     pa = Image.new("PA", (1, 1), (1, 7))
     pa.putpalette([5, 6, 7, 50, 60, 70])
     for im, want in (
-        (Image.new("La", (1, 1), (100, 128)), grey(199)),  # un-premultiplied
+        (Image.new("La", (1, 1), (100, 128)), _grey(199)),  # un-premultiplied
         (Image.new("RGBa", (1, 1), (100, 50, 20, 128)), [[199, 99, 39]]),
         (Image.new("HSV", (1, 1), (0, 255, 255)), [[255, 0, 0]]),
         (pa, [[50, 60, 70]]),
-        (Image.new("I;16B", (1, 1), 257 * 9), grey(9)),
+        (Image.new("I;16B", (1, 1), 257 * 9), _grey(9)),
     ):
         monkeypatch.setattr(kd.PIL.Image, "open", lambda path, im=im: im)
-        assert rgb("in-memory") == want, im.mode
+        assert _rgb("in-memory") == want, im.mode
     monkeypatch.undo()
-    # out of range or unreadable: refused, the file named
+
+
+def test_decode_refuses_out_of_range_or_unreadable_images_naming_the_file(tmp_path):
+    # Out of range or unreadable: refused, the file named.
     assert "outside [0, 1]" in kd.decode(_img(tmp_path / "f2.tif", "F", [[0.0, 2.0]]))
     assert "outside [0, 65535]" in kd.decode(_img(tmp_path / "i2.tif", "I", [[-1, 0]]))
     (tmp_path / "empty.png").write_bytes(b"")
@@ -1354,17 +1372,19 @@ def test_outer_from_trains_the_inner_with_the_outers_recipe(tmp_path, capsys):
         and f"--outer-from: --steps 8 differs from 4 in {fm / 'config.json'}" in err
     )
     assert kd.get_args([*argv, "--steps", "4", "--loss", "sce", "--eval-every", "1"]).mu == 1
-    (tmp_path / "kd2").mkdir()  # a NaN stop's record in a fresh --out
-    (tmp_path / "kd2" / "diverged.json").write_text('{"stage": "inner", "step": 3}')  # frees no
+    # A NaN stop's record in a fresh --out frees no flag.
+    (tmp_path / "kd2").mkdir()
+    (tmp_path / "kd2" / "diverged.json").write_text('{"stage": "inner", "step": 3}')
     for extra, needle in (
-        (["--lr", "0.5"], "--outer-from: --lr 0.5 differs from 0.05"),  # flag
+        (["--lr", "0.5"], "--outer-from: --lr 0.5 differs from 0.05"),
         (["--bench", "--batch-size", "4"], "--outer-from does nothing with --bench"),
     ):
         with pytest.raises(SystemExit) as e:
             kd.get_args([*argv[:-2], *extra] if "--bench" in extra else [*argv, *extra])
         assert e.value.code == 2 and needle in capsys.readouterr().err
-    (fm / "split.json").unlink()  # an outer without its split: refused
-    with pytest.raises(SystemExit) as e:  # (it used to draw one and check nothing)
+    # An outer run without its split is refused (it used to draw one and check nothing).
+    (fm / "split.json").unlink()
+    with pytest.raises(SystemExit) as e:
         kd.main([*argv, "--workers", "0"])
     assert (
         e.value.code == 2
@@ -1465,9 +1485,7 @@ def test_ctrl_c_then_resume_and_finished_runs_stay_as_they_are(tmp_path):
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # (a suite started as a background job inherits SIGINT ignored; a terminal's Ctrl-C is not)
-    deadline = time.time() + 120
-    while not (out / "ckpt_outer.pt").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    _wait_until_written(p, out / "ckpt_outer.pt", timeout=120)
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1]
@@ -1515,8 +1533,9 @@ def test_run_all_sigterm_without_a_terminal_stops_its_cells(tmp_path):
         return [p for p in os.listdir("/proc") if p.isdigit() and out in _cmdline(p)]
 
     deadline = time.time() + 120
-    while not cells() and time.time() < deadline:  # a cell's python (run_all.sh starts it
-        time.sleep(0.2)  # in its own process group)
+    # Wait for a cell's python (run_all.sh starts it in its own process group).
+    while not cells() and time.time() < deadline:
+        time.sleep(0.2)
     time.sleep(3)
     assert cells()
     ra.send_signal(signal.SIGTERM)
@@ -1707,8 +1726,9 @@ def test_pl_loss_kernel_inf_and_huge_logits(max_block_c):
     B, C, ninf = 6, 40, float("-inf")
     weak, strong = _logits(B, C), _logits(B, C, seed=1)
     weak[0, 0], strong[0, 1:] = 1e4, -1e4  # confident on 0; huge strong logits
-    weak[1, :], weak[1, 2] = -1e4, 1e4  # confident on 2 ...
-    strong[1, :20], strong[1, 2] = ninf, 0.0  # ... -inf strong logits beside the target
+    # Row 1 is confident on 2, with -inf strong logits beside the target.
+    weak[1, :], weak[1, 2] = -1e4, 1e4
+    strong[1, :20], strong[1, 2] = ninf, 0.0
     weak[2, :17], weak[2, 30] = ninf, 20.0  # -inf weak logits over a whole column block
     weak[3:6] = 0.0  # rows 3-5: unconfident
     strong[3, :] = ninf  # masked (trusted -1): its CE would be NaN
@@ -1769,8 +1789,9 @@ def test_pl_loss_kernel_nan_and_inf_weak_logits(max_block_c):
     nan, inf = float("nan"), float("inf")
     B, C = 8, 40
     weak, strong = _logits(B, C), _logits(B, C, seed=1)
-    weak[0, 5] = nan  # NaN in the first column block
-    weak[1, 30] = nan  # ... in a later block (max_block_c=16)
+    # A NaN in the first column block, then one in a later block (with max_block_c=16).
+    weak[0, 5] = nan
+    weak[1, 30] = nan
     weak[2, 7] = inf  # +inf: inf - inf = NaN in the softmax
     weak[3, [3, 33]] = inf
     weak[4, :] = nan
@@ -2233,6 +2254,22 @@ def _table_rows(path):
     return rows
 
 
+def _check_fabricated_cifar10_4000_row(row):
+    """The table row of _fake_results' CIFAR-10 cells at 4000 labels."""
+    fm, ce, sce, fm2, ce_fm, sce_fm, ce_fm2, paper, size, prec, wall = row
+    assert fm == "91.00 ± 1.00 (n=3)"  # 90, 91, 92: sample std 1
+    assert ce == "93.33 ± 1.53 (n=3)"  # 93, 92, 95
+    assert sce == "94.00 (n=1)"  # a single seed: no std
+    assert fm2 == "–"  # missing cell
+    assert ce_fm == "+2.33 ± 1.15 (n=3)"  # per-seed differences 3, 1, 3
+    assert sce_fm == "+4.00 (n=1)" and ce_fm2 == "–"
+    # The paper's CIFAR10 gain at 4000 labels.
+    assert paper == "+2.44"
+    assert size == "41000 / 50000" and prec == "98.00 ± 1.00 (n=3)"
+    # KD's wall time includes its reused outer SNN.
+    assert wall == "FM 60 min, CE 3.0 h, SCE 3.0 h, 2x –"
+
+
 def test_run_all_table_from_fabricated_results(tmp_path):
     out = str(tmp_path / "results")
     _fake_results(out)
@@ -2243,16 +2280,7 @@ def test_run_all_table_from_fabricated_results(tmp_path):
     text = open(os.path.join(out, "table.md")).read()
     rows = _table_rows(os.path.join(out, "table.md"))
     assert set(rows) == {("cifar10", "400"), ("cifar10", "4000"), ("svhn", "all")}
-    fm, ce, sce, fm2, ce_fm, sce_fm, ce_fm2, paper, size, prec, wall = rows["cifar10", "4000"]
-    assert fm == "91.00 ± 1.00 (n=3)"  # 90, 91, 92: sample std 1
-    assert ce == "93.33 ± 1.53 (n=3)"  # 93, 92, 95
-    assert sce == "94.00 (n=1)"  # a single seed: no std
-    assert fm2 == "–"  # missing cell
-    assert ce_fm == "+2.33 ± 1.15 (n=3)"  # per-seed differences 3, 1, 3
-    assert sce_fm == "+4.00 (n=1)" and ce_fm2 == "–"
-    assert paper == "+2.44"  # the paper's CIFAR10 gain at 4000 labels
-    assert size == "41000 / 50000" and prec == "98.00 ± 1.00 (n=3)"
-    assert wall == "FM 60 min, CE 3.0 h, SCE 3.0 h, 2x –"  # KD includes its reused outer SNN
+    _check_fabricated_cifar10_4000_row(rows["cifar10", "4000"])
     fm, ce, *_, paper, size, prec, wall = rows["cifar10", "400"]
     assert (fm, ce, paper, size) == ("50.00 (n=1)", "running", "unknown", "–")
     assert rows["svhn", "all"][0].startswith("unavailable offline: --dataset svhn: not found")
@@ -2345,12 +2373,13 @@ def test_run_all_print_commands(tmp_path):
         cell(400, "fixmatch-2x", 1),
         cell(400, "fixmatch-2x", 2),
     ] + [cell(4000, "fixmatch-2x", s) for s in range(3)]
+    # Phase 2 holds the KD cells whose fixmatch (outer) cell has finished.
     phase2 = [
         cell(400, "kd-ce", 0),
         cell(400, "kd-sce", 0),
         cell(4000, "kd-sce", 1),
         cell(4000, "kd-sce", 2),
-    ]  # their fixmatch (outer) cell has finished
+    ]
     assert sorted(outs[:8]) == sorted(phase1) and sorted(outs[8:]) == sorted(phase2)
     assert len(lines) == 12  # finished cells print nothing
     assert "4 KD cells wait for their fixmatch cell" in r.stderr  # 400 labels, seeds 1 and 2
@@ -2550,9 +2579,11 @@ def test_a_fresh_start_leaves_nothing_of_an_abandoned_one(tmp_path, monkeypatch)
     monkeypatch.setattr(
         kd, "save", lambda path, obj: written.append(os.path.basename(path)) or real(path, obj)
     )
-    kd.main([*_TINY, "--out", str(out)])  # FixMatch: the outer SNN
-    assert written.index("split.json") < written.index("config.json")  # config.json: what --resume
-    assert {r["stage"] for r in map(json.loads, open(out / "metrics.jsonl"))} == {"outer"}  # needs
+    # FixMatch: the outer SNN.
+    kd.main([*_TINY, "--out", str(out)])
+    # config.json (what --resume needs) is written after split.json.
+    assert written.index("split.json") < written.index("config.json")
+    assert {r["stage"] for r in map(json.loads, open(out / "metrics.jsonl"))} == {"outer"}
     assert not (out / "diverged.json").exists() and list(out.glob("diverged-*.json"))
     (out / "results.json").unlink()  # as if killed at the end
     with pytest.raises(SystemExit) as e:
@@ -3053,6 +3084,21 @@ def _overlaps(a, b):
     return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
 
 
+def _check_labelled_with_a_legend_over_nothing(name, fig, panels):
+    """fig has `panels` visible, labelled axes and one legend, inside it and over no axes."""
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == panels, name
+    assert len(fig.legends) == 1, name
+    legend = fig.legends[0].get_window_extent(renderer)
+    # The legend lies inside the figure.
+    assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1, name
+    assert fig.bbox.y0 <= legend.y0, name
+    for ax in axes:
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), name
+        assert not _overlaps(legend, ax.get_tightbbox(renderer)), name
+
+
 def test_report_figures_are_labelled_and_their_legend_covers_nothing(tmp_path):
     out = str(tmp_path)
     _sweep(out)
@@ -3068,16 +3114,7 @@ def test_report_figures_are_labelled_and_their_legend_covers_nothing(tmp_path):
         "paired": (report.plot_paired(plt, cells, rows), 2),
     }
     for name, (fig, panels) in figures.items():
-        renderer = fig.canvas.get_renderer()
-        axes = [ax for ax in fig.axes if ax.get_visible()]
-        assert len(axes) == panels, name
-        assert len(fig.legends) == 1, name
-        legend = fig.legends[0].get_window_extent(renderer)
-        assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1, name  # inside the figure
-        assert fig.bbox.y0 <= legend.y0, name
-        for ax in axes:
-            assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title(), name
-            assert not _overlaps(legend, ax.get_tightbbox(renderer)), name
+        _check_labelled_with_a_legend_over_nothing(name, fig, panels)
         plt.close(fig)
     # paired.png: 4 pairs at 50 labels (KD (SCE) seed 0 only), one point per seed and a mean.
     fig = report.plot_paired(plt, cells, rows)
@@ -3231,6 +3268,27 @@ def test_unlabeled_loss_written_out_equals_the_kernels_reference_bit_for_bit():
     torch.testing.assert_close(per_sample, 0.3 * ce + 0.7 * 2.0 * (1 - p_y))
 
 
+def _check_tensorboard_stage(out, rows, res, stage):
+    """One SNN's TensorBoard curves, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ev = EventAccumulator(str(out / "tensorboard" / stage))
+    ev.Reload()
+    tags = set(ev.Tags()["scalars"])
+    assert {"loss", "lr", "mask", "test_acc", "images_per_s"} <= tags
+    # a pseudo-label precision curve wherever a precision was measured (not for no labels)
+    measured = any(r["pl_precision"] is not None for r in rows if r["stage"] == stage)
+    assert ("pl_precision" in tags) == measured
+    # the test accuracy curve is the metrics rows' EMA accuracy, step for step
+    acc = [(e.step, e.value) for e in ev.Scalars("test_acc")]
+    want = [(r["step"], r["test_acc"]) for r in rows if r["stage"] == stage]
+    assert [s for s, _ in acc] == [s for s, _ in want] == [4, 8]
+    for (_, a), (_, b) in zip(acc, want):
+        assert abs(a - b) < 1e-6
+    assert [e.value for e in ev.Scalars("lr")][-1] > 0
+    assert res[stage]["test_acc"] == want[-1][1]
+
+
 def test_tensorboard_curves_read_back_with_tensorboards_own_reader(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -3241,21 +3299,7 @@ def test_tensorboard_curves_read_back_with_tensorboards_own_reader(tmp_path):
     res = kd.main(argv)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for stage in ("outer", "inner"):
-        ev = EventAccumulator(str(out / "tensorboard" / stage))
-        ev.Reload()
-        tags = set(ev.Tags()["scalars"])
-        assert {"loss", "lr", "mask", "test_acc", "images_per_s"} <= tags
-        # a pseudo-label precision curve wherever a precision was measured (not for no labels)
-        measured = any(r["pl_precision"] is not None for r in rows if r["stage"] == stage)
-        assert ("pl_precision" in tags) == measured
-        # the test accuracy curve is the metrics rows' EMA accuracy, step for step
-        acc = [(e.step, e.value) for e in ev.Scalars("test_acc")]
-        want = [(r["step"], r["test_acc"]) for r in rows if r["stage"] == stage]
-        assert [s for s, _ in acc] == [s for s, _ in want] == [4, 8]
-        for (_, a), (_, b) in zip(acc, want):
-            assert abs(a - b) < 1e-6
-        assert [e.value for e in ev.Scalars("lr")][-1] > 0
-        assert res[stage]["test_acc"] == want[-1][1]
+        _check_tensorboard_stage(out, rows, res, stage)
     ev = EventAccumulator(str(out / "tensorboard" / "trusted"))
     ev.Reload()
     assert ev.Scalars("trusted_size")[0].value == res["trusted"]["trusted_size"]

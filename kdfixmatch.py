@@ -10,7 +10,7 @@ Paper:      KD-FixMatch: Knowledge Distillation Siamese Neural Networks, Wang et
 Built on:   FixMatch (Sohn et al. 2020; official code google-research/fixmatch, PyTorch port
             kekmodel/FixMatch-pytorch), DEC (Xie et al. 2016), symmetric cross entropy
             (Wang et al. 2019), and Suave (Fini et al. 2023) as a second baseline.
-Run:        python kdfixmatch.py                          # digits on a CPU, about half a minute
+Run:        python kdfixmatch.py                          # digits on a CPU, under a minute
             python kdfixmatch.py --dataset cifar10 --labels 4000
             python kdfixmatch.py --dataset folder --data-dir DIR   # any ImageFolder train/ test/
 Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.44 (CIFAR-10),

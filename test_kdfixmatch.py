@@ -712,6 +712,19 @@ def _results(out):
     return json.load(open(Path(out) / "results.json"))
 
 
+def _kill_at_checkpoint(argv, path):
+    """Start kdfixmatch.py with argv, and kill -9 it once it has written the checkpoint path."""
+    p = subprocess.Popen(
+        [sys.executable, str(HERE / "kdfixmatch.py"), *argv],
+        cwd=HERE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_until_written(p, path)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
 def _wait_until_written(p, path, timeout=300):
     """Wait until path exists, or the process p ends, or the timeout passes."""
     deadline = time.time() + timeout
@@ -741,15 +754,8 @@ def test_killed_run_resumes_every_stage_and_never_redraws_labels(tmp_path):
     ]
     # Bit-exact on the CPU; a GPU's cuDNN autotuning and atomic adds make even two fresh runs
     # differ in the last bits.
-    p = subprocess.Popen(
-        [sys.executable, str(HERE / "kdfixmatch.py"), *argv],
-        cwd=HERE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_until_written(p, out / "ckpt_inner.pt")
-    p.send_signal(signal.SIGKILL)  # killed inside the inner SNN
-    p.wait()
+    # Killed inside the inner SNN.
+    _kill_at_checkpoint(argv, out / "ckpt_inner.pt")
     assert (out / "outer.pt").exists() and (out / "trusted.pt").exists()
     assert not (out / "results.json").exists()
     split = json.load(open(out / "split.json"))["labeled"]
@@ -997,15 +1003,7 @@ def test_a_resumed_checkpoint_trains_with_the_changed_flags_after_a_nan_stop(tmp
         "--out",
         str(out),
     ]
-    p = subprocess.Popen(
-        [sys.executable, str(HERE / "kdfixmatch.py"), *argv],
-        cwd=HERE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_until_written(p, out / "ckpt_outer.pt")
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    _kill_at_checkpoint(argv, out / "ckpt_outer.pt")
     r = run_cli("--out", str(out), "--resume", "--lr", "0.01")
     assert r.returncode == 2 and "--lr 0.01 differs from 0.03" in r.stderr  # no NaN stop: refused
     json.dump(dict(stage="outer", step=30), open(out / "diverged.json", "w"))  # as after a NaN stop

@@ -1408,6 +1408,8 @@ def same_clustering(a, b):
 def trusted_subset(args, data, outer):
     """The outer EMA model labels the unlabeled set -> select_confident -> dec_cluster.
 
+    The unlabeled set is every training image, the labeled ones included, as in FixMatch.
+
     -> dict(trusted: the outer label of each unlabeled image, -1 where not trusted; stats).
     Cached in trusted.pt, so a resumed run does not redo it.
     """
@@ -1545,7 +1547,7 @@ STAGES = ("outer", "inner", "supervised", "suave")
 
 
 def lr_factor(k, K):
-    """FixMatch's learning-rate schedule: eta * cos(7 pi k / (16 K)) at step k (official code)."""
+    """FixMatch's schedule: LambdaLR multiplies --lr (eta) by cos(7 pi k / (16 K)) at step k."""
     return math.cos(7 * math.pi * k / (16 * K))
 
 
@@ -1733,6 +1735,7 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
     if args.compile and args.dev.type == "cuda":
         # The last step's CUDA graph outputs are done with.
         torch.compiler.cudagraph_mark_step_begin()
+    # The batch's x_u holds the unlabeled images' weak views, x_s their strong views.
     x_l, x_w, x_s = [to_input(b[k], args) if k in b else None for k in ("x_l", "x_u", "x_s")]
     with torch.autocast(args.dev.type, torch.bfloat16, enabled=args.bf16):
         if stage == "suave":
@@ -1796,7 +1799,8 @@ def train_snn(args, data, stage, split, trusted=None):
         return load_final(args, data, final, stage)
     K = args.steps
     seed = args.seed * 1000 + STAGES.index(stage)
-    # The initial weights come from this seed; dropout continues from here.
+    # The global RNG serves only the initial weights and EfficientNet's dropout: batches and
+    # their augmentation come from (seed, step) generators in make_batch.
     torch.manual_seed(seed)
     model, forward, ema, opt, sched = make_model(args, data, suave=stage == "suave")
     st = dict(step=0, evals=[], train_s=0.0, pl_hit=0, pl_n=0)
@@ -1922,7 +1926,11 @@ def progress_bar(stage, start, K):
 
 
 def metrics_row(stage, w, sched, st):
-    """The last step's loss and lr; with pseudo labels, the mask rate and their precision so far."""
+    """The last step's loss and lr; with pseudo labels, the mask rate and their precision so far.
+
+    In the inner SNN the mask also counts the rows that Heuristic 1 fills with a trusted outer
+    label, so its rate is not comparable with the outer SNN's confidence-only rate.
+    """
     row = dict(loss=float(w[-1, 0]), lr=sched.get_last_lr()[0])
     if stage != "supervised":
         row["mask"] = float(w[-1, 1])

@@ -652,11 +652,16 @@ def to_uint8(ds, size, workers):
         reason = str(e)
         if "DataLoader worker" in str(e.__cause__):
             reason = str(e.__cause__)
-        die(
-            f"decoding stopped: {reason}; run again, with fewer --workers "
+        close_progress_bars()
+        print(
+            f"kdfixmatch.py: error: decoding stopped: {reason}; run again, with fewer --workers "
             "(or --workers 0) if memory is short",
-            status=1,
+            file=sys.stderr,
+            flush=True,
         )
+        # The surviving workers can keep the interpreter's exit waiting on the DataLoader's
+        # queues for ever (seen in tests): leave at once. Nothing of the run is written yet.
+        os._exit(1)
 
 
 def decode(path, size=None):

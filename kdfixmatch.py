@@ -13,6 +13,7 @@ Built on:   FixMatch (Sohn et al. 2020; official code google-research/fixmatch, 
 Run:        python kdfixmatch.py                          # digits on a CPU, under a minute
             python kdfixmatch.py --dataset cifar10 --labels 4000
             python kdfixmatch.py --dataset folder --data-dir DIR   # any ImageFolder train/ test/
+            torchrun --standalone --nproc_per_node 4 kdfixmatch.py --dataset cifar10   # 4 GPUs
 Claim:      the paper reports KD-FixMatch beating FixMatch at 4000 labels by +2.44 (CIFAR-10),
             +5.81 (SVHN), +1.99 (CIFAR-100) and +3.88 (Food-101) accuracy points. What we measured
             is in RESULTS.md, with commands and machines; results.json records every number a run
@@ -22,6 +23,8 @@ The file reads as the paper's method section: hyper-parameters, the command line
 torch is imported, so a typo costs no import), data, augmentation, models, the FixMatch step,
 high-confidence sampling and DEC, the inner SNN's loss, Suave, training one SNN, the pipeline.
 The run's machinery (output directory, lock, checkpoints, resume, metrics) comes last.
+Under torchrun (DistributedDataParallel) the recipe is the same: B and mu are the global batch,
+each process trains on its share, and rank 0 alone evaluates and writes.
 """
 
 import argparse
@@ -29,6 +32,7 @@ import collections
 import concurrent.futures
 import copy
 import ctypes
+import datetime
 import errno
 import fcntl
 import functools
@@ -85,9 +89,30 @@ DATASET_DEFAULTS = {
 # ==== The command line: parsed and checked before torch is imported ==============================
 def die(msg, status=2):
     """Bad input: one line naming the flag or file and the fix, exit status 2, no traceback."""
-    close_progress_bars()
-    print(f"kdfixmatch.py: error: {msg}", file=sys.stderr)
+    say_error(msg)
     sys.exit(status)
+
+
+# Under torchrun every process meets the same bad input at about the same time. Rank 0 says it,
+# and when it exits torchrun stops the others (within a second); another rank waits this long
+# before it says the error itself, so that one line is printed, not one per process, and a
+# message is never lost because its process was stopped first.
+OTHER_RANKS_WAIT_S = 10
+
+
+def say_error(msg):
+    """The error line on stderr: by rank 0, or by another rank that rank 0 did not stop."""
+    close_progress_bars()
+    rank = rank_of_this_process()
+    if rank != 0:
+        time.sleep(OTHER_RANKS_WAIT_S)
+        msg = f"(rank {rank}) {msg}"
+    print(f"kdfixmatch.py: error: {msg}", file=sys.stderr, flush=True)
+
+
+def rank_of_this_process():
+    """torchrun's RANK: this process's number among the run's processes (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def close_progress_bars():
@@ -98,18 +123,32 @@ def close_progress_bars():
 
 
 def interrupted(args):
-    """Ctrl-C: one line, exit status 130; --resume is offered only for this command's run."""
+    """Ctrl-C: one line, exit status 130; --resume is offered only for this command's run.
+
+    Under torchrun, Ctrl-C reaches every process: rank 0 says it, the others leave quietly.
+    """
+    if rank_of_this_process() != 0:
+        sys.exit(130)
     config = os.path.join(args.out, "config.json")
     resumable = args.resume
     if not resumable and os.path.exists(config):
         resumable = read_json(config) == vars_of(args)
     if resumable:
-        hint = f"resume with: python {sys.argv[0]} --out {shlex.quote(args.out)} --resume"
+        hint = f"resume with: {this_command(args)} --out {shlex.quote(args.out)} --resume"
     else:
         hint = "nothing saved yet"
     close_progress_bars()
     print(f"kdfixmatch.py: interrupted; {hint}", file=sys.stderr)
     sys.exit(130)
+
+
+def this_command(args):
+    """How this run was started: python, or torchrun with its number of processes."""
+    if args.world_size == 1:
+        return f"python {sys.argv[0]}"
+    if args.local_world_size == args.world_size:
+        return f"torchrun --standalone --nproc_per_node {args.world_size} {sys.argv[0]}"
+    return f"torchrun (the same {args.world_size} processes) {sys.argv[0]}"
 
 
 # What a damaged record's error suggests, unless the caller knows better.
@@ -216,6 +255,11 @@ def add_run_flags(g):
     a("--compile", action="store_true", help="torch.compile the model; on a GPU with CUDA graphs")
     a("--bench", action="store_true", help="print images/s of augment, step and loop; train none")
     a("--tensorboard", action="store_true", help="also write curves for TensorBoard into --out")
+    a(
+        "--per-gpu-bn",
+        action="store_true",
+        help="torchrun on GPUs: BatchNorm per GPU, not SyncBatchNorm over the global batch",
+    )
 
 
 # Every numeric flag and its valid range, checked before anything runs: (flags, test, the range).
@@ -257,7 +301,7 @@ FREE_ON_RESUME = set(
     "out resume workers device precision compile data_dir bench tensorboard".split()
 )
 # Flags newer than some runs' config.json: a missing one is the flag's default (off).
-ADDED_LATER = {"tensorboard"}
+ADDED_LATER = {"tensorboard", "per_gpu_bn"}
 # After a NaN stop (diverged.json), --resume may also change the optimisation's knobs.
 FREE_AFTER_NAN_STOP = set("lr wd momentum lambda_u ema ema_warmup sinkhorn_eps sce_beta".split())
 
@@ -269,6 +313,7 @@ def get_args(argv=None):
     given = flags_given(parser, argv, args)
     if not args.out.strip() or os.path.isfile(args.out):
         die(f"--out {args.out!r} is not a directory; choose another --out")
+    read_world(args)
     take_recorded_recipe(args, given, parser)
     for name, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, name) is None:
@@ -279,6 +324,17 @@ def get_args(argv=None):
     refuse_flags_that_do_nothing(args, given)
     check_paths(args)
     return args
+
+
+def read_world(args):
+    """torchrun's environment: how many processes, this one's rank; without torchrun, one.
+
+    LOCAL_RANK numbers the processes on this machine (its GPU), LOCAL_WORLD_SIZE counts them.
+    """
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.rank = rank_of_this_process()
+    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    args.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(args.world_size)))
 
 
 def flags_given(parser, argv, args):
@@ -301,6 +357,7 @@ def read_json(path, fix=REDO):
 def vars_of(args):
     """The flags of a run, as config.json records them."""
     runtime = ("dev", "mean", "std", "bf16", "t0", "lock")
+    runtime += ("rank", "local_rank", "local_world_size")
     return {k: v for k, v in vars(args).items() if k not in runtime}
 
 
@@ -312,6 +369,8 @@ def take_recorded_recipe(args, given, parser):
     recorded = read_json(source, "restore it")
     if not isinstance(recorded, dict):
         die(f"{source}: not a JSON object; restore it")
+    if args.resume:
+        refuse_other_world_size(args, recorded, source)
     flags = {a.dest: a for a in parser._actions if a.dest != "help"}
     if args.resume:
         required = flags.keys() - FREE_ON_RESUME - ADDED_LATER
@@ -327,6 +386,23 @@ def take_recorded_recipe(args, given, parser):
     if args.resume and os.path.exists(os.path.join(args.out, "results.json")):
         print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume")
         sys.exit(0)
+
+
+def refuse_other_world_size(args, recorded, source):
+    """--resume on as many processes as the run had: with per-process BatchNorm its statistics,
+    and with any BatchNorm the per-process batch, belong to that number."""
+    # A config.json older than torchrun support records none: one process.
+    trained_on = recorded.get("world_size", 1)
+    if trained_on == args.world_size:
+        return
+    if trained_on == 1:
+        how = f"python {sys.argv[0]} --out {shlex.quote(args.out)} --resume, without torchrun"
+    else:
+        how = f"torchrun with {trained_on} processes in all (--nproc_per_node x --nnodes)"
+    die(
+        f"--resume: {args.out} was trained by {trained_on} process(es) ({source} world_size), "
+        f"this command starts {args.world_size}; resume it with {how}"
+    )
 
 
 def check_recorded_recipe(path, recorded, flags, required):
@@ -410,6 +486,16 @@ def check_values(args):
                 continue
             if not (math.isfinite(value) and is_valid(value)):
                 die(f"{flag(name)} {value}: must be {valid_range}")
+    # B and mu*B are the global batch: each of torchrun's N processes takes an equal share (an N
+    # that divides B divides mu*B too), so that the mean of the processes' losses, and DDP's mean
+    # of their gradients, are the one-process batch's.
+    N = args.world_size
+    if args.batch_size % N:
+        multiple = N * max(1, round(args.batch_size / N))
+        die(
+            f"--batch-size {args.batch_size}: the global batch does not split evenly over "
+            f"torchrun's {N} processes; use a multiple of {N} (e.g. {multiple})"
+        )
 
 
 def flags_that_do_nothing(args):
@@ -442,6 +528,7 @@ def flags_that_do_nothing(args):
             by if method != "suave" else None,
         ),
         ("pretrained weights", f"--arch {args.arch}" if args.arch != "efficientnet_b0" else None),
+        ("per_gpu_bn", "one process (without torchrun)" if args.world_size == 1 else None),
         (
             "method steps resume out seed eval_every",
             "--bench (it times FixMatch)" if args.bench else None,
@@ -468,6 +555,11 @@ def check_paths(args):
         )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         die(f"--device {args.device}: unknown; use auto, cpu, cuda or cuda:N")
+    if args.world_size > 1 and ":" in args.device:
+        die(
+            f"--device {args.device}: under torchrun each process takes the GPU of its "
+            "LOCAL_RANK; use --device cuda (or auto), and CUDA_VISIBLE_DEVICES to choose GPUs"
+        )
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         die("--tensorboard needs the tensorboard package: pip install tensorboard")
 
@@ -481,6 +573,7 @@ try:
     import PIL.Image
     import sklearn.datasets
     import torch
+    import torch.distributed as dist
     import torch.nn as nn
     import torch.nn.functional as F
     import torchvision
@@ -753,12 +846,15 @@ def refuse_what_does_not_fit(args, images, shape, classes):
     host = memory_available(torch.device("cpu"))
     if host is None:
         return
-    # The images as uint8; twice while the decoded parts are joined into one tensor.
-    data = 2 * images * math.prod(shape)
+    # The images as uint8; twice while the decoded parts are joined into one tensor; under
+    # torchrun, in each of this machine's processes.
+    copies = getattr(args, "local_world_size", 1)
+    data = 2 * images * math.prod(shape) * copies
     if data > host:
+        by = f" in each of {copies} processes" if copies > 1 else ""
         die(
-            f"{size_flag(args, shape)}: the {images} images need about {gib(data)} GiB of memory, "
-            f"more than the {gib(host)} GiB available; use a smaller --image-size"
+            f"{size_flag(args, shape)}: the {images} images need about {gib(data)} GiB of "
+            f"memory{by}, more than the {gib(host)} GiB available; use a smaller --image-size"
         )
     if args.arch == "efficientnet_b0" and shape[0] != 3:
         # build_model refuses these images later, in its own words.
@@ -777,6 +873,8 @@ def refuse_a_step_that_does_not_fit(args, images, shape, classes, room):
     element = 2 if getattr(args, "bf16", False) else 4
     supervised = args.method == "supervised" and not args.bench
     step_images = args.batch_size if supervised else args.batch_size * (1 + 2 * args.mu)
+    # Under torchrun each process holds its share of the step.
+    step_images //= getattr(args, "world_size", 1)
     step = step_images * per_image * element
     # An evaluation holds a layer's input and output for 1024 images at a time.
     evaluation = min(1024, images) * 2 * largest * element
@@ -1506,17 +1604,31 @@ def suave_head(in_dim, classes, hidden=2048, dim=128):
 
 @torch.no_grad()
 def sinkhorn(scores, eps=0.05, iters=3):
-    """SwAV's Sinkhorn-Knopp: scores (B, K) -> assignments; rows sum to 1, classes used equally."""
+    """SwAV's Sinkhorn-Knopp: scores (B, K) -> assignments; rows sum to 1, classes used equally.
+
+    Under torchrun the sums over the batch run over every process's share, as in SwAV's
+    distributed_sinkhorn, so the assignments are the one-process batch's.
+    """
     # Subtracting the maximum cancels in the normalising; the floor keeps a small eps that
     # underflows from dividing 0 by 0.
-    q = torch.exp((scores - scores.max()) / eps).clamp_min(1e-30).T
-    q /= q.sum()
+    top = over_processes(scores.max(), "max")
+    q = torch.exp((scores - top) / eps).clamp_min(1e-30).T
+    q /= over_processes(q.sum())
     K, B = q.shape
+    if dist.is_initialized():
+        B *= dist.get_world_size()
     for _ in range(iters):
         # Each prototype gets mass 1/K, then each sample mass 1/B.
-        q /= K * q.sum(1, keepdim=True)
+        q /= K * over_processes(q.sum(1, keepdim=True))
         q /= B * q.sum(0, keepdim=True)
     return (q * B).T
+
+
+def over_processes(t, op="sum"):
+    """t's sum (or maximum) over torchrun's processes; in one process t itself."""
+    if dist.is_initialized():
+        dist.all_reduce(t, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
 
 
 def swapped_prediction(target, scores, temperature):
@@ -1607,8 +1719,8 @@ def warn(message):
     return [message]
 
 
-def make_model(args, data, suave=False, imagenet=True):
-    """-> model, forward (--compile: compiled), EMA copy, Nesterov SGD, its lr schedule."""
+def snn_model(args, data, suave=False, imagenet=True):
+    """The network of one SNN on the device; Suave's has its projector and prototypes."""
     model = build_model(
         args.arch,
         data["train_x"].shape[1],
@@ -1620,7 +1732,17 @@ def make_model(args, data, suave=False, imagenet=True):
         # Suave: a projector and cosine prototypes replace the linear head.
         in_dim = model.head.in_features
         model.head = suave_head(in_dim, data["classes"], args.suave_hidden, args.suave_dim)
-    model = model.to(args.dev, memory_format=torch.channels_last)
+    return model.to(args.dev, memory_format=torch.channels_last)
+
+
+def make_model(args, data, suave=False):
+    """-> model, forward (under torchrun: DDP; --compile: compiled), EMA copy, Nesterov SGD, its
+    lr schedule."""
+    model = snn_model(args, data, suave)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if batchnorm_kind(args) == "sync":
+        # The same Parameter objects, in SyncBatchNorm layers: BatchNorm over the global batch.
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # Weight decay on conv and linear weights only: not on biases, BatchNorm or the prototypes
     # (Suave's code gives them LARS decay 1e-6; none is our choice).
     prototypes = {
@@ -1640,11 +1762,17 @@ def make_model(args, data, suave=False, imagenet=True):
     K = args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, K))
     forward = model
+    if args.world_size > 1:
+        # DistributedDataParallel averages the gradients over the processes during backward. It
+        # also starts every process from rank 0's weights and, at each forward, rank 0's
+        # BatchNorm statistics.
+        device_ids = [args.dev] if args.dev.type == "cuda" else None
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if args.compile:
-        # On a GPU, CUDA graphs remove the launch overhead of the many small kernels.
-        mode = "reduce-overhead" if args.dev.type == "cuda" else None
-        forward = torch.compile(model, mode=mode)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+        # On a GPU, CUDA graphs remove the launch overhead of the many small kernels. Not with
+        # DDP, whose gradient communication runs between the graphs (and is not measured here).
+        cuda_graphs = args.dev.type == "cuda" and args.world_size == 1
+        forward = torch.compile(forward, mode="reduce-overhead" if cuda_graphs else None)
     return model, forward, ema, opt, sched
 
 
@@ -1667,11 +1795,13 @@ def epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
-def batch_images(data, pool, step, size, order_seed, dev):
-    """Batch `step` of `size` indices into pool (None: every training image), and their images.
+def batch_images(data, pool, step, size, order_seed, args):
+    """Batch `step` of `size` indices into pool (None: every training image), and their images:
+    under torchrun, this process's share of them.
 
     Each stream (labeled, unlabeled) walks through its own permutation per epoch.
     """
+    dev = args.dev
     n = len(data["train_y"]) if pool is None else len(pool)
     pos = step * size
     first_epoch = pos // n
@@ -1679,7 +1809,7 @@ def batch_images(data, pool, step, size, order_seed, dev):
     slices = []
     for e in range(first_epoch, last_epoch + 1):
         slices.append(epoch_permutation(n, order_seed, e)[max(0, pos - e * n) : pos + size - e * n])
-    host = torch.cat(slices)
+    host = share_of_this_process(torch.cat(slices), args)
     if pool is not None:
         host = pool[host]
     idx = to_device(host, dev)
@@ -1691,18 +1821,38 @@ def batch_images(data, pool, step, size, order_seed, dev):
 
 
 def make_batch(data, split, step, seed, args, unlabeled=True):
-    """Batch `step`: B labeled and mu*B unlabeled images, augmented; a function of (seed, step)."""
+    """Batch `step`: B labeled and mu*B unlabeled images, augmented; a function of (seed, step).
+
+    Under torchrun every process draws the whole batch's indices and augmentations, and builds
+    only its share of the images: the N shares, in rank order, are the one-process batch.
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     flip = data["flip"]
-    idx_l, x_l = batch_images(data, split, step, args.batch_size, 2 * seed, args.dev)
-    b = dict(x_l=augment(x_l, flip, False, g), y_l=data["y"][idx_l])
+    H, W = data["x"].shape[-2:]
+    B = args.batch_size
+    idx_l, x_l = batch_images(data, split, step, B, 2 * seed, args)
+    weak_l = draw_plan(B, H, W, flip, False, g)
+    b = dict(x_l=apply_plan(x_l, plan_share(weak_l, args)), y_l=data["y"][idx_l])
     if not unlabeled:
         return b
-    size_u = args.mu * args.batch_size
-    idx_u, x_u = batch_images(data, None, step, size_u, 2 * seed + 1, args.dev)
-    b.update(x_u=augment(x_u, flip, False, g), y_u=data["y"][idx_u])
-    b.update(x_s=augment(x_u, flip, True, g), idx_u=idx_u)
+    U = args.mu * B
+    idx_u, x_u = batch_images(data, None, step, U, 2 * seed + 1, args)
+    weak_u = draw_plan(U, H, W, flip, False, g)
+    strong_u = draw_plan(U, H, W, flip, True, g)
+    b.update(x_u=apply_plan(x_u, plan_share(weak_u, args)), y_u=data["y"][idx_u])
+    b.update(x_s=apply_plan(x_u, plan_share(strong_u, args)), idx_u=idx_u)
     return b
+
+
+def share_of_this_process(rows, args):
+    """Rows rank*n/N .. (rank+1)*n/N of n: all of them in one process."""
+    n = len(rows) // args.world_size
+    return rows[args.rank * n : (args.rank + 1) * n]
+
+
+def plan_share(plan, args):
+    """This process's rows of an augmentation plan (drawn for the whole batch)."""
+    return {name: share_of_this_process(column, args) for name, column in plan.items()}
 
 
 def batches(data, split, steps, seed, args, unlabeled=True, prefetch=None):
@@ -1797,7 +1947,11 @@ def train_step(args, model, ema, opt, sched, stage, b, trusted, step):
 
 
 def train_snn(args, data, stage, split, trusted=None):
-    """One SNN (outer; inner, given `trusted`; floor; Suave) for K steps. -> (EMA, summary)."""
+    """One SNN (outer; inner, given `trusted`; floor; Suave) for K steps. -> (EMA, summary).
+
+    Under torchrun every process trains; rank 0 alone evaluates, writes and returns the summary
+    (the others return None).
+    """
     final = os.path.join(args.out, f"{stage}.pt")
     ckpt = os.path.join(args.out, f"ckpt_{stage}.pt")
     if os.path.exists(final):
@@ -1810,12 +1964,15 @@ def train_snn(args, data, stage, split, trusted=None):
     model, forward, ema, opt, sched = make_model(args, data, suave=stage == "suave")
     st = dict(step=0, evals=[], train_s=0.0, pl_hit=0, pl_n=0)
     if os.path.exists(ckpt):
+        # Every process resumes from the same checkpoint.
         st = restore(ckpt, model, ema, opt, sched, args)
-    trim_metrics(args, stage, st["step"])
+    lead = args.rank == 0
+    if lead:
+        trim_metrics(args, stage, st["step"])
     if trusted is not None:
         # Checked once here, so that the steps need not (on a GPU that check is a sync).
         trusted = kernels.check_trusted(trusted, data["classes"]).to(args.dev)
-    bar = progress_bar(stage, st["step"], K)
+    bar = progress_bar(stage, st["step"], K, quiet=not lead)
     curves = open_curves(args, stage, st["step"])
     window = []
     t0 = time.time()
@@ -1829,22 +1986,23 @@ def train_snn(args, data, stage, split, trusted=None):
         # The GPU runs ahead of the host: its statistics are read back every 32 steps.
         if done % 32 and not evaluate_now:
             continue
-        w = torch.stack(window).cpu()
+        acc = 0.0
+        if evaluate_now and lead:
+            acc = evaluate(ema, data["test_x"], data["test_y"], args)
+        w, norms, acc = read_back(args, window, float_state, acc)
         window = []
         st["step"] = done
         st["train_s"] += time.time() - t0
         st["pl_hit"] += int(w[:, 2].sum())
         st["pl_n"] += int(w[:, 3].sum())
-        acc = 0.0
-        if evaluate_now:
-            acc = evaluate(ema, data["test_x"], data["test_y"], args)
-        stop_if_diverged(args, stage, w, acc, float_state, done, bar)
+        stop_if_diverged(args, stage, w, acc, norms, done, bar)
         track_labeled_loss(st, w)
         row = metrics_row(stage, w, sched, st)
         images_per_s = len(w) * images_per_step(args, stage) / max(time.time() - t0, 1e-9)
         log_curves(curves, done, dict(row, images_per_s=images_per_s, test_acc=acc), evaluate_now)
         if evaluate_now:
             st["evals"].append(acc)
+        if evaluate_now and lead:
             log_metrics(args, dict(stage=stage, step=done, test_acc=acc, **row))
             save_checkpoint(ckpt, model, ema, opt, sched, st, args)
         show_progress(bar, row, st["evals"])
@@ -1852,11 +2010,43 @@ def train_snn(args, data, stage, split, trusted=None):
     bar.close()
     if curves is not None:
         curves.close()
-    summary = summarize(st, K, images_per_step(args, stage))
+    if not lead:
+        return ema, None
+    return ema, finish_stage(args, data, stage, ema, st)
+
+
+def finish_stage(args, data, stage, ema, st):
+    """The stage's summary, its EMA model saved as <stage>.pt, the checkpoint removed."""
+    summary = summarize(st, args.steps, images_per_step(args, stage))
     summary.update(prediction_summary(ema, data, args))
+    final = os.path.join(args.out, f"{stage}.pt")
     save(final, dict(ema=ema.state_dict(), summary=summary, args=vars_of(args)))
-    os.remove(ckpt)
-    return ema, summary
+    os.remove(os.path.join(args.out, f"ckpt_{stage}.pt"))
+    return summary
+
+
+def read_back(args, window, float_state, acc):
+    """The window's step statistics, the largest magnitude of each weight and BatchNorm
+    statistic (for the NaN stop) and rank 0's test accuracy, on the host.
+
+    Under torchrun they come from every process in one all_reduce: the statistics are the
+    whole batch's, and every process sees the same values, so all stop at the same step.
+    """
+    w = torch.stack(window)
+    norms = torch.stack(torch._foreach_norm(float_state, math.inf))
+    if args.world_size == 1:
+        return w.cpu(), norms.cpu(), acc
+    rank_0_acc = torch.tensor([acc], dtype=torch.float64, device=w.device)
+    packed = torch.cat([w.double().flatten(), norms.double(), rank_0_acc])
+    dist.all_reduce(packed)
+    packed = packed.cpu()
+    w = packed[: w.numel()].view(w.shape)
+    # The loss, the mask rate and the labeled loss are means over equal shares: their mean is the
+    # batch's. The pseudo-label counts (right, used) add up. A sum of magnitudes is finite when
+    # every process's is. The other ranks added 0 to the accuracy.
+    w[:, [0, 1, 4]] /= args.world_size
+    norms = packed[w.numel() : -1]
+    return w, norms, packed[-1].item()
 
 
 def track_labeled_loss(st, w):
@@ -1872,7 +2062,7 @@ def floating_state(*models):
 
 def open_curves(args, stage, start):
     """--tensorboard: a writer in --out/tensorboard/<stage>; a resumed stage drops later events."""
-    if not args.tensorboard:
+    if not args.tensorboard or args.rank != 0:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
@@ -1916,8 +2106,9 @@ def images_per_step(args, stage):
     return args.batch_size * (1 + 2 * args.mu)
 
 
-def progress_bar(stage, start, K):
-    """tqdm; to a log file (not a terminal) a line per 30 s rather than per update."""
+def progress_bar(stage, start, K, quiet=False):
+    """tqdm; to a log file (not a terminal) a line per 30 s rather than per update; none if quiet
+    (torchrun's ranks other than 0)."""
     interval = 0.5 if sys.stderr.isatty() else 30
     return tqdm(
         range(start, K),
@@ -1927,6 +2118,7 @@ def progress_bar(stage, start, K):
         dynamic_ncols=True,
         mininterval=interval,
         maxinterval=60,
+        disable=quiet,
     )
 
 
@@ -2070,42 +2262,34 @@ def trusted_warning(stats, data, args):
 
 # ==== The pipeline ================================================================================
 def main(argv=None):
-    """The pipeline: data, split, the stages of --method, results.json."""
+    """The pipeline: data, split, the stages of --method, results.json.
+
+    Under torchrun every process runs it; rank 0 alone holds the lock, reads and writes --out,
+    evaluates and reports, and returns the results (the others return None).
+    """
     args = argv if isinstance(argv, argparse.Namespace) else get_args(argv)
     setup_device(args)
     args.t0 = time.time()
-    args.lock = None if args.bench else claim_out(args)
-    warnings = [] if args.bench else announce_ema(args)
-    data = load_dataset(args)
     if args.bench:
+        data = load_dataset(args)
         split = labeled_split(data["train_y"], args.labels, data["classes"], args.seed)
-    else:
-        split = prepare_out(args, data)
+        set_normalisation(args, data)
+        place_data(args, data)
+        return bench(args, data, split)
+    args.lock = None
+    on_rank_0(args, claim_out, args)
+    warnings = announce_ema(args) if args.rank == 0 else []
+    data = load_dataset(args)
+    split = on_rank_0(args, prepare_out, args, data)
     set_normalisation(args, data)
     place_data(args, data)
-    if args.bench:
-        return bench(args, data, split)
     res = {k: vars(args)[k] for k in ("method", "dataset", "labels", "seed", "arch", "steps")}
-    res["device"] = str(args.dev)
+    res.update(world_size=args.world_size, batchnorm=batchnorm_kind(args), device=str(args.dev))
     res["versions"] = dict(torch=torch.__version__, torchvision=torchvision.__version__)
-    if args.method in ("supervised", "suave"):
-        _, res[args.method] = train_snn(args, data, args.method, split)
-    else:
-        if args.outer_from:
-            # A finished run's outer SNN.
-            outer_pt = os.path.join(args.outer_from, "outer.pt")
-            outer, res["outer"] = load_final(args, data, outer_pt, "outer")
-        else:
-            outer, res["outer"] = train_snn(args, data, "outer", split)
-        if args.method == "kdfixmatch":
-            kd = trusted_subset(args, data, outer)
-            res["trusted"] = kd["stats"]
-            log_trusted_curves(args, kd["stats"])
-            # Said before the inner SNN trains on it.
-            trusted_problem = trusted_warning(kd["stats"], data, args)
-            if trusted_problem:
-                warnings += warn(trusted_problem)
-            _, res["inner"] = train_snn(args, data, "inner", split, trusted=kd["trusted"])
+    warnings += train_stages(args, data, split, res)
+    if args.rank != 0:
+        leave_process_group(args)
+        return None
     final_stage = dict(fixmatch="outer", kdfixmatch="inner").get(args.method, args.method)
     for k in ("test_acc", "test_acc_median20", "evals"):
         res[k] = res[final_stage][k]
@@ -2121,20 +2305,89 @@ def main(argv=None):
     res["kernels"] = kernels.provenance()
     save(os.path.join(args.out, "results.json"), res)
     report(res)
+    leave_process_group(args)
     return res
 
 
+def train_stages(args, data, split, res):
+    """The SNNs of --method, each stage's summary into res. -> the warnings said meanwhile."""
+    warnings = []
+    if args.method in ("supervised", "suave"):
+        _, res[args.method] = train_snn(args, data, args.method, split)
+        return warnings
+    if args.outer_from:
+        # A finished run's outer SNN.
+        outer_pt = os.path.join(args.outer_from, "outer.pt")
+        outer, res["outer"] = load_final(args, data, outer_pt, "outer")
+    else:
+        outer, res["outer"] = train_snn(args, data, "outer", split)
+    if args.method == "fixmatch":
+        return warnings
+    # Under torchrun, rank 0 computes the trusted subset and the others receive it.
+    kd = on_rank_0(args, trusted_subset, args, data, outer)
+    if args.rank == 0:
+        res["trusted"] = kd["stats"]
+        log_trusted_curves(args, kd["stats"])
+        # Said before the inner SNN trains on it.
+        trusted_problem = trusted_warning(kd["stats"], data, args)
+        if trusted_problem:
+            warnings += warn(trusted_problem)
+    _, res["inner"] = train_snn(args, data, "inner", split, trusted=kd["trusted"])
+    return warnings
+
+
+def on_rank_0(args, fn, *fn_args):
+    """fn(*fn_args) on rank 0 alone; the other processes wait for its result, or leave as it did.
+
+    Rank 0 alone reads and writes --out. This is how the others get the split and the trusted
+    subset, and how rank 0's stop (an error, or a run found complete) ends them too, rather than
+    leaving them waiting for it.
+    """
+    if args.world_size == 1:
+        return fn(*fn_args)
+    # [fn's result, rank 0's exit status]
+    outcome = [None, None]
+    if args.rank == 0:
+        try:
+            outcome[0] = fn(*fn_args)
+        except SystemExit as stop:
+            outcome[1] = stop.code
+            dist.broadcast_object_list(outcome, src=0)
+            raise
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        sys.exit(outcome[1])
+    return outcome[0]
+
+
+def leave_process_group(args):
+    """torchrun: every process waits for rank 0's last write, then leaves the group."""
+    if args.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def setup_device(args):
-    """--device and --precision; CPU and cuDNN settings that make the steps faster."""
+    """--device and --precision (under torchrun, this process's GPU and the process group); CPU
+    and cuDNN settings that make the steps faster."""
     if args.device == "auto":
         args.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         args.dev = torch.device(args.device)
     cuda = args.dev.type == "cuda"
+    if cuda and args.world_size > 1:
+        args.dev = torch.device("cuda", args.local_rank)
     if cuda and (args.dev.index or 0) >= torch.cuda.device_count():
+        if args.world_size > 1:
+            die(
+                f"torchrun: {args.local_world_size} processes on this machine, "
+                f"{torch.cuda.device_count()} GPUs here; lower --nproc_per_node"
+            )
         die(
             f"--device {args.device}: not here ({torch.cuda.device_count()} GPUs); use --device cpu"
         )
+    if args.world_size > 1:
+        join_process_group(args)
     args.bf16 = args.precision == "bf16" or (args.precision == "auto" and cuda)
     # On a CPU, confident networks make denormal floats, which are 1.5x slower.
     torch.set_flush_denormal(True)
@@ -2142,6 +2395,43 @@ def setup_device(args):
     torch.backends.cudnn.benchmark = True
     if not cuda:
         keep_freed_memory()
+
+
+# Rank 0 alone evaluates and runs DEC while the other processes wait at their next collective
+# call: on a large unlabeled set that can take longer than torch.distributed's default timeout.
+WAIT_FOR_RANK_0 = datetime.timedelta(hours=2)
+
+
+def join_process_group(args):
+    """torchrun: NCCL between GPUs, gloo between CPU processes; the BatchNorm in use, said once."""
+    cuda = args.dev.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(args.dev)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=WAIT_FOR_RANK_0)
+    if args.rank != 0:
+        return
+    share = args.batch_size // args.world_size
+    what = {
+        "sync": "SyncBatchNorm over the global batch",
+        "per-gpu": "per GPU (--per-gpu-bn), over each GPU's share",
+        "per-process": "per process, over each one's share (SyncBatchNorm needs CUDA)",
+    }[batchnorm_kind(args)]
+    print(
+        f"torchrun: {args.world_size} processes ({args.dev.type}), each takes 1/{args.world_size} "
+        f"of every step's batch ({share} of its {args.batch_size} labeled images); "
+        f"BatchNorm {what}"
+    )
+
+
+def batchnorm_kind(args):
+    """Which BatchNorm a run of several processes has: SyncBatchNorm, or per GPU or process."""
+    if args.world_size == 1:
+        return None
+    if args.dev.type != "cuda":
+        return "per-process"
+    if args.per_gpu_bn:
+        return "per-gpu"
+    return "sync"
 
 
 def keep_freed_memory():
@@ -2185,7 +2475,7 @@ def place_data(args, data):
             data[k] = x.pin_memory()
         else:
             data[k] = x
-        if cuda:
+        if cuda and args.rank == 0:
             where = "GPU" if on_gpu else "pinned host"
             print(f"{k}: {x.numel() >> 20} MiB in {where} memory")
     data["y"] = data["train_y"].to(args.dev)
@@ -2412,7 +2702,7 @@ def restore(path, model, ema, opt, sched, args):
 
 def load_final(args, data, path, stage):
     """A finished stage: its EMA model and summary."""
-    ema = make_model(args, data, suave=stage == "suave", imagenet=False)[2]
+    ema = snn_model(args, data, suave=stage == "suave", imagenet=False).eval()
 
     def use(c):
         ema.load_state_dict(c["ema"])
@@ -2446,19 +2736,19 @@ def read_trusted(path, data):
     return c
 
 
-def stop_if_diverged(args, stage, w, acc, float_state, done, bar):
+def stop_if_diverged(args, stage, w, acc, norms, done, bar):
     """The NaN stop: a non-finite loss, weight, BatchNorm statistic or accuracy ends the run.
 
     It exits with status 1 and says how to resume from the last checkpoint with other flags.
     """
-    norms = torch.stack(torch._foreach_norm(float_state, math.inf)).cpu()
-    finite = torch.cat([w[:, 0], norms, torch.tensor([acc])]).isfinite()
+    finite = torch.cat([w[:, 0].double(), norms.double(), torch.tensor([acc]).double()]).isfinite()
     if finite.all():
         return
     # The first non-finite step loss; weights and accuracy count as the window's last step.
     first_bad = min(int((~finite).nonzero()[0, 0]), len(w) - 1)
     bad_step = done - len(w) + first_bad + 1
-    save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad_step))
+    if args.rank == 0:
+        save(os.path.join(args.out, "diverged.json"), dict(stage=stage, step=bad_step))
     bar.close()
     # Checkpoints are written at evaluations.
     ckpt_step = (done - len(w)) // args.eval_every * args.eval_every
@@ -2471,16 +2761,27 @@ def stop_if_diverged(args, stage, w, acc, float_state, done, bar):
     # epsilon (its targets are floored, so Suave's loss is bounded while the weights are finite).
     fix = "--lambda-u, --wd, " if stage in ("outer", "inner") else "--wd, "
     fp32 = ", --precision fp32" if args.bf16 else ""
-    die(
+    stop_together(
+        args,
         f"{stage} SNN: non-finite loss or weights at step {bad_step}; stopped {at}. Resume with a "
-        f"lower --lr (or {fix}--momentum{fp32}): python "
-        f"kdfixmatch.py --out {shlex.quote(args.out)} --resume --lr ...",
+        f"lower --lr (or {fix}--momentum{fp32}): {this_command(args)} "
+        f"--out {shlex.quote(args.out)} --resume --lr ...",
         status=1,
     )
 
 
+def stop_together(args, msg, status):
+    """A stop that every process meets at the same step: rank 0 says why, the others wait until
+    it has (torchrun stops the rest as soon as one process leaves), and all leave with status."""
+    if args.rank == 0:
+        say_error(msg)
+    if args.world_size > 1:
+        dist.barrier()
+    sys.exit(status)
+
+
 def claim_out(args):
-    """--out for this process alone, and what it holds, decided under its lock.
+    """--out for this process alone (args.lock), and what it holds, decided under its lock.
 
     The checks come after the lock, so that no other run can finish or start in between: a
     finished run is never rewritten, and a new start never replaces a run.
@@ -2505,7 +2806,8 @@ def claim_out(args):
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
-    return lock
+    # Held (open) until the process exits.
+    args.lock = lock
 
 
 def open_lock(out):
@@ -2629,7 +2931,8 @@ def bench(args, data, split):
     model, forward, ema, opt, sched = make_model(args, data)
     cuda = args.dev.type == "cuda"
     n = 200 if cuda else 20
-    images = args.batch_size * (1 + 2 * args.mu)
+    # Under torchrun each process times its share of the batch.
+    images = args.batch_size * (1 + 2 * args.mu) // args.world_size
     fixed = make_batch(data, split, 0, 0, args)
     # (3) as train_snn runs it: prefetched on a GPU.
     real = batches(data, split, range(2 * n), 0, args)
@@ -2657,18 +2960,54 @@ def bench(args, data, split):
                 start = now()
             fn(k)
         rates.append(images * n / (now() - start))
-    ms = [f"{r:.0f} ({1000 * images / r:.1f} ms)" for r in rates]
+    if args.world_size > 1:
+        rates = bench_over_processes(args, rates)
+        if rates is None:
+            return None
+    # The whole batch's images per step, over the run's images/s: one step's time.
+    ms = [f"{r:.0f} ({1000 * images * args.world_size / r:.1f} ms)" for r in rates]
     precision_name = "bf16" if args.bf16 else "fp32"
     path = "one launch per view" if kernels.augment_takes(fixed["x_s"]) else "per-op"
+    where = str(args.dev)
+    if args.world_size > 1:
+        where = f"{args.world_size} processes ({args.dev.type}), in all"
     print(
-        f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {args.dev}, "
+        f"{args.dataset} {args.arch} B={args.batch_size} mu={args.mu} on {where}, "
         f"{precision_name}{' compiled' * args.compile}: images/s of (1) augment ({path}) "
         f"{rates[0]:.0f}, (2) step on a fixed batch {ms[1]}, (3) real loop {ms[2]}; "
         f"(3)/(2) = {rates[2] / rates[1]:.3f}"
     )
     for name, entry in kernels.provenance().items():
         print(f"kernel {name}: {entry['path']} (triton {entry['triton']}, {entry['device']})")
+    leave_process_group(args)
     return dict(zip(("augment", "ceiling", "real"), rates))
+
+
+def bench_over_processes(args, rates):
+    """torchrun: each process's three images/s, printed by rank 0. -> their sums (rank 0) or
+    None (the others)."""
+    per_rank = [None] * args.world_size
+    dist.all_gather_object(per_rank, rates)
+    if args.rank != 0:
+        leave_process_group(args)
+        return None
+    for rank, r in enumerate(per_rank):
+        print(
+            f"rank {rank}: images/s of (1) augment {r[0]:.0f}, (2) step on a fixed batch "
+            f"{r[1]:.0f}, (3) real loop {r[2]:.0f}"
+        )
+    return [sum(column) for column in zip(*per_rank)]
+
+
+def another_process_stopped(error):
+    """Under torchrun: a collective call failed because another process of the run is gone.
+
+    That process says why (or torchrun's report does, for a kill); this one leaves quietly.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    gone = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    return isinstance(error, getattr(dist, "DistError", ())) or any(g in str(error) for g in gone)
 
 
 if __name__ == "__main__":
@@ -2676,6 +3015,10 @@ if __name__ == "__main__":
         main(ARGS)
     except KeyboardInterrupt:
         interrupted(ARGS)
+    except RuntimeError as e:
+        if not another_process_stopped(e):
+            raise
+        sys.exit(1)
     except OSError as e:
         # For example an --out that cannot be written.
         die(f"cannot write {e.filename or ARGS.out} ({e.strerror or e}); choose another --out")

@@ -21,6 +21,7 @@
 # Run:  bash run_all.sh --smoke             # digits on CPU: the whole machinery, 16 cells, ~2 min
 #       bash run_all.sh                     # the paper's table (weeks of GPU time, see Cost)
 #       bash run_all.sh --gpus 0,1,2,3      # one cell per GPU at a time
+#       bash run_all.sh --gpus 0,1,2,3 --gpus-per-cell 2   # two cells at a time, each on 2 GPUs
 #       bash run_all.sh --print-commands    # one line per unfinished cell: SLURM array, parallel
 #       bash run_all.sh --table             # summarise what has finished so far, train nothing
 #       bash run_all.sh ... -- --weights effnet_b0.pth   # after --: passed to every kdfixmatch.py
@@ -37,9 +38,18 @@
 #   --out-dir DIR     OUT_DIR     results                       | results-smoke
 #   --gpus 0,1,..     GPUS        none: cells one after another on kdfixmatch.py's default device;
 #                                 else GPU indices (nvidia-smi's), each once, that exist here
+#   --gpus-per-cell N GPUS_PER_CELL  1: each cell one python process. N > 1: each cell one
+#                                 torchrun of N processes (`$PYTHON -m torch.distributed.run
+#                                 --standalone --nproc_per_node N`; B, mu stay the global batch);
+#                                 with --gpus, the GPUs in groups of N (their count a multiple of
+#                                 N), one cell per group at a time; without, one cell at a time on
+#                                 GPUs 0..N-1 (on a machine without CUDA, N CPU processes). A cell
+#                                 resumes only on the number of processes it started with.
 #   --suave           SUAVE       0: add a Suave column (one more SNN training per seed)
 #   --smoke                       the tiny configuration above (options given still win)
-#   --print-commands              print the commands of unfinished cells, run nothing
+#   --print-commands              print the commands of unfinished cells, run nothing (N > 1:
+#                                 torchrun lines; with --gpus, CUDA_VISIBLE_DEVICES=group, the
+#                                 groups in turn, for running as many lines at a time as groups)
 #   --table                       write table.md and the plots from what has finished, run nothing
 #                     PYTHON      python3 (the interpreter with torch; matplotlib optional)
 #
@@ -73,6 +83,7 @@ while (($#)); do
         --data-dir)       need "$@"; DATA_DIR=$2; shift ;;
         --out-dir)        need "$@"; OUT_DIR=$2; shift ;;
         --gpus)           need "$@"; GPUS=$2; GPUS_GIVEN=1; shift ;;
+        --gpus-per-cell)  need "$@"; GPUS_PER_CELL=$2; shift ;;
         --smoke)          SMOKE=1 ;;
         --print-commands) MODE=print ;;
         --table)          MODE=table ;;
@@ -88,11 +99,11 @@ if ((SMOKE)); then
 fi
 : "${DATASETS:=cifar10 svhn cifar100 food101}" "${LABELS:=400 1000 2000 4000}" "${SEEDS:=3}"
 : "${STEPS:=1048576}" "${EVAL_EVERY:=}" "${ARCH:=efficientnet_b0}" "${PRETRAINED:=1}"
-: "${DATA_DIR:=data}" "${OUT_DIR:=results}" "${GPUS:=}" "${PYTHON:=python3}"
+: "${DATA_DIR:=data}" "${OUT_DIR:=results}" "${GPUS:=}" "${GPUS_PER_CELL:=1}" "${PYTHON:=python3}"
 DATASETS=${DATASETS//,/ } LABELS=${LABELS//,/ }
 posint() { [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"; }
 for l in $LABELS; do posint --labels "$l"; done
-posint --seeds "$SEEDS"; posint --steps "$STEPS"
+posint --seeds "$SEEDS"; posint --steps "$STEPS"; posint --gpus-per-cell "$GPUS_PER_CELL"
 [[ -z $EVAL_EVERY ]] || posint --eval-every "$EVAL_EVERY"
 [[ -n ${DATASETS// } && -n ${LABELS// } ]] || die "--datasets and --labels must not be empty"
 for d in $DATASETS; do        # kdfixmatch.py's choices: a typo fails here, not in every cell
@@ -105,20 +116,37 @@ OUT_DIR=$(realpath -m "$OUT_DIR") DATA_DIR=$(realpath -m "$DATA_DIR")
 METHODS=(fixmatch kd-ce kd-sce fixmatch-2x)
 [[ ${SUAVE:-0} == [01] ]] || die "SUAVE must be 0 or 1, got '$SUAVE'"
 ((${SUAVE:-0})) && METHODS+=(suave)
-# --gpus: CUDA device indices, each once (one slot per GPU). Junk must not run on the CPU, and a
-# GPU named twice would be one slot; that they exist is checked before running (gpu_count).
+# --gpus: CUDA device indices, each once (one slot per GPU, or per --gpus-per-cell GPUs). Junk
+# must not run on the CPU, and a GPU named twice would be in two slots; that they exist is
+# checked before running (gpu_count).
+ids=()
 if [[ -n $GPUS_GIVEN ]]; then
     sep='[[:space:]]*[,[:space:]][[:space:]]*'
     [[ $GPUS =~ ^[[:space:]]*[0-9]+($sep[0-9]+)*[[:space:]]*$ ]] || die "--gpus '$GPUS': not a" \
         "list of GPU indices; give them as nvidia-smi numbers them, e.g. --gpus 0,1 (or leave" \
         "--gpus out to run one cell at a time on kdfixmatch.py's default device)"
-    ids=()
     for id in ${GPUS//,/ }; do
         [[ " ${ids[*]} " != *" $((10#$id)) "* ]] || die "--gpus '$GPUS': GPU $((10#$id)) is" \
             "named twice; name each GPU once (one cell runs on each)"
         ids+=("$((10#$id))")
     done
+    ((${#ids[@]} % GPUS_PER_CELL == 0)) || die "--gpus '$GPUS': ${#ids[@]} GPU(s) do not make" \
+        "cells of --gpus-per-cell $GPUS_PER_CELL; name a multiple of $GPUS_PER_CELL GPUs"
     GPUS=${ids[*]}
+fi
+CELL_GPUS=()                        # --gpus in groups of N, a cell's: "0,1" "2,3" (N = 1: "0" "1")
+for ((g = 0; g < ${#ids[@]}; g += GPUS_PER_CELL)); do
+    group=${ids[*]:g:GPUS_PER_CELL}
+    CELL_GPUS+=("${group// /,}")
+done
+# --gpus-per-cell N > 1: each cell is a torchrun of N processes, called through the interpreter
+# (a `torchrun` on PATH may belong to another python).
+TORCHRUN=()
+if ((GPUS_PER_CELL > 1)) && [[ $MODE != table ]]; then
+    "$PY" -c 'import torch.distributed.run' 2>/dev/null || die "--gpus-per-cell" \
+        "$GPUS_PER_CELL needs torchrun, but $PY cannot import torch.distributed.run; set PYTHON" \
+        "to the python with torch"
+    TORCHRUN=(-m torch.distributed.run --standalone --nproc_per_node "$GPUS_PER_CELL")
 fi
 
 # =============================================================================================
@@ -142,8 +170,8 @@ cell_cmd() {  # d l m s -> CMD: the kdfixmatch.py command line of the cell (with
         fixmatch-2x)  steps=$((2 * STEPS)) ;;
         suave)        how=(--method suave) ;;
     esac
-    CMD=("$PY" "$REPO/kdfixmatch.py" "${how[@]}" --dataset "$d" --data-dir "$DATA_DIR"
-         --labels "$l" --seed "$s" --arch "$ARCH" --steps "$steps")
+    CMD=("$PY" "${TORCHRUN[@]}" "$REPO/kdfixmatch.py" "${how[@]}" --dataset "$d"
+         --data-dir "$DATA_DIR" --labels "$l" --seed "$s" --arch "$ARCH" --steps "$steps")
     ((PRETRAINED)) && [[ $ARCH == efficientnet_b0 ]] && CMD+=(--pretrained)
     [[ -n $EVAL_EVERY ]] && CMD+=(--eval-every "$EVAL_EVERY")
     CMD+=("${EXTRA[@]}" --out "$(cell_dir "$@")")
@@ -165,7 +193,7 @@ if [[ $MODE == table ]]; then summarise; exit; fi
 # =============================================================================================
 # --print-commands: one self-contained line per unfinished cell, for a scheduler
 if [[ $MODE == print ]]; then
-    waiting=0
+    waiting=0 line=0
     for phase in 1 2; do            # phase 1: fixmatch + fixmatch-2x; 2: KD whose outer is done
         for c in "${CELLS[@]}"; do
             read -r d l m s <<<"$c"
@@ -178,8 +206,13 @@ if [[ $MODE == print ]]; then
             fi
             cell_cmd $d $l $m $s
             dir=$(printf %q "$(cell_dir $d $l $m $s)")
+            on=""                   # torchrun cells with --gpus: the groups in turn
+            if ((GPUS_PER_CELL > 1 && ${#CELL_GPUS[@]})); then
+                on="CUDA_VISIBLE_DEVICES=${CELL_GPUS[line % ${#CELL_GPUS[@]}]} "
+            fi
+            line=$((line + 1))
             # --resume is decided when the line runs, so a requeued job continues its checkpoint
-            echo "mkdir -p $dir && $(printf '%q ' "${CMD[@]}")\$(test -f $dir/split.json && echo --resume) >> $dir/run.log 2>&1"
+            echo "mkdir -p $dir && $on$(printf '%q ' "${CMD[@]}")\$(test -f $dir/split.json && echo --resume) >> $dir/run.log 2>&1"
         done
     done
     ((waiting)) && echo "run_all.sh: $waiting KD cells wait for their fixmatch cell (outer SNN);" \
@@ -223,9 +256,11 @@ if [[ -n $GPUS ]]; then
 fi
 mkdir -p "$OUT_DIR" 2>/dev/null && [[ -w $OUT_DIR ]] || die "--out-dir $OUT_DIR: cannot write" \
     "there; choose another --out-dir"
-SLOTS=(${GPUS:-cpu-or-default})             # slot name = the GPU id given to CUDA_VISIBLE_DEVICES
-if [[ -n $GPUS && " ${EXTRA[*]} " != *" --workers "* ]]; then  # share the CPU between the cells
-    EXTRA+=(--workers $(($(nproc) / ${#SLOTS[@]} > 0 ? $(nproc) / ${#SLOTS[@]} : 1)))
+# A slot's name is the GPUs given to CUDA_VISIBLE_DEVICES: "0", or with --gpus-per-cell "0,1".
+SLOTS=("${CELL_GPUS[@]:-cpu-or-default}")
+if [[ (-n $GPUS || GPUS_PER_CELL -gt 1) && " ${EXTRA[*]} " != *" --workers "* ]]; then
+    procs=$((${#SLOTS[@]} * GPUS_PER_CELL))  # share the CPU between the cells' processes
+    EXTRA+=(--workers $(($(nproc) / procs > 0 ? $(nproc) / procs : 1)))
 fi
 
 count_done() { local n=0 c; for c in "${CELLS[@]}"; do is_done $c && n=$((n + 1)); done; echo $n; }
@@ -257,8 +292,11 @@ run_cell() {  # index slot: runs in the background; the outcome is left in the c
     [[ -f $dir/split.json ]] && resume=--resume
     cell_cmd $d $l $m $s
     printf '\n==== run_all.sh %s: %s\n' "$(date)" "${CMD[*]} $resume" >>"$dir/run.log"
+    local from where=${GPUS:+"on GPU $slot "}
+    from=$(($(stat -c %s "$dir/run.log") + 1))     # this attempt's output: tail -c +$from
+    ((GPUS_PER_CELL > 1)) && where="on ${GPUS:+"GPUs $slot, "}$GPUS_PER_CELL processes "
     log "[$((i + 1))/$N] $d $l $m seed$s ... ${resume:+resume from checkpoint, }start" \
-        "${GPUS:+on GPU $slot }(tail -f ${dir#"$PWD"/}/run.log)"
+        "$where(tail -f ${dir#"$PWD"/}/run.log)"
     if [[ -n $GPUS ]]; then
         CUDA_VISIBLE_DEVICES=$slot "${CMD[@]}" $resume >>"$dir/run.log" 2>&1 &
     else
@@ -271,6 +309,8 @@ run_cell() {  # index slot: runs in the background; the outcome is left in the c
     if ((rc == 0)) && [[ -f $dir/results.json ]]; then
         log "[$((i + 1))/$N] $d $l $m seed$s ... done" \
             "$(awk '{printf "%.2f%%", 100 * $1}' <<<"$(json_num "$dir/results.json" test_acc)") ($took)"
+    elif ((GPUS_PER_CELL > 1)); then
+        torchrun_failed "$dir" "$from" "$d" "$rc" "[$((i + 1))/$N] $d $l $m seed$s ..." "$took"
     elif ((rc == 2)) && tail -n 3 "$dir/run.log" | grep -q "error: --dataset $d: not found"; then
         tail -n 3 "$dir/run.log" | grep "error: --dataset $d: not found" | tail -1 >"$dir/unavailable"
         log "[$((i + 1))/$N] $d $l $m seed$s ... dataset unavailable: $(cat "$dir/unavailable")"
@@ -279,6 +319,27 @@ run_cell() {  # index slot: runs in the background; the outcome is left in the c
             | grep -v '^\s*$' | tail -n 5; } >"$dir/failed"
         log "[$((i + 1))/$N] $d $l $m seed$s ... FAILED (exit $rc, $took): $(tail -n 1 "$dir/failed")"
     fi
+}
+
+torchrun_failed() {  # dir from d rc what took: a torchrun cell that failed, like run_cell's own
+    # torchrun exits 1 whatever its worker's status, after its own report (ChildFailedError and
+    # its traceback): the cause is our line above that, `kdfixmatch.py: ...`, or the lines there.
+    local dir=$1 d=$3 rc=$4 what=$5 took=$6 out ours worker
+    out=$(tail -c +"$2" "$dir/run.log" | tr '\r' '\n' | grep -v '^\s*$' \
+          | grep -v '^\**$\|^Setting OMP_NUM_THREADS')   # (torchrun's banner at its start)
+    ours=$(grep '^kdfixmatch\.py: ' <<<"$out" | tail -n 1)
+    if [[ $ours == "kdfixmatch.py: error: --dataset $d: not found"* ]]; then
+        echo "$ours" >"$dir/unavailable"
+        log "$what dataset unavailable: $ours"
+        return
+    fi
+    worker=$(sed -n '/^Root Cause/,$p' <<<"$out" | grep -m 1 -o 'exitcode *: *-\{0,1\}[0-9]*' \
+             | grep -o -- '-\{0,1\}[0-9]*$')
+    { echo "exit status $rc${worker:+ (torchrun; its failed worker: $worker)}; last lines" \
+          "of run.log:"
+      sed '/torch\/distributed\/elastic\//,$d' <<<"$out" | tail -n 5 | grep -vxF -- "$ours"
+      [[ -z $ours ]] || echo "$ours"; } >"$dir/failed"
+    log "$what FAILED (exit $rc, $took): $(tail -n 1 "$dir/failed")"
 }
 
 declare -A PID=() AT=()                     # slot -> running pid, slot -> cell index
@@ -299,7 +360,8 @@ for ((i = 0; i < N; i++)); do
         pending+=("$i")
     fi
 done
-log "$(count_done) done, ${#pending[@]} to go; ${#SLOTS[@]} at a time; results in $OUT_DIR"
+each=""; ((GPUS_PER_CELL > 1)) && each=" (each a torchrun of $GPUS_PER_CELL processes)"
+log "$(count_done) done, ${#pending[@]} to go; ${#SLOTS[@]} at a time$each; results in $OUT_DIR"
 
 is_busy() {  # d l m s: another run_all.sh holds the cell's lock (it is running the cell)
     local f

@@ -457,7 +457,7 @@ def test_a_steps_batch_is_a_few_device_operations(monkeypatch):
         y=torch.empty(N, dtype=torch.int64, device="meta"),
         train_y=torch.zeros(N),
     )
-    args = SimpleNamespace(batch_size=64, mu=7, dev=torch.device("meta"))
+    args = SimpleNamespace(batch_size=64, mu=7, dev=torch.device("meta"), world_size=1, rank=0)
     monkeypatch.setattr(
         kernels, "augment", lambda x, p, s: launches.append(s) or torch.empty_like(x)
     )

@@ -111,7 +111,12 @@ def say_error(msg):
 
 
 def rank_of_this_process():
-    """torchrun's RANK: this process's number among the run's processes (0 without torchrun)."""
+    """torchrun's RANK: this process's number among the run's processes (0 without torchrun).
+
+    A RANK without a WORLD_SIZE above 1 (another launcher's variable) is not torchrun's.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0
     return int(os.environ.get("RANK", "0"))
 
 
@@ -333,7 +338,7 @@ def read_world(args):
     """
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args.rank = rank_of_this_process()
-    args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if args.world_size > 1 else 0
     args.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(args.world_size)))
 
 

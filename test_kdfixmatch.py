@@ -2177,6 +2177,7 @@ _RUN_ALL_ENV = (
     "DATA_DIR",
     "OUT_DIR",
     "GPUS",
+    "GPUS_PER_CELL",
 )
 
 
@@ -4043,3 +4044,130 @@ def test_restore_applies_the_flags_lr_momentum_and_nesterov_from_the_first_resum
         assert g["lr"] == want and g["momentum"] == 0.0 and g["nesterov"] is False
     sched.step()
     assert sched.get_last_lr()[0] == 0.01 * math.cos(7 * math.pi * 21 / (16 * 60))
+
+
+# ---- run_all.sh --gpus-per-cell: each cell a torchrun of N processes
+
+
+def test_run_all_gpus_per_cell_trains_a_cell_with_torchrun(tmp_path):
+    # On a CPU, --gpus-per-cell 2 runs each cell as a torchrun of 2 CPU processes (gloo).
+    # fixmatch trains (one cell: each torchrun costs ~10 s of start-up on 2 cores); the KD cells
+    # have finished; fixmatch-2x was started by one process, so kdfixmatch.py refuses to resume
+    # it on 2: that cell fails in run_all.sh's usual way, with kdfixmatch.py's line (not
+    # torchrun's report after it) as its last word, and nothing hangs.
+    out = str(tmp_path / "out")
+    for method in ("kd-ce", "kd-sce"):
+        _fake_cell(out, "digits", 20, method, 0, acc=0.5)
+    started = _fake_cell(out, "digits", 20, "fixmatch-2x", 0)  # split.json: run_all resumes it
+    with open(os.path.join(started, "config.json"), "w") as f:
+        json.dump(dict(steps=40, arch="small_cnn", world_size=1), f, indent=2)
+    env = dict(OUT_DIR=out, LABELS=20, SEEDS=1, STEPS=20, EVAL_EVERY=10)
+    r = _run_all("--smoke", "--gpus-per-cell", "2", timeout=300, **env)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "1 at a time (each a torchrun of 2 processes)" in r.stdout
+    cell = os.path.join(out, "digits", "20", "fixmatch", "seed0")
+    with open(os.path.join(cell, "results.json")) as f:
+        res = json.load(f)
+    assert res["world_size"] == 2 and res["steps"] == 20 and res["test_acc"] > 0
+    assert res["batchnorm"] == "per-process" and res["device"] == "cpu"
+    with open(os.path.join(cell, "run.log")) as f:
+        assert "-m torch.distributed.run --standalone --nproc_per_node 2 " in f.read()
+    assert "fixmatch seed0 ... start on 2 processes" in r.stdout
+    assert re.search(r"fixmatch seed0 \.\.\. done \d+\.\d\d%", r.stdout)
+    assert r.stdout.count("skip (finished)") == 2
+    with open(os.path.join(started, "failed")) as f:
+        failed = f.read().splitlines()
+    assert failed[0].startswith("exit status 1 (torchrun; its failed worker: 2)"), failed
+    ours = "kdfixmatch.py: error: --resume: "
+    assert failed[-1].startswith(ours) and "trained by 1 process(es)" in failed[-1], failed
+    assert re.search(rf"fixmatch-2x seed0 \.\.\. FAILED \(exit 1, \d+m\d+s\): {ours}", r.stdout)
+    assert not os.path.exists(os.path.join(started, "results.json"))
+    assert "1 cell(s) failed, 0 not run" in r.stdout
+
+
+def test_run_all_gpus_per_cell_print_commands(tmp_path):
+    out = str(tmp_path / "results")
+    args = ("--print-commands", "--datasets", "cifar10", "--labels", "4000", "--seeds", "2")
+    torchrun = re.escape(f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node")
+    r = _run_all(*args, "--gpus-per-cell", "2", OUT_DIR=out)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 4, r.stderr  # fixmatch, fixmatch-2x x 2 seeds
+    for ln in lines:  # without --gpus: torchrun takes GPUs 0, 1 (or, without CUDA, 2 CPUs)
+        assert re.search(rf"&& {torchrun} 2 \S*/kdfixmatch\.py --method fixmatch ", ln), ln
+    r = _run_all(*args, "--gpus", "0,1,2,3", OUT_DIR=out, GPUS_PER_CELL=2)
+    groups = [
+        re.search(rf"&& CUDA_VISIBLE_DEVICES=(\S+) {torchrun} 2 ", ln)
+        for ln in r.stdout.splitlines()
+    ]
+    assert [g and g.group(1) for g in groups] == ["0,1", "2,3", "0,1", "2,3"], r.stdout
+    # --gpus-per-cell 1 is the default: plain python, today's lines exactly
+    one = _run_all(*args, "--gpus-per-cell", "1", OUT_DIR=out)
+    assert one.stdout == _run_all(*args, OUT_DIR=out).stdout and one.stdout.count("\n") == 4
+    assert "torch.distributed" not in one.stdout and "CUDA_VISIBLE_DEVICES" not in one.stdout
+
+
+def test_run_all_gpus_per_cell_bad_values(tmp_path):
+    def refused(*args, **env):
+        r = _run_all(*args, **dict(dict(OUT_DIR=tmp_path / "table"), **env))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and r.stdout == "", (args, env, r.stdout, r.stderr)
+        assert len(lines) == 1 and lines[0].startswith("run_all.sh: error: "), (args, env, lines)
+        return lines[0]
+
+    for n in ("0", "-2", "x", "1.5", "02"):
+        assert "--gpus-per-cell must be a positive integer" in refused(
+            "--table", "--gpus-per-cell", n
+        )
+    assert "--gpus-per-cell needs a value" in refused("--table", "--gpus-per-cell")
+    assert "--gpus-per-cell" in refused("--table", GPUS_PER_CELL=0)
+    line = refused("--table", "--gpus", "0,1,2", "--gpus-per-cell", "2")
+    assert "--gpus '0,1,2': 3 GPU(s)" in line and "a multiple of 2" in line
+    assert "a multiple of 4" in refused("--table", GPUS="0,1", GPUS_PER_CELL=4)
+    out = str(tmp_path / "out")  # before anything runs
+    refused("--smoke", "--gpus", "0,1,2", "--gpus-per-cell", "2", OUT_DIR=out)
+    assert not os.path.exists(out)
+    # A PYTHON that cannot import torch.distributed.run (a torch that fails to import)
+    shim = tmp_path / "shim" / "torch"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('no torch (test shim)')\n")
+    line = refused("--print-commands", "--gpus-per-cell", "2", PYTHONPATH=str(tmp_path / "shim"))
+    assert "needs torchrun" in line and "torch.distributed.run" in line
+    r = _run_all("--table", "--gpus", "0,1,2,3", "--gpus-per-cell", "2", OUT_DIR=out)
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # a divisible list passes
+    r = _run_all("--help")
+    assert "--gpus-per-cell N" in r.stdout and "GPUS_PER_CELL" in r.stdout
+
+
+# ---- --bench under torchrun: each process's images/s, and their total
+
+
+def test_bench_under_torchrun_prints_each_rank_and_the_total():
+    # Two CPU processes (gloo) each time their half of the batch; rank 0 alone prints, and the
+    # run's figure is the sum of the two processes' images/s.
+    argv = ["--bench", "--device", "cpu", "--batch-size", "8", "--mu", "2", "--workers", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    r = subprocess.run(
+        [*torchrun, "--nproc_per_node", "2", "kdfixmatch.py", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.abspath(kd.__file__)),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    per_rank = re.findall(
+        r"rank (\d): images/s of \(1\) augment (\d+), \(2\) .* (\d+), \(3\) .* (\d+)", r.stdout
+    )
+    assert [rank for rank, *_ in per_rank] == ["0", "1"], r.stdout
+    total = re.search(
+        r"on 2 processes \(cpu\), in all, .*\(1\) augment \(per-op\) (\d+), "
+        r"\(2\) step on a fixed batch (\d+) .*\(3\) real loop (\d+)",
+        r.stdout,
+    )
+    assert total, r.stdout
+    for i in range(3):
+        summed = sum(int(rates[i + 1]) for rates in per_rank)
+        # Each figure is printed rounded to an integer.
+        assert abs(int(total.group(i + 1)) - summed) <= 2, (i, total.group(0), per_rank)
+    # The step's time is the whole batch's: B (1 + 2 mu) = 40 images over the total images/s.
+    ms = re.search(r"fixed batch \d+ \(([\d.]+) ms\)", r.stdout)
+    assert abs(float(ms.group(1)) - 40 / int(total.group(2)) * 1000) < 0.2

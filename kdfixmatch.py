@@ -338,8 +338,13 @@ def read_world(args):
     """
     args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
     args.rank = rank_of_this_process()
-    args.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if args.world_size > 1 else 0
-    args.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(args.world_size)))
+    if args.world_size == 1:
+        # Another launcher's LOCAL_RANK or LOCAL_WORLD_SIZE is not torchrun's.
+        args.local_rank = 0
+        args.local_world_size = 1
+    else:
+        args.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        args.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(args.world_size)))
 
 
 def flags_given(parser, argv, args):

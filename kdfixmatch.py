@@ -379,8 +379,10 @@ def take_recorded_recipe(args, given, parser):
     recorded = read_json(source, "restore it")
     if not isinstance(recorded, dict):
         die(f"{source}: not a JSON object; restore it")
-    if args.resume:
-        refuse_other_world_size(args, recorded, source)
+    complete = args.resume and os.path.exists(os.path.join(args.out, "results.json"))
+    if args.resume and not complete:
+        # A config.json older than torchrun support records none: one process.
+        refuse_other_world_size(args, recorded.get("world_size", 1), source)
     flags = {a.dest: a for a in parser._actions if a.dest != "help"}
     if args.resume:
         required = flags.keys() - FREE_ON_RESUME - ADDED_LATER
@@ -393,16 +395,19 @@ def take_recorded_recipe(args, given, parser):
     for name, value in recorded.items():
         if name not in given | {"out", "resume"}:
             setattr(args, name, value)
-    if args.resume and os.path.exists(os.path.join(args.out, "results.json")):
-        print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume")
+    if complete:
+        # Under torchrun every process finds it: rank 0 says so.
+        if args.rank == 0:
+            print(f"kdfixmatch.py: {args.out} is complete (results.json); nothing to resume")
         sys.exit(0)
 
 
-def refuse_other_world_size(args, recorded, source):
-    """--resume on as many processes as the run had: with per-process BatchNorm its statistics,
-    and with any BatchNorm the per-process batch, belong to that number."""
-    # A config.json older than torchrun support records none: one process.
-    trained_on = recorded.get("world_size", 1)
+def refuse_other_world_size(args, trained_on, source):
+    """--resume on as many processes as the run had.
+
+    With per-process BatchNorm its statistics, and with any BatchNorm the per-process batch,
+    belong to that number.
+    """
     if trained_on == args.world_size:
         return
     if trained_on == 1:
@@ -1746,8 +1751,7 @@ def snn_model(args, data, suave=False, imagenet=True):
 
 
 def make_model(args, data, suave=False):
-    """-> model, forward (under torchrun: DDP; --compile: compiled), EMA copy, Nesterov SGD, its
-    lr schedule."""
+    """-> model, forward (under torchrun: DDP; --compile: compiled), EMA, Nesterov SGD, schedule."""
     model = snn_model(args, data, suave)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if batchnorm_kind(args) == "sync":
@@ -1806,10 +1810,10 @@ def epoch_permutation(n, seed, epoch):
 
 
 def batch_images(data, pool, step, size, order_seed, args):
-    """Batch `step` of `size` indices into pool (None: every training image), and their images:
-    under torchrun, this process's share of them.
+    """Batch `step` of `size` indices into pool (None: every training image), and their images.
 
-    Each stream (labeled, unlabeled) walks through its own permutation per epoch.
+    Each stream (labeled, unlabeled) walks through its own permutation per epoch. Under torchrun
+    this process keeps its share of the indices.
     """
     dev = args.dev
     n = len(data["train_y"]) if pool is None else len(pool)
@@ -2001,12 +2005,8 @@ def train_snn(args, data, stage, split, trusted=None):
             acc = evaluate(ema, data["test_x"], data["test_y"], args)
         w, norms, acc = read_back(args, window, float_state, acc)
         window = []
-        st["step"] = done
-        st["train_s"] += time.time() - t0
-        st["pl_hit"] += int(w[:, 2].sum())
-        st["pl_n"] += int(w[:, 3].sum())
+        tally(st, w, done, time.time() - t0)
         stop_if_diverged(args, stage, w, acc, norms, done, bar)
-        track_labeled_loss(st, w)
         row = metrics_row(stage, w, sched, st)
         images_per_s = len(w) * images_per_step(args, stage) / max(time.time() - t0, 1e-9)
         log_curves(curves, done, dict(row, images_per_s=images_per_s, test_acc=acc), evaluate_now)
@@ -2036,8 +2036,9 @@ def finish_stage(args, data, stage, ema, st):
 
 
 def read_back(args, window, float_state, acc):
-    """The window's step statistics, the largest magnitude of each weight and BatchNorm
-    statistic (for the NaN stop) and rank 0's test accuracy, on the host.
+    """The window's step statistics, weight magnitudes and rank 0's test accuracy, on the host.
+
+    The magnitudes (the largest of each weight and BatchNorm statistic) serve the NaN stop.
 
     Under torchrun they come from every process in one all_reduce: the statistics are the
     whole batch's, and every process sees the same values, so all stop at the same step.
@@ -2059,8 +2060,16 @@ def read_back(args, window, float_state, acc):
     return w, norms, packed[-1].item()
 
 
-def track_labeled_loss(st, w):
-    """The labeled loss at the first read-back and at the latest: did the model fit its labels?"""
+def tally(st, w, done, seconds):
+    """A read-back window into the training state `st`.
+
+    Steps and seconds so far, pseudo labels right and used, and the labeled loss at the first
+    read-back and at the latest (did the model fit its labels?).
+    """
+    st["step"] = done
+    st["train_s"] += seconds
+    st["pl_hit"] += int(w[:, 2].sum())
+    st["pl_n"] += int(w[:, 3].sum())
     st.setdefault("labeled_loss_first", float(w[:, 4].mean()))
     st["labeled_loss_last"] = float(w[:, 4].mean())
 
@@ -2117,8 +2126,10 @@ def images_per_step(args, stage):
 
 
 def progress_bar(stage, start, K, quiet=False):
-    """tqdm; to a log file (not a terminal) a line per 30 s rather than per update; none if quiet
-    (torchrun's ranks other than 0)."""
+    """tqdm; to a log file (not a terminal) a line per 30 s rather than per update.
+
+    quiet: none at all (torchrun's ranks other than 0).
+    """
     interval = 0.5 if sys.stderr.isatty() else 30
     return tqdm(
         range(start, K),
@@ -2378,8 +2389,10 @@ def leave_process_group(args):
 
 
 def setup_device(args):
-    """--device and --precision (under torchrun, this process's GPU and the process group); CPU
-    and cuDNN settings that make the steps faster."""
+    """--device and --precision; CPU and cuDNN settings that make the steps faster.
+
+    Under torchrun: this process's GPU (its LOCAL_RANK), and the process group.
+    """
     if args.device == "auto":
         args.dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -2781,8 +2794,11 @@ def stop_if_diverged(args, stage, w, acc, norms, done, bar):
 
 
 def stop_together(args, msg, status):
-    """A stop that every process meets at the same step: rank 0 says why, the others wait until
-    it has (torchrun stops the rest as soon as one process leaves), and all leave with status."""
+    """A stop that every process meets at the same step: one message, then all leave.
+
+    Rank 0 says why; the others wait until it has, since torchrun stops the rest as soon as one
+    process leaves.
+    """
     if args.rank == 0:
         say_error(msg)
     if args.world_size > 1:
@@ -2994,8 +3010,10 @@ def bench(args, data, split):
 
 
 def bench_over_processes(args, rates):
-    """torchrun: each process's three images/s, printed by rank 0. -> their sums (rank 0) or
-    None (the others)."""
+    """torchrun: each process's three images/s, printed by rank 0.
+
+    -> their sums on rank 0; None on the others.
+    """
     per_rank = [None] * args.world_size
     dist.all_gather_object(per_rank, rates)
     if args.rank != 0:

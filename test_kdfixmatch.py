@@ -4808,3 +4808,41 @@ def test_a_finished_run_resumed_on_another_number_of_processes_is_complete(
     assert r.returncode == 0 and "is complete" in r.stdout, r.stderr[-3000:]
     r = _as_rank_0_of_2("--out", one_process_run, "--resume")
     assert r.returncode == 0 and "is complete" in r.stdout, r.stderr[-3000:]
+
+
+def test_gpu_scaling_script_measures_each_process_count_and_the_efficiency(tmp_path):
+    # .ci/gpu-scaling is meant for a machine with several GPUs; DEVICE=cpu runs the same steps
+    # with gloo processes on the digits, which checks the script itself: one --bench per
+    # process count, and the efficiency rate(N) / (N rate(1)) computed from their own figures.
+    env = dict(os.environ, DEVICE="cpu", NPROCS="1 2", ARCHS="small_cnn", PYTHON=sys.executable)
+    out = tmp_path / "scaling"
+    r = subprocess.run(
+        ["bash", str(HERE / ".ci" / "gpu-scaling"), str(out), "digits"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rates = {}
+    for n in (1, 2):
+        bench = (out / f"bench_small_cnn_{n}.txt").read_text()
+        rates[n] = int(re.findall(r"\(3\) real loop (\d+)", bench)[-1])
+    summary = (out / "summary.txt").read_text()
+    assert f"small_cnn N=1: {rates[1]} images/s (real loop), scaling efficiency 1.000" in summary
+    efficiency = f"{rates[2] / (2 * rates[1]):.3f}"
+    assert f"small_cnn N=2: {rates[2]} images/s (real loop), scaling efficiency {efficiency}" in (
+        summary
+    )
+    # Without a GPU and without DEVICE=cpu: one line, exit 2.
+    no_gpu = dict(os.environ, PYTHON=sys.executable)
+    no_gpu.pop("DEVICE", None)
+    r = subprocess.run(
+        ["bash", str(HERE / ".ci" / "gpu-scaling"), str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=no_gpu,
+    )
+    if not torch.cuda.is_available():
+        assert r.returncode == 2 and r.stdout.count("\n") == 1 and "no CUDA device" in r.stdout

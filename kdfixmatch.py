@@ -104,10 +104,11 @@ def say_error(msg):
     """The error line on stderr: by rank 0, or by another rank that rank 0 did not stop."""
     close_progress_bars()
     rank = rank_of_this_process()
+    line = f"kdfixmatch.py: error: {msg}"
     if rank != 0:
         time.sleep(OTHER_RANKS_WAIT_S)
-        msg = f"(rank {rank}) {msg}"
-    print(f"kdfixmatch.py: error: {msg}", file=sys.stderr, flush=True)
+        line = f"kdfixmatch.py: error: (rank {rank}) {msg}"
+    print(line, file=sys.stderr, flush=True)
 
 
 def rank_of_this_process():
@@ -153,7 +154,11 @@ def this_command(args):
         return f"python {sys.argv[0]}"
     if args.local_world_size == args.world_size:
         return f"torchrun --standalone --nproc_per_node {args.world_size} {sys.argv[0]}"
-    return f"torchrun (the same {args.world_size} processes) {sys.argv[0]}"
+    nodes = args.world_size // args.local_world_size
+    return (
+        f"torchrun --nnodes {nodes} --nproc_per_node {args.local_world_size} --rdzv_backend c10d "
+        f"--rdzv_endpoint HOST:PORT {sys.argv[0]}"
+    )
 
 
 # What a damaged record's error suggests, unless the caller knows better.
@@ -543,12 +548,21 @@ def flags_that_do_nothing(args):
             by if method != "suave" else None,
         ),
         ("pretrained weights", f"--arch {args.arch}" if args.arch != "efficientnet_b0" else None),
-        ("per_gpu_bn", "one process (without torchrun)" if args.world_size == 1 else None),
+        ("per_gpu_bn", per_gpu_bn_does_nothing(args)),
         (
             "method steps resume out seed eval_every",
             "--bench (it times FixMatch)" if args.bench else None,
         ),
     ]
+
+
+def per_gpu_bn_does_nothing(args):
+    """Why --per-gpu-bn would do nothing, or None."""
+    if args.world_size == 1:
+        return "one process (without torchrun)"
+    if args.device == "cpu":
+        return "--device cpu (BatchNorm is per process there already)"
+    return None
 
 
 def refuse_flags_that_do_nothing(args, given):
@@ -632,6 +646,22 @@ def load_dataset(args):
     return dict(
         train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y, classes=classes, flip=flip
     )
+
+
+def fetch_dataset(args):
+    """Under torchrun: rank 0 downloads torchvision's set, if missing, before any process loads it.
+
+    torchvision writes a download into the file it then reads (no temporary name), so several
+    processes downloading at once would corrupt it.
+    """
+    if args.world_size == 1 or args.dataset in ("digits", "folder"):
+        return
+    on_rank_0(args, download_dataset, args)
+
+
+def download_dataset(args):
+    for train in (True, False):
+        torchvision_split(args.dataset, args.data_dir, train)
 
 
 def refuse_bad_parts(parts, root):
@@ -1622,16 +1652,19 @@ def sinkhorn(scores, eps=0.05, iters=3):
     """SwAV's Sinkhorn-Knopp: scores (B, K) -> assignments; rows sum to 1, classes used equally.
 
     Under torchrun the sums over the batch run over every process's share, as in SwAV's
-    distributed_sinkhorn, so the assignments are the one-process batch's.
+    distributed_sinkhorn (facebookresearch/swav, main_swav.py), so the assignments are the
+    one-process batch's.
     """
     # Subtracting the maximum cancels in the normalising; the floor keeps a small eps that
     # underflows from dividing 0 by 0.
-    top = over_processes(scores.max(), "max")
+    top = over_processes(scores.max(), dist.ReduceOp.MAX)
     q = torch.exp((scores - top) / eps).clamp_min(1e-30).T
     q /= over_processes(q.sum())
-    K, B = q.shape
-    if dist.is_initialized():
-        B *= dist.get_world_size()
+    K, share = q.shape
+    # B counts every process's share: each sample's mass is 1/B of the whole batch.
+    B = share
+    if distributed():
+        B = share * dist.get_world_size()
     for _ in range(iters):
         # Each prototype gets mass 1/K, then each sample mass 1/B.
         q /= K * over_processes(q.sum(1, keepdim=True))
@@ -1639,11 +1672,22 @@ def sinkhorn(scores, eps=0.05, iters=3):
     return (q * B).T
 
 
-def over_processes(t, op="sum"):
-    """t's sum (or maximum) over torchrun's processes; in one process t itself."""
-    if dist.is_initialized():
-        dist.all_reduce(t, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+def over_processes(t, op=None):
+    """t reduced by op (a dist.ReduceOp; a sum by default) over torchrun's processes.
+
+    In one process: t itself.
+    """
+    if not distributed():
+        return t
+    if op is None:
+        op = dist.ReduceOp.SUM
+    dist.all_reduce(t, op)
     return t
+
+
+def distributed():
+    """Whether this process is one of torchrun's several (its process group is up)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def swapped_prediction(target, scores, temperature):
@@ -1781,7 +1825,11 @@ def make_model(args, data, suave=False):
         # also starts every process from rank 0's weights and, at each forward, rank 0's
         # BatchNorm statistics.
         device_ids = [args.dev] if args.dev.type == "cuda" else None
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # With SyncBatchNorm every process's statistics are the same already.
+        broadcast_buffers = batchnorm_kind(args) != "sync"
+        forward = nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, broadcast_buffers=broadcast_buffers
+        )
     if args.compile:
         # On a GPU, CUDA graphs remove the launch overhead of the many small kernels. Not with
         # DDP, whose gradient communication runs between the graphs (and is not measured here).
@@ -1859,9 +1907,8 @@ def make_batch(data, split, step, seed, args, unlabeled=True):
 
 
 def share_of_this_process(rows, args):
-    """Rows rank*n/N .. (rank+1)*n/N of n: all of them in one process."""
-    n = len(rows) // args.world_size
-    return rows[args.rank * n : (args.rank + 1) * n]
+    """This process's 1/N of the rows, the rank-th of N equal parts (in one process, all)."""
+    return rows.tensor_split(args.world_size)[args.rank]
 
 
 def plan_share(plan, args):
@@ -1976,6 +2023,10 @@ def train_snn(args, data, stage, split, trusted=None):
     # their augmentation come from (seed, step) generators in make_batch.
     torch.manual_seed(seed)
     model, forward, ema, opt, sched = make_model(args, data, suave=stage == "suave")
+    if args.rank > 0:
+        # The same initial weights everywhere (the seed above); dropout then draws from each
+        # process's own stream, as a one-process batch draws a mask per image.
+        torch.manual_seed(seed + 1_000_003 * args.rank)
     st = dict(step=0, evals=[], train_s=0.0, pl_hit=0, pl_n=0)
     if os.path.exists(ckpt):
         # Every process resumes from the same checkpoint.
@@ -2012,9 +2063,10 @@ def train_snn(args, data, stage, split, trusted=None):
         log_curves(curves, done, dict(row, images_per_s=images_per_s, test_acc=acc), evaluate_now)
         if evaluate_now:
             st["evals"].append(acc)
+            rngs = random_states(args)
         if evaluate_now and lead:
             log_metrics(args, dict(stage=stage, step=done, test_acc=acc, **row))
-            save_checkpoint(ckpt, model, ema, opt, sched, st, args)
+            save_checkpoint(ckpt, model, ema, opt, sched, st, args, rngs)
         show_progress(bar, row, st["evals"])
         t0 = time.time()
     bar.close()
@@ -2050,14 +2102,18 @@ def read_back(args, window, float_state, acc):
     rank_0_acc = torch.tensor([acc], dtype=torch.float64, device=w.device)
     packed = torch.cat([w.double().flatten(), norms.double(), rank_0_acc])
     dist.all_reduce(packed)
-    packed = packed.cpu()
-    w = packed[: w.numel()].view(w.shape)
+    w_sum, norms_sum, acc_sum = packed.cpu().split([w.numel(), len(norms), 1])
     # The loss, the mask rate and the labeled loss are means over equal shares: their mean is the
     # batch's. The pseudo-label counts (right, used) add up. A sum of magnitudes is finite when
     # every process's is. The other ranks added 0 to the accuracy.
-    w[:, [0, 1, 4]] /= args.world_size
-    norms = packed[w.numel() : -1]
-    return w, norms, packed[-1].item()
+    w = w_sum.view(w.shape)
+    w[:, MEAN_COLUMNS] /= args.world_size
+    return w, norms_sum, acc_sum.item()
+
+
+# train_step's statistics that are means over a process's share (loss, mask rate, labeled loss);
+# the others (pseudo labels right, used) are counts.
+MEAN_COLUMNS = [0, 1, 4]
 
 
 def tally(st, w, done, seconds):
@@ -2292,14 +2348,18 @@ def main(argv=None):
     setup_device(args)
     args.t0 = time.time()
     if args.bench:
+        fetch_dataset(args)
         data = load_dataset(args)
         split = labeled_split(data["train_y"], args.labels, data["classes"], args.seed)
         set_normalisation(args, data)
         place_data(args, data)
         return bench(args, data, split)
+    # Rank 0 holds the lock: claim_out keeps it in args.lock, since an open file cannot be
+    # broadcast.
     args.lock = None
     on_rank_0(args, claim_out, args)
     warnings = announce_ema(args) if args.rank == 0 else []
+    fetch_dataset(args)
     data = load_dataset(args)
     split = on_rank_0(args, prepare_out, args, data)
     set_normalisation(args, data)
@@ -2366,19 +2426,21 @@ def on_rank_0(args, fn, *fn_args):
     """
     if args.world_size == 1:
         return fn(*fn_args)
-    # [fn's result, rank 0's exit status]
-    outcome = [None, None]
+    outcome = dict(result=None, exit_status=None)
     if args.rank == 0:
         try:
-            outcome[0] = fn(*fn_args)
+            outcome["result"] = fn(*fn_args)
         except SystemExit as stop:
-            outcome[1] = stop.code
-            dist.broadcast_object_list(outcome, src=0)
-            raise
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[1] is not None:
-        sys.exit(outcome[1])
-    return outcome[0]
+            # Rank 0 has said why (die prints before it exits).
+            outcome["exit_status"] = stop.code
+    # broadcast_object_list replaces the list's items with rank 0's, in place.
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)
+    outcome = box[0]
+    if outcome["exit_status"] is not None:
+        dist.destroy_process_group()
+        sys.exit(outcome["exit_status"])
+    return outcome["result"]
 
 
 def leave_process_group(args):
@@ -2428,6 +2490,8 @@ WAIT_FOR_RANK_0 = datetime.timedelta(hours=2)
 def join_process_group(args):
     """torchrun: NCCL between GPUs, gloo between CPU processes; the BatchNorm in use, said once."""
     cuda = args.dev.type == "cuda"
+    if args.per_gpu_bn and not cuda:
+        die("--per-gpu-bn does nothing without CUDA (BatchNorm is per process there already)")
     if cuda:
         torch.cuda.set_device(args.dev)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=WAIT_FOR_RANK_0)
@@ -2666,18 +2730,36 @@ def trim_metrics(args, stage, step):
     write_metrics(args, [r for r in rows if r["stage"] != stage or r["step"] <= step])
 
 
-def save_checkpoint(path, model, ema, opt, sched, st, args):
-    cuda_rng = torch.cuda.get_rng_state_all() if args.dev.type == "cuda" else None
+def save_checkpoint(path, model, ema, opt, sched, st, args, rngs=None):
+    """The training state; rngs: every process's random states (random_states), by rank."""
+    if rngs is None:
+        rngs = random_states(args)
     state = dict(
         model=model.state_dict(),
         ema=ema.state_dict(),
         opt=opt.state_dict(),
         sched=sched.state_dict(),
         st=st,
-        rng=torch.get_rng_state(),
-        cuda_rng=cuda_rng,
+        rng=[r["cpu"] for r in rngs],
+        cuda_rng=[r["cuda"] for r in rngs] if args.dev.type == "cuda" else None,
     )
     save(path, state)
+
+
+def random_states(args):
+    """This process's random states (the CPU's, its GPU's); under torchrun every process's.
+
+    -> a list by rank. Every process calls it at the same step (a collective under torchrun).
+    """
+    cuda_state = None
+    if args.dev.type == "cuda":
+        cuda_state = torch.cuda.get_rng_state(args.dev)
+    mine = dict(cpu=torch.get_rng_state(), cuda=cuda_state)
+    if args.world_size == 1:
+        return [mine]
+    every = [None] * args.world_size
+    dist.all_gather_object(every, mine)
+    return every
 
 
 # What save_checkpoint writes, and the training state `st` inside it.
@@ -2707,10 +2789,17 @@ def restore(path, model, ema, opt, sched, args):
         except Exception as e:
             die(f"{path} part {name} does not fit this run ({type(e).__name__}); {fix}")
     # The random state too, so that the resumed run draws what the uninterrupted one would.
+    rng = c["rng"]
+    cuda_rng = c["cuda_rng"]
+    if isinstance(rng, torch.Tensor):
+        # A checkpoint from before torchrun support: one process, and the state of every GPU.
+        rng = [rng]
+        if cuda_rng:
+            cuda_rng = [cuda_rng[args.dev.index or 0]]
     try:
-        torch.set_rng_state(c["rng"])
-        if c["cuda_rng"] and args.dev.type == "cuda":
-            torch.cuda.set_rng_state_all(c["cuda_rng"])
+        torch.set_rng_state(rng[args.rank])
+        if cuda_rng and args.dev.type == "cuda":
+            torch.cuda.set_rng_state(cuda_rng[args.rank], args.dev)
     except Exception as e:
         die(f"{path} part rng is not a random state ({type(e).__name__}); {fix}")
     # After a NaN stop the flags may differ from the checkpoint's: they apply from the next step
@@ -2803,6 +2892,7 @@ def stop_together(args, msg, status):
         say_error(msg)
     if args.world_size > 1:
         dist.barrier()
+        dist.destroy_process_group()
     sys.exit(status)
 
 
@@ -2957,8 +3047,9 @@ def bench(args, data, split):
     model, forward, ema, opt, sched = make_model(args, data)
     cuda = args.dev.type == "cuda"
     n = 200 if cuda else 20
+    step_images = args.batch_size * (1 + 2 * args.mu)
     # Under torchrun each process times its share of the batch.
-    images = args.batch_size * (1 + 2 * args.mu) // args.world_size
+    share_images = step_images // args.world_size
     fixed = make_batch(data, split, 0, 0, args)
     # (3) as train_snn runs it: prefetched on a GPU.
     real = batches(data, split, range(2 * n), 0, args)
@@ -2985,13 +3076,14 @@ def bench(args, data, split):
             if k == n // 4:
                 start = now()
             fn(k)
-        rates.append(images * n / (now() - start))
+        rates.append(share_images * n / (now() - start))
     if args.world_size > 1:
         rates = bench_over_processes(args, rates)
-        if rates is None:
-            return None
-    # The whole batch's images per step, over the run's images/s: one step's time.
-    ms = [f"{r:.0f} ({1000 * images * args.world_size / r:.1f} ms)" for r in rates]
+    if args.rank != 0:
+        leave_process_group(args)
+        return None
+    # The whole batch's images over the run's images/s: one step's time.
+    ms = [f"{r:.0f} ({1000 * step_images / r:.1f} ms)" for r in rates]
     precision_name = "bf16" if args.bf16 else "fp32"
     path = "one launch per view" if kernels.augment_takes(fixed["x_s"]) else "per-op"
     where = str(args.dev)
@@ -3010,14 +3102,10 @@ def bench(args, data, split):
 
 
 def bench_over_processes(args, rates):
-    """torchrun: each process's three images/s, printed by rank 0.
-
-    -> their sums on rank 0; None on the others.
-    """
+    """torchrun: every process's three images/s, printed by rank 0. -> their sums."""
     per_rank = [None] * args.world_size
     dist.all_gather_object(per_rank, rates)
     if args.rank != 0:
-        leave_process_group(args)
         return None
     for rank, r in enumerate(per_rank):
         print(
@@ -3030,12 +3118,13 @@ def bench_over_processes(args, rates):
 def another_process_stopped(error):
     """Under torchrun: a collective call failed because another process of the run is gone.
 
-    That process says why (or torchrun's report does, for a kill); this one leaves quietly.
+    That process says why (or torchrun's report does, for a kill); this one leaves quietly. Any
+    other failure of torch.distributed (an NCCL error, a timeout) is this process's to report.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return False
     gone = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-    return isinstance(error, getattr(dist, "DistError", ())) or any(g in str(error) for g in gone)
+    return any(sign in str(error) for sign in gone)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@
 #   --suave           SUAVE       0: add a Suave column (one more SNN training per seed)
 #   --smoke                       the tiny configuration above (options given still win)
 #   --print-commands              print the commands of unfinished cells, run nothing (N > 1:
-#                                 torchrun lines; with --gpus, CUDA_VISIBLE_DEVICES=group, the
-#                                 groups in turn, for running as many lines at a time as groups)
+#                                 torchrun lines). The lines name no GPU: the scheduler that runs
+#                                 them (SLURM, or CUDA_VISIBLE_DEVICES per job) gives each its GPUs
 #   --table                       write table.md and the plots from what has finished, run nothing
 #                     PYTHON      python3 (the interpreter with torch; matplotlib optional)
 #
@@ -193,7 +193,7 @@ if [[ $MODE == table ]]; then summarise; exit; fi
 # =============================================================================================
 # --print-commands: one self-contained line per unfinished cell, for a scheduler
 if [[ $MODE == print ]]; then
-    waiting=0 line=0
+    waiting=0
     for phase in 1 2; do            # phase 1: fixmatch + fixmatch-2x; 2: KD whose outer is done
         for c in "${CELLS[@]}"; do
             read -r d l m s <<<"$c"
@@ -206,13 +206,8 @@ if [[ $MODE == print ]]; then
             fi
             cell_cmd $d $l $m $s
             dir=$(printf %q "$(cell_dir $d $l $m $s)")
-            on=""                   # torchrun cells with --gpus: the groups in turn
-            if ((GPUS_PER_CELL > 1 && ${#CELL_GPUS[@]})); then
-                on="CUDA_VISIBLE_DEVICES=${CELL_GPUS[line % ${#CELL_GPUS[@]}]} "
-            fi
-            line=$((line + 1))
             # --resume is decided when the line runs, so a requeued job continues its checkpoint
-            echo "mkdir -p $dir && $on$(printf '%q ' "${CMD[@]}")\$(test -f $dir/split.json && echo --resume) >> $dir/run.log 2>&1"
+            echo "mkdir -p $dir && $(printf '%q ' "${CMD[@]}")\$(test -f $dir/split.json && echo --resume) >> $dir/run.log 2>&1"
         done
     done
     ((waiting)) && echo "run_all.sh: $waiting KD cells wait for their fixmatch cell (outer SNN);" \
@@ -294,7 +289,9 @@ run_cell() {  # index slot: runs in the background; the outcome is left in the c
     printf '\n==== run_all.sh %s: %s\n' "$(date)" "${CMD[*]} $resume" >>"$dir/run.log"
     local from where=${GPUS:+"on GPU $slot "}
     from=$(($(stat -c %s "$dir/run.log") + 1))     # this attempt's output: tail -c +$from
-    ((GPUS_PER_CELL > 1)) && where="on ${GPUS:+"GPUs $slot, "}$GPUS_PER_CELL processes "
+    if ((GPUS_PER_CELL > 1)); then
+        where="on ${GPUS:+"GPUs $slot, "}$GPUS_PER_CELL processes "
+    fi
     log "[$((i + 1))/$N] $d $l $m seed$s ... ${resume:+resume from checkpoint, }start" \
         "$where(tail -f ${dir#"$PWD"/}/run.log)"
     if [[ -n $GPUS ]]; then
@@ -360,7 +357,10 @@ for ((i = 0; i < N; i++)); do
         pending+=("$i")
     fi
 done
-each=""; ((GPUS_PER_CELL > 1)) && each=" (each a torchrun of $GPUS_PER_CELL processes)"
+each=""
+if ((GPUS_PER_CELL > 1)); then
+    each=" (each a torchrun of $GPUS_PER_CELL processes)"
+fi
 log "$(count_done) done, ${#pending[@]} to go; ${#SLOTS[@]} at a time$each; results in $OUT_DIR"
 
 is_busy() {  # d l m s: another run_all.sh holds the cell's lock (it is running the cell)

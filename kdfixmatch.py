@@ -1820,21 +1820,18 @@ def make_model(args, data, suave=False):
     K = args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, K))
     forward = model
-    if args.world_size > 1:
-        # DistributedDataParallel averages the gradients over the processes during backward. It
-        # also starts every process from rank 0's weights and, at each forward, rank 0's
-        # BatchNorm statistics.
-        device_ids = [args.dev] if args.dev.type == "cuda" else None
-        # With SyncBatchNorm every process's statistics are the same already.
-        broadcast_buffers = batchnorm_kind(args) != "sync"
-        forward = nn.parallel.DistributedDataParallel(
-            model, device_ids=device_ids, broadcast_buffers=broadcast_buffers
-        )
     if args.compile:
         # On a GPU, CUDA graphs remove the launch overhead of the many small kernels. Not with
         # DDP, whose gradient communication runs between the graphs (and is not measured here).
         cuda_graphs = args.dev.type == "cuda" and args.world_size == 1
-        forward = torch.compile(forward, mode="reduce-overhead" if cuda_graphs else None)
+        forward = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
+    if args.world_size > 1:
+        # DistributedDataParallel averages the gradients over the processes during backward. It
+        # also starts every process from rank 0's weights and, at each forward, rank 0's
+        # BatchNorm statistics. It wraps the compiled model: compiling the DDP wrapper instead
+        # stops at its first graph break and compiles nothing (torch 2.14, seen on a CPU).
+        device_ids = [args.dev] if args.dev.type == "cuda" else None
+        forward = nn.parallel.DistributedDataParallel(forward, device_ids=device_ids)
     return model, forward, ema, opt, sched
 
 
@@ -2463,7 +2460,7 @@ def setup_device(args):
     if cuda and args.world_size > 1:
         args.dev = torch.device("cuda", args.local_rank)
     if cuda and (args.dev.index or 0) >= torch.cuda.device_count():
-        if args.world_size > 1:
+        if args.world_size > 1 and torch.cuda.device_count() > 0:
             die(
                 f"torchrun: {args.local_world_size} processes on this machine, "
                 f"{torch.cuda.device_count()} GPUs here; lower --nproc_per_node"
@@ -2792,10 +2789,11 @@ def restore(path, model, ema, opt, sched, args):
     rng = c["rng"]
     cuda_rng = c["cuda_rng"]
     if isinstance(rng, torch.Tensor):
-        # A checkpoint from before torchrun support: one process, and the state of every GPU.
-        rng = [rng]
+        # A checkpoint from before random states were kept by rank: rank 0's CPU state, and the
+        # state of every GPU, which every process then took.
+        rng = [rng] * args.world_size
         if cuda_rng:
-            cuda_rng = [cuda_rng[args.dev.index or 0]]
+            cuda_rng = [cuda_rng[args.dev.index or 0]] * args.world_size
     try:
         torch.set_rng_state(rng[args.rank])
         if cuda_rng and args.dev.type == "cuda":

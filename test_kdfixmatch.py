@@ -4900,6 +4900,10 @@ def test_a_checkpoint_from_before_torchrun_support_restores_its_random_state(tmp
     torch.save(old, path)
     kd.restore(path, model, ema, opt, sched, args)
     assert torch.equal(torch.rand(5), drawn)
+    # A torchrun run's checkpoint of that time held rank 0's state too; every rank takes it.
+    args.world_size, args.rank = 2, 1
+    kd.restore(path, model, ema, opt, sched, args)
+    assert torch.equal(torch.rand(5), drawn)
 
 
 def test_per_gpu_bn_is_refused_where_it_would_do_nothing(tmp_path, capsys, monkeypatch):

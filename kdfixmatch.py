@@ -1660,11 +1660,11 @@ def sinkhorn(scores, eps=0.05, iters=3):
     top = over_processes(scores.max(), dist.ReduceOp.MAX)
     q = torch.exp((scores - top) / eps).clamp_min(1e-30).T
     q /= over_processes(q.sum())
-    K, share = q.shape
-    # B counts every process's share: each sample's mass is 1/B of the whole batch.
-    B = share
+    K, rows = q.shape
+    # B is the whole batch, every process's rows: each sample's mass is 1/B of it.
+    B = rows
     if distributed():
-        B = share * dist.get_world_size()
+        B = rows * dist.get_world_size()
     for _ in range(iters):
         # Each prototype gets mass 1/K, then each sample mass 1/B.
         q /= K * over_processes(q.sum(1, keepdim=True))
@@ -2060,10 +2060,11 @@ def train_snn(args, data, stage, split, trusted=None):
         log_curves(curves, done, dict(row, images_per_s=images_per_s, test_acc=acc), evaluate_now)
         if evaluate_now:
             st["evals"].append(acc)
+            # A collective: every process gives its random states; rank 0 writes the checkpoint.
             rngs = random_states(args)
-        if evaluate_now and lead:
-            log_metrics(args, dict(stage=stage, step=done, test_acc=acc, **row))
-            save_checkpoint(ckpt, model, ema, opt, sched, st, args, rngs)
+            if lead:
+                log_metrics(args, dict(stage=stage, step=done, test_acc=acc, **row))
+                save_checkpoint(ckpt, model, ema, opt, sched, st, args, rngs)
         show_progress(bar, row, st["evals"])
         t0 = time.time()
     bar.close()
@@ -2071,16 +2072,15 @@ def train_snn(args, data, stage, split, trusted=None):
         curves.close()
     if not lead:
         return ema, None
-    return ema, finish_stage(args, data, stage, ema, st)
+    return ema, finish_stage(args, data, stage, ema, st, final, ckpt)
 
 
-def finish_stage(args, data, stage, ema, st):
-    """The stage's summary, its EMA model saved as <stage>.pt, the checkpoint removed."""
+def finish_stage(args, data, stage, ema, st, final, ckpt):
+    """The stage's summary, its EMA model saved as `final`, the checkpoint removed."""
     summary = summarize(st, args.steps, images_per_step(args, stage))
     summary.update(prediction_summary(ema, data, args))
-    final = os.path.join(args.out, f"{stage}.pt")
     save(final, dict(ema=ema.state_dict(), summary=summary, args=vars_of(args)))
-    os.remove(os.path.join(args.out, f"ckpt_{stage}.pt"))
+    os.remove(ckpt)
     return summary
 
 
@@ -2123,8 +2123,9 @@ def tally(st, w, done, seconds):
     st["train_s"] += seconds
     st["pl_hit"] += int(w[:, 2].sum())
     st["pl_n"] += int(w[:, 3].sum())
-    st.setdefault("labeled_loss_first", float(w[:, 4].mean()))
-    st["labeled_loss_last"] = float(w[:, 4].mean())
+    labeled_loss = float(w[:, 4].mean())
+    st.setdefault("labeled_loss_first", labeled_loss)
+    st["labeled_loss_last"] = labeled_loss
 
 
 def floating_state(*models):
@@ -2851,7 +2852,10 @@ def stop_if_diverged(args, stage, w, acc, norms, done, bar):
 
     It exits with status 1 and says how to resume from the last checkpoint with other flags.
     """
-    finite = torch.cat([w[:, 0].double(), norms.double(), torch.tensor([acc]).double()]).isfinite()
+    checked = torch.cat(
+        [w[:, 0].double(), norms.double(), torch.tensor([acc], dtype=torch.float64)]
+    )
+    finite = checked.isfinite()
     if finite.all():
         return
     # The first non-finite step loss; weights and accuracy count as the window's last step.
